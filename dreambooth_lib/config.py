@@ -1,0 +1,228 @@
+"""Pydantic models of every step's configuration, with the paper's defaults, and one RunConfig that holds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dreambooth_lib.errors import ConfigError
+
+SUBJECT_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+Sampler = Literal["dpm++", "ddim", "euler", "unipc", "pndm"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Subject(_Strict):
+    """The thing to personalize: its photos and the class noun that ties it to the model's prior."""
+
+    name: str = Field(pattern=SUBJECT_NAME_PATTERN, description="slug: lowercase letters, digits, '_', '-', '.'")
+    class_noun: str = Field(min_length=1, max_length=40, description="e.g. 'dog', 'backpack'")
+    images: str = Field(min_length=1, description="folder or gs:// prefix holding 3-5 photos of the subject")
+    live: bool = Field(False, description="live subject (animal, person) or object: picks the paper's prompt list")
+
+    @field_validator("class_noun")
+    @classmethod
+    def _noun_is_plain(cls, v: str) -> str:
+        v = v.strip()
+        if not v or any(c in v for c in "{}[]\n\t"):
+            raise ValueError("a class noun is plain words such as 'dog' or 'teddy bear'")
+        return v
+
+
+class IngestConfig(_Strict):
+    resolution: int = Field(512, ge=32, le=2048, description="side of the square training images")
+    min_side: int = Field(256, ge=1, description="reject images whose shorter side is below this")
+    min_images: int = Field(3, ge=1, description="fewest usable images for a run")
+    allow_few: bool = Field(False, description="accept 1-2 images (with a warning) when min_images is not met")
+    strict: bool = Field(False, description="any bad file fails the run instead of being skipped")
+    near_duplicate_distance: int = Field(
+        6, ge=0, le=64, description="perceptual-hash Hamming distance at or below which two images are duplicates"
+    )
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="decompression-bomb limit (Pillow's default), in pixels"
+    )
+
+
+class IdentifierConfig(_Strict):
+    identifier: str | None = Field(None, description="use this identifier instead of searching (still validated)")
+    seed: int = 0
+    max_chars: int = Field(3, ge=1, le=3)
+    letters_only: bool = True
+    # CLIP's BPE vocabulary lists merges in order of frequency: ids >= 40000 are the last-learnt merges, the
+    # rarest strings of the training corpus (the paper's 5000-10000 range was for T5 and holds common words on CLIP).
+    min_token_id: int = Field(40000, ge=0)
+    max_token_id: int | None = Field(None, description="exclusive upper bound; default: end of the regular vocabulary")
+    blocklist: list[str] = Field(default_factory=list, description="extra strings never to use")
+
+
+class PriorConfig(_Strict):
+    num_images: int = Field(200, ge=0, le=100_000, description="class-prior images (the paper: 200-1000)")
+    sampler: Sampler = "dpm++"
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, description="None: the base model's pipeline default (7.5)")
+    resolution: int | None = Field(None, ge=32, le=2048, description="None: the training resolution")
+    batch_size: int = Field(4, ge=1, le=256)
+    seed: int = 0
+    root: str | None = Field(None, description="prior cache root (local or gs://); None: <run_dir>/priors")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class TrainConfig(_Strict):
+    mode: Literal["full", "lora"] = "full"
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    learning_rate: float = Field(5e-6, gt=0, le=1.0, description="the paper's 5e-6 for a full SD fine-tune")
+    prior_loss_weight: float = Field(1.0, ge=0, description="lambda of Eq. 2; 0 turns prior preservation off")
+    train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = Field(None, gt=0)
+    lora_rank: int = Field(4, ge=1, le=512)
+    lora_alpha: float | None = Field(None, gt=0, description="None: equal to the rank (scale 1)")
+    batch_size: int = Field(1, ge=1, le=64, description="subject images per step (the same number of prior images)")
+    resolution: int = Field(512, ge=32, le=2048)
+    random_flip: bool = False
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on devices that support it, fp32 elsewhere"
+    )
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    checkpoint_every: int = Field(250, ge=0, description="0: no intermediate checkpoints")
+    keep_checkpoints: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: str = "auto"
+
+
+class GateConfig(_Strict):
+    """Thresholds a model must meet to be registered. None disables a check."""
+
+    min_dino: float | None = Field(None, ge=-1, le=1)
+    min_clip_i: float | None = Field(None, ge=-1, le=1)
+    min_clip_t: float | None = Field(None, ge=-1, le=1)
+    max_pres: float | None = Field(None, ge=-1, le=1)
+    min_div: float | None = Field(None, ge=0)
+    compare_to_base: bool = Field(False, description="also evaluate the base model and require DINO above it")
+    min_dino_gain_vs_base: float = Field(0.0, description="with compare_to_base: required DINO gain")
+
+
+class EvalConfig(_Strict):
+    prompts: list[str] | None = Field(
+        None, description="templates with {0}=identifier, {1}=class noun; None: the paper's 25 for the subject kind"
+    )
+    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
+    images_per_prompt: int = Field(4, ge=1, le=64)
+    pres_images: int = Field(8, ge=0, description="'a [class]' images sampled for PRES")
+    sampler: Sampler = "dpm++"
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0)
+    resolution: int | None = Field(None, ge=32, le=2048)
+    batch_size: int = Field(4, ge=1, le=256)
+    seed: int = 0
+    dino_model: str = "facebook/dino-vits16"
+    clip_model: str = "openai/clip-vit-base-patch32"
+    lpips_weights: str | None = Field(
+        None, description="LPIPS weights (a safetensors file of the published format); None: DIV is not computed"
+    )
+    device: str = "auto"
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class RegistryConfig(_Strict):
+    uri: str = Field(min_length=1, description="registry root: a local folder or gs:// prefix")
+    backend: Literal["file"] = "file"
+
+
+class RunConfig(_Strict):
+    """One personalization run: ingest -> identifier -> prior -> train -> samples -> evaluate -> register."""
+
+    base_model: str = Field(min_length=1, description="local diffusers folder, gs:// prefix, or hub id")
+    subject: Subject
+    run_dir: str = Field(min_length=1, description="where every intermediate is written (local or gs://)")
+    allow_pickle: bool = Field(False, description="allow .bin/.ckpt weights (pickle can run code); off by default")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    identifier: IdentifierConfig = Field(default_factory=IdentifierConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig | None = None
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: ["a {0} {1}", "a {0} {1} on the beach"],
+        description="templates rendered after training ({0}=identifier, {1}=class noun)",
+    )
+    samples_per_prompt: int = Field(2, ge=0, le=64)
+    evaluate: bool = True
+
+    @model_validator(mode="after")
+    def _resolutions_agree(self) -> RunConfig:
+        if self.ingest.resolution != self.train.resolution:
+            raise ValueError(
+                f"ingest.resolution ({self.ingest.resolution}) and train.resolution ({self.train.resolution}) "
+                "must be equal: training reads the ingested images as they are"
+            )
+        return self
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One message listing every bad field: its dotted path, the bad value and what is allowed."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the docs of this section)"
+        elif e["type"] == "missing":
+            parts.append(f"{loc}: missing (required)")
+            continue
+        parts.append(f"{loc}: got {shown}; {msg}")
+    return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def parse_config(model: type[BaseModel], data: Any, source: str = "config") -> Any:
+    """Validate `data` into `model`, turning pydantic's error into a ConfigError naming each field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config_text(text: str, source: str) -> Any:
+    try:
+        if source.endswith(".json"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{source}: not valid YAML/JSON: {err}") from None
+
+
+def load_run_config(uri: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a RunConfig from a YAML or JSON file (local or gs://); `overrides` are dotted keys ('train.steps')."""
+    from dreambooth_lib import storage
+
+    uri = str(uri)
+    if not storage.exists(uri):
+        raise ConfigError(f"{uri}: config file not found")
+    data = load_config_text(storage.read_text(uri), uri)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri}: expected a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(RunConfig, data, uri)

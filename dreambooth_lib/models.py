@@ -1,0 +1,310 @@
+"""Model loading (local folder, gs:// prefix, hub id; safetensors only unless asked) and the tiny test model.
+
+A model URI is one of:
+- a local diffusers folder (holds `model_index.json`), or a single model folder (`config.json`, e.g. CLIP, DINO);
+- a `gs://` prefix holding such a folder, downloaded once into a cache folder keyed by the objects' content;
+- a hub id (`org/name`), fetched with huggingface_hub into its own cache (no hub is reachable from CI);
+- a LoRA artifact of ours: a folder with `pytorch_lora_weights.safetensors` and `dreambooth_lora.json`, whose
+  `base_model` names the model the adapter applies to.
+
+Pickle weights (.bin/.ckpt/.pt/.pth) can run arbitrary code when loaded: they are refused unless `allow_pickle`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dreambooth_lib import storage
+from dreambooth_lib.errors import ModelLoadError
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_MARKER_NAME = "dreambooth_lora.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth"))
+
+
+# --- the real CLIP BPE vocabulary ------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the BPE works on these characters)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+@lru_cache(maxsize=1)
+def clip_bpe_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """vocab (49408 tokens) and merges of CLIP's tokenizer, derived exactly as OpenAI CLIP / open_clip derive them
+    from `bpe_simple_vocab_16e6.txt.gz` (shipped as package data, MIT-licensed, see data/LICENSE.clip-bpe)."""
+    raw = resources.files("dreambooth_lib").joinpath("data/bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_clip_tokenizer(out_dir: str | Path) -> Path:
+    """Write a CLIPTokenizer folder (vocab.json, merges.txt, configs) with the real 49408-token vocabulary."""
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_bpe_vocab_and_merges()
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    try:  # transformers >= 5 takes the vocabulary itself
+        tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), model_max_length=77)
+    except TypeError:  # transformers 4
+        tok = CLIPTokenizer(
+            vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"), model_max_length=77
+        )
+    tok.save_pretrained(out)
+    return out
+
+
+# --- resolving a model URI to a local folder -------------------------------------------------------------------
+
+
+def _gcs_content_key(uri: str) -> str:
+    """A key of a gs:// model from object metadata (names, sizes, checksums), with no download."""
+    from dreambooth_lib.storage import _client, split_gcs
+
+    bucket, name = split_gcs(uri)
+    prefix = name.rstrip("/") + "/"
+    h = hashlib.sha256()
+    n = 0
+    for blob in sorted(_client().list_blobs(bucket, prefix=prefix), key=lambda b: b.name):
+        h.update(f"{blob.name[len(prefix):]}\0{blob.size}\0{blob.crc32c or ''}\0{blob.md5_hash or ''}\n".encode())
+        n += 1
+    if n == 0:
+        raise ModelLoadError(f"{uri}: no files under this prefix; point to a folder holding model_index.json")
+    return h.hexdigest()
+
+
+def check_no_pickle(local_dir: Path, allow_pickle: bool, uri: str) -> None:
+    """Refuse a folder whose weights exist only as pickle files, unless the user opted in."""
+    if allow_pickle:
+        return
+    pickles = [p for p in local_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    for p in pickles:
+        if not any(p.parent.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{uri}: {p.relative_to(local_dir)} holds pickle weights, which can run code when loaded; "
+                "convert them to safetensors, or set allow_pickle=true (--allow-pickle) if you trust the source"
+            )
+
+
+def resolve_model_dir(uri: str, *, allow_pickle: bool = False, cache_dir: str | Path | None = None) -> Path:
+    """A local folder holding the model at `uri` (downloading gs:// once, keyed by content)."""
+    uri = str(uri)
+    if uri.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise ModelLoadError(f"{uri}: a pickle checkpoint; convert it to a diffusers folder with safetensors")
+    if storage.is_gcs(uri):
+        key = _gcs_content_key(uri)
+        local = Path(cache_dir or default_cache_dir()) / "models" / key
+        if not (local / ".complete").exists():
+            staging = local.with_name(key + ".partial")
+            storage.delete_prefix(str(staging))
+            storage.copy_prefix(uri, str(staging))
+            storage.delete_prefix(str(local))
+            os.replace(staging, local)
+            (local / ".complete").write_text(uri + "\n")
+        check_no_pickle(local, allow_pickle, uri)
+        return local
+    local = Path(uri).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"{uri}: expected a model folder (with model_index.json or config.json)")
+        check_no_pickle(local, allow_pickle, uri)
+        return local
+    if HUB_ID.match(uri) and not uri.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            ignore = None if allow_pickle else [f"*{s}" for s in PICKLE_SUFFIXES] + ["*.msgpack", "*.h5"]
+            path = Path(snapshot_download(uri, ignore_patterns=ignore, cache_dir=cache_dir))
+        except Exception as err:
+            raise ModelLoadError(
+                f"{uri}: not a local folder, and the hub could not serve it ({type(err).__name__}); "
+                "copy the model to a folder or gs:// prefix and pass that instead"
+            ) from None
+        check_no_pickle(path, allow_pickle, uri)
+        return path
+    raise ModelLoadError(f"{uri}: no such folder; give a local diffusers folder, a gs:// prefix or a hub id")
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def model_digest(uri: str, *, allow_pickle: bool = False) -> str:
+    """A content digest of a model (sha256 over relative names and file hashes), cached per process."""
+    uri = str(uri)
+    if storage.is_gcs(uri):
+        return _gcs_content_key(uri)
+    if uri not in _DIGESTS:
+        local = resolve_model_dir(uri, allow_pickle=allow_pickle)
+        h = hashlib.sha256()
+        for f in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            h.update(f"{f.relative_to(local).as_posix()}\0{storage.sha256_file(f)}\n".encode())
+        _DIGESTS[uri] = h.hexdigest()
+    return _DIGESTS[uri]
+
+
+def is_lora_dir(local: Path) -> bool:
+    return (local / LORA_MARKER_NAME).exists() and (local / LORA_WEIGHTS_NAME).exists()
+
+
+def read_lora_marker(local: Path) -> dict[str, Any]:
+    return json.loads((local / LORA_MARKER_NAME).read_text())
+
+
+def load_pipeline(
+    uri: str,
+    *,
+    allow_pickle: bool = False,
+    torch_dtype: Any = None,
+    device: str | None = None,
+    base_model: str | None = None,
+):
+    """A diffusers pipeline from a model URI; a LoRA artifact loads its base model and applies the adapter."""
+    from diffusers import DiffusionPipeline
+
+    local = resolve_model_dir(uri, allow_pickle=allow_pickle)
+    lora_dir = None
+    if is_lora_dir(local):
+        lora_dir = local
+        base_model = base_model or read_lora_marker(local)["base_model"]
+        local = resolve_model_dir(base_model, allow_pickle=allow_pickle)
+    if not (local / "model_index.json").exists():
+        raise ModelLoadError(f"{uri}: no model_index.json; a diffusers pipeline folder (or our LoRA folder) is needed")
+    kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(local), **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(f"{uri}: cannot load the pipeline: {err}") from None
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_NAME)
+    if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
+        pass  # kept: the base model's own choice
+    if device:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+# --- the tiny model --------------------------------------------------------------------------------------------
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny SD-1.x-shaped pipeline (random weights, real CLIP vocabulary) of a few MB, deterministic in seed.
+
+    Shapes follow diffusers' own test components (`get_dummy_components`): a 2-level UNet with cross-attention,
+    a 2-level VAE (downsampling x2, so 64 px images make 32 px latents), and a 5-layer CLIP text encoder.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    vocab, _ = clip_bpe_vocab_and_merges()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    scheduler = DDPMScheduler(
+        steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # slow-tokenizer files too, for transformers 4 readers
+        os.replace(tok_dir / name, out / "tokenizer" / name)
+    storage.delete_prefix(str(tok_dir))
+    return out

