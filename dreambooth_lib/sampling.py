@@ -1,0 +1,92 @@
+"""Seeded, batched sampling from a diffusers pipeline: the one sampler used by prior, generate and evaluate.
+
+Each image has its own seed and its own torch.Generator, so an image depends only on (prompt, seed, settings),
+never on which batch it landed in: a prior set can be extended, or a run resumed, and give the same pixels.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+SAMPLERS = ("dpm++", "ddim", "euler", "unipc", "pndm")
+
+
+def make_scheduler(pipe: Any, sampler: str):
+    """A scheduler of the named kind built from the pipeline's own scheduler config (betas, prediction type)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    classes = {
+        "dpm++": DPMSolverMultistepScheduler,  # DPM-Solver++(2M): the fast multistep default, good at 20-25 steps
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "unipc": UniPCMultistepScheduler,
+        "pndm": PNDMScheduler,
+    }
+    if sampler not in classes:
+        from dreambooth_lib.errors import ConfigError
+
+        raise ConfigError(f"sampler {sampler!r} is unknown; use one of {', '.join(classes)}")
+    return classes[sampler].from_config(pipe.scheduler.config)
+
+
+def default_guidance_scale(pipe: Any) -> float:
+    """The pipeline's own default classifier-free guidance (7.5 for Stable Diffusion 1.x)."""
+    param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    return float(param.default) if param is not None and param.default is not inspect.Parameter.empty else 7.5
+
+
+def default_resolution(pipe: Any) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """The seed of image `index` of a seeded set: stable, distinct, within torch's range."""
+    return (base_seed * 1_000_003 + index) % (2**63 - 1)
+
+
+def sample_images(
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int = 25,
+    sampler: str = "dpm++",
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    batch_size: int = 4,
+    progress: Any = None,
+) -> list:
+    """One PIL image per (prompt, seed) pair, in order, generated `batch_size` at a time."""
+    import torch
+
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must have the same length")
+    pipe.scheduler = make_scheduler(pipe, sampler)
+    guidance = default_guidance_scale(pipe) if guidance_scale is None else guidance_scale
+    size = resolution or default_resolution(pipe)
+    device = pipe.device
+    gen_device = "cpu" if device.type == "mps" else device
+    images: list = []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = prompts[start : start + batch_size]
+        generators = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds[start : start + batch_size]]
+        with torch.inference_mode():
+            out = pipe(
+                batch_prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=generators,
+            )
+        images.extend(out.images)
+        if progress is not None:
+            progress.update(len(batch_prompts))
+    return images
