@@ -1,0 +1,521 @@
+"""The `dreambooth` command: each command parses flags into a config and calls one step of the library.
+
+User errors (DreamboothError) print one line on stderr and exit 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="DreamBooth personalization of text-to-image models, as a library, a CLI and Kubeflow pipelines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks with printed figures (ratios against a baseline run in the same process).")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object on stdout")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def user_errors(fn):
+    """Turn DreamboothError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dreambooth_lib.errors import DreamboothError
+
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except DreamboothError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _emit(result: Any, as_json: bool, summary: str) -> None:
+    if as_json:
+        data = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
+        typer.echo(json.dumps(data, default=str))
+    else:
+        typer.echo(summary)
+
+
+def _config(model, source: str, **values):
+    from dreambooth_lib.config import parse_config
+
+    return parse_config(model, {k: v for k, v in values.items() if v is not None}, source)
+
+
+@app.command("tiny-model")
+@user_errors
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write the diffusers pipeline to")],
+    seed: Annotated[int, typer.Option(help="weights are deterministic in the seed")] = 0,
+    evaluators: Annotated[bool, typer.Option(help="also write tiny DINO, CLIP and LPIPS evaluators")] = False,
+    as_json: JsonOpt = False,
+):
+    """Write a tiny random-weight SD-1.x pipeline with the real CLIP vocabulary (tests, demos; no download).
+
+    Example: dreambooth tiny-model /tmp/tiny --seed 0
+    """
+    from dreambooth_lib.models import build_tiny_model
+
+    out = build_tiny_model(out_dir, seed=seed)
+    result: dict[str, Any] = {"model": str(out)}
+    if evaluators:
+        from dreambooth_lib import evaluators as ev
+
+        result["dino"] = str(ev.build_tiny_dino(out_dir / "evaluators" / "dino", seed=seed))
+        result["clip"] = str(ev.build_tiny_clip(out_dir / "evaluators" / "clip", seed=seed))
+        result["lpips"] = str(ev.build_tiny_lpips(out_dir / "evaluators" / "lpips.safetensors", seed=seed))
+    _emit(result, as_json, f"wrote a tiny model to {out}")
+
+
+@app.command()
+@user_errors
+def ingest(
+    src: Annotated[str, typer.Argument(help="folder or gs:// prefix with the subject's photos")],
+    out: Annotated[str, typer.Argument(help="folder or gs:// prefix for the validated images + manifest.json")],
+    class_noun: Annotated[str, typer.Option(help="the subject's class, e.g. 'dog' (recorded in the manifest)")],
+    resolution: int = 512,
+    min_images: int = 3,
+    min_side: int = 256,
+    allow_few: Annotated[bool, typer.Option(help="accept 1-2 images with a warning")] = False,
+    strict: Annotated[bool, typer.Option(help="any bad file fails the run (default: skip and report)")] = False,
+    as_json: JsonOpt = False,
+):
+    """Validate and normalise subject photos: decode, fix orientation/mode, reject bad files and duplicates.
+
+    Example: dreambooth ingest photos/ gs://bucket/runs/dog/ingest --class-noun dog --resolution 512
+    """
+    from dreambooth_lib import ingest as step
+    from dreambooth_lib.config import IngestConfig
+
+    cfg = _config(
+        IngestConfig,
+        "ingest options",
+        resolution=resolution,
+        min_images=min_images,
+        min_side=min_side,
+        allow_few=allow_few,
+        strict=strict,
+    )
+    result = step.run(src, out, cfg)
+    for r in result.rejections:
+        typer.echo(f"skipped {r.source}: {r.reason}", err=True)
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    _emit(result, as_json, f"{len(result.images)} images ready in {out} ({len(result.rejections)} rejected)")
+
+
+@app.command()
+@user_errors
+def identifier(
+    model: Annotated[str, typer.Option(help="base model: folder, gs:// prefix or hub id")],
+    class_noun: Annotated[str, typer.Option(help="class noun the identifier precedes")] = "dog",
+    seed: int = 0,
+    exclude: Annotated[list[str] | None, typer.Option(help="identifiers not to use (repeatable)")] = None,
+    registry: Annotated[str | None, typer.Option(help="registry whose identifiers are excluded")] = None,
+    min_token_id: int = 40000,
+    as_json: JsonOpt = False,
+):
+    """Choose a rare-token identifier [V] from the model's own tokenizer (the paper's look-up).
+
+    Example: dreambooth identifier --model ./tiny --class-noun dog --seed 0
+    """
+    from dreambooth_lib import identifier as step
+    from dreambooth_lib.config import IdentifierConfig
+
+    cfg = _config(IdentifierConfig, "identifier options", seed=seed, min_token_id=min_token_id)
+    result = step.run(model, class_noun, cfg, exclude=exclude or [], registry_uri=registry)
+    _emit(
+        result,
+        as_json,
+        f"{result.identifier} (token {result.token_id}; {result.candidates} candidates in ids "
+        f"[{result.range[0]}, {result.range[1]})); prompt: '{result.prompt}'",
+    )
+
+
+@app.command()
+@user_errors
+def prior(
+    model: Annotated[str, typer.Option(help="base model: folder, gs:// prefix or hub id")],
+    class_noun: Annotated[str, typer.Option(help="class noun: images of 'a <class>' are sampled")],
+    root: Annotated[str, typer.Option(help="prior cache root (local or gs://), shared across subjects")],
+    num_images: int = 200,
+    resolution: int = 512,
+    steps: int = 25,
+    sampler: str = "dpm++",
+    guidance_scale: float | None = None,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str = "auto",
+    as_json: JsonOpt = False,
+):
+    """Generate (or reuse, or extend) the class-prior set of 'a <class>' images from the frozen base model.
+
+    Example: dreambooth prior --model ./tiny --class-noun dog --root gs://bucket/priors --num-images 200
+    """
+    from dreambooth_lib import prior as step
+    from dreambooth_lib.config import PriorConfig
+
+    cfg = _config(
+        PriorConfig,
+        "prior options",
+        num_images=num_images,
+        steps=steps,
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+    )
+    result = step.run(model, class_noun, cfg, root=root, resolution=resolution)
+    _emit(result, as_json, f"{result.num_images} prior images at {result.uri} ({result.generated} new)")
+
+
+@app.command()
+@user_errors
+def train(
+    model: Annotated[str, typer.Option(help="base model: folder, gs:// prefix or hub id")],
+    instance_dir: Annotated[str, typer.Option(help="output of `dreambooth ingest`")],
+    identifier: Annotated[str, typer.Option(help="the rare-token identifier [V]")],
+    class_noun: Annotated[str, typer.Option(help="class noun")],
+    out: Annotated[str, typer.Option(help="output folder (local or gs://)")],
+    prior_dir: Annotated[str | None, typer.Option(help="prior-set folder (omit with --prior-loss-weight 0)")] = None,
+    mode: str = "full",
+    steps: int = 1000,
+    learning_rate: float = 5e-6,
+    prior_loss_weight: float = 1.0,
+    train_text_encoder: bool = False,
+    lora_rank: int = 4,
+    batch_size: int = 1,
+    resolution: int = 512,
+    seed: int = 0,
+    mixed_precision: str = "auto",
+    compile: bool = False,
+    gradient_checkpointing: bool = False,
+    use_8bit_adam: bool = False,
+    checkpoint_every: int = 250,
+    device: str = "auto",
+    resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint in OUT")] = False,
+    config: Annotated[str | None, typer.Option(help="a YAML/JSON TrainConfig (flags are ignored)")] = None,
+    as_json: JsonOpt = False,
+):
+    """Fine-tune with prior preservation (the paper's Eq. 2): full UNet or LoRA; resumable.
+
+    Example: dreambooth train --model ./tiny --instance-dir run/ingest --prior-dir run/priors/KEY
+    --identifier muh --class-noun dog --out run/train --steps 1000
+    """
+    from dreambooth_lib import storage
+    from dreambooth_lib import train as step
+    from dreambooth_lib.config import TrainConfig, load_config_text, parse_config
+
+    if config:
+        cfg = parse_config(TrainConfig, load_config_text(storage.read_text(config), config), config)
+    else:
+        cfg = _config(
+            TrainConfig,
+            "train options",
+            mode=mode,
+            steps=steps,
+            learning_rate=learning_rate,
+            prior_loss_weight=prior_loss_weight,
+            train_text_encoder=train_text_encoder,
+            lora_rank=lora_rank,
+            batch_size=batch_size,
+            resolution=resolution,
+            seed=seed,
+            mixed_precision=mixed_precision,
+            compile=compile,
+            gradient_checkpointing=gradient_checkpointing,
+            use_8bit_adam=use_8bit_adam,
+            checkpoint_every=checkpoint_every,
+            device=device,
+        )
+    result = step.run(model, instance_dir, prior_dir, identifier, class_noun, cfg, out, resume=resume)
+    _emit(result, as_json, f"trained {result.steps} steps ({result.s_per_step:.3f} s/step); model at {result.model_uri}")
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Annotated[str, typer.Option(help="trained model folder (full or LoRA), or any diffusers model")],
+    prompt: Annotated[list[str], typer.Option(help="prompt text (repeatable)")],
+    out: Annotated[str, typer.Option(help="output folder (local or gs://)")],
+    n: Annotated[int, typer.Option("-n", "--n", help="images per prompt")] = 4,
+    seed: int = 0,
+    steps: int = 25,
+    sampler: str = "dpm++",
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    base_model: Annotated[str | None, typer.Option(help="base model for a LoRA (default: the one recorded)")] = None,
+    device: str = "auto",
+    as_json: JsonOpt = False,
+):
+    """Render images from a trained model (or a base model + LoRA).
+
+    Example: dreambooth generate --model run/train/model --prompt "a muh dog on the beach" -n 4 --out samples
+    """
+    from dreambooth_lib import generate as step
+
+    result = step.run(
+        model,
+        prompt,
+        out,
+        n=n,
+        seed=seed,
+        steps=steps,
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        resolution=resolution,
+        device=device,
+        base_model=base_model,
+    )
+    _emit(result, as_json, f"wrote {len(result.images)} images to {out}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[str, typer.Option(help="trained model folder (full or LoRA)")],
+    real_images: Annotated[str, typer.Option(help="the subject's ingested images (output of ingest)")],
+    identifier: Annotated[str, typer.Option(help="the identifier the model was trained with")],
+    class_noun: Annotated[str, typer.Option(help="class noun")],
+    out: Annotated[str, typer.Option(help="output folder: metrics.json, images/, report.html")],
+    live: Annotated[bool, typer.Option(help="live subject (uses the paper's live-subject prompts)")] = False,
+    config: Annotated[str | None, typer.Option(help="a YAML/JSON EvalConfig")] = None,
+    images_per_prompt: int | None = None,
+    max_prompts: int | None = None,
+    steps: int | None = None,
+    dino_model: str | None = None,
+    clip_model: str | None = None,
+    lpips_weights: str | None = None,
+    base_model: Annotated[str | None, typer.Option(help="base model for gate.compare_to_base")] = None,
+    as_json: JsonOpt = False,
+):
+    """Evaluate by the paper's protocol: DINO, CLIP-I, CLIP-T, PRES, DIV, the real-image ceiling and the gate.
+
+    Example: dreambooth evaluate --model run/train/model --real-images run/ingest --identifier muh
+    --class-noun dog --live --out run/eval
+    """
+    from dreambooth_lib import evaluate as step
+    from dreambooth_lib import storage
+    from dreambooth_lib.config import EvalConfig, load_config_text, parse_config
+
+    data = load_config_text(storage.read_text(config), config) if config else {}
+    overrides = {
+        "images_per_prompt": images_per_prompt,
+        "max_prompts": max_prompts,
+        "steps": steps,
+        "dino_model": dino_model,
+        "clip_model": clip_model,
+        "lpips_weights": lpips_weights,
+    }
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = parse_config(EvalConfig, data, config or "evaluate options")
+    result = step.run(model, real_images, identifier, class_noun, live, cfg, out, base_model=base_model)
+    m = result.metrics
+    verdict = "passed" if result.gate.passed else "FAILED: " + "; ".join(result.gate.reasons)
+    _emit(
+        result,
+        as_json,
+        f"DINO {m.get('dino')}  CLIP-I {m.get('clip_i')}  CLIP-T {m.get('clip_t')}  PRES {m.get('pres')}  "
+        f"DIV {m.get('div')}  gate {verdict}; report: {storage.join(out, 'report.html')}",
+    )
+
+
+@app.command()
+@user_errors
+def register(
+    registry: Annotated[str, typer.Option(help="registry root (local folder or gs:// prefix)")],
+    run_dir: Annotated[str, typer.Option(help="a `dreambooth run` directory (ingest/, train/, eval/)")],
+    subject: Annotated[str | None, typer.Option(help="subject name (default: from the run's config)")] = None,
+    require_gate: Annotated[bool, typer.Option(help="refuse a model whose quality gate failed")] = True,
+    as_json: JsonOpt = False,
+):
+    """Register a trained, evaluated model as a new immutable version (refused when its gate failed).
+
+    Example: dreambooth register --registry gs://bucket/registry --run-dir gs://bucket/runs/dog
+    """
+    from dreambooth_lib import pipeline_run
+
+    result = pipeline_run.register_run(run_dir, registry, subject=subject, require_gate=require_gate)
+    _emit(result, as_json, f"registered {result.subject} v{result.version} at {result.uri}")
+
+
+@app.command()
+@user_errors
+def run(
+    config: Annotated[str, typer.Option(help="a RunConfig YAML/JSON (local or gs://)")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a field: --set train.steps=200 (repeatable)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue training from the newest checkpoint")] = False,
+    as_json: JsonOpt = False,
+):
+    """Run one subject end to end, in-process: ingest → identifier → prior → train → samples → evaluate → register.
+
+    Example: dreambooth run --config configs/tiny.yaml --set run_dir=/tmp/run1
+    """
+    import yaml
+
+    from dreambooth_lib import pipeline_run
+    from dreambooth_lib.config import load_run_config
+    from dreambooth_lib.errors import ConfigError
+
+    overrides = {}
+    for item in set_ or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=200")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    cfg = load_run_config(config, overrides)
+    result = pipeline_run.run(cfg, resume=resume)
+    _emit(result, as_json, result.summary())
+
+
+@models_app.command("list")
+@user_errors
+def models_list(
+    registry: Annotated[str, typer.Option(help="registry root")],
+    subject: str | None = None,
+    as_json: JsonOpt = False,
+):
+    """List registered models. Example: dreambooth models list --registry gs://bucket/registry"""
+    from dreambooth_lib.registry import open_registry
+
+    entries = open_registry(registry).list_models(subject)
+    if as_json:
+        typer.echo(json.dumps([e.model_dump(mode="json") for e in entries], default=str))
+        return
+    for e in entries:
+        typer.echo(f"{e.subject}\tv{e.version}\t{e.identifier}\t{e.class_noun}\t{e.uri}")
+
+
+@models_app.command("show")
+@user_errors
+def models_show(
+    registry: Annotated[str, typer.Option(help="registry root")],
+    subject: Annotated[str, typer.Argument(help="subject name")],
+    version: int | None = None,
+    as_json: JsonOpt = False,
+):
+    """Show one registered model (latest version by default). Example: dreambooth models show dog --registry reg/"""
+    from dreambooth_lib.registry import open_registry
+
+    entry = open_registry(registry).show(subject, version)
+    _emit(entry, as_json, json.dumps(entry.model_dump(mode="json"), indent=2, default=str))
+
+
+@bench_app.command("train")
+@user_errors
+def bench_train(
+    model: Annotated[str | None, typer.Option(help="base model (default: a fresh tiny model)")] = None,
+    sd15_shape: Annotated[bool, typer.Option(help="an SD-1.5-sized random-weight model (GPU runs)")] = False,
+    steps: int = 20,
+    resolution: int | None = None,
+    device: str = "auto",
+    as_json: JsonOpt = False,
+):
+    """Time a diffusers-style DreamBooth step against ours, same model and device, one process.
+
+    Example: dreambooth bench train --sd15-shape --resolution 512 --steps 50
+    """
+    from dreambooth_lib.bench import bench_train as bench
+
+    result = bench(model=model, sd15_shape=sd15_shape, steps=steps, resolution=resolution, device=device)
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+
+
+@app.command()
+@user_errors
+def submit(
+    pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML (pipelines/compiled/...)")],
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")],
+    params: Annotated[str | None, typer.Option(help="YAML/JSON file of pipeline parameters")] = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    namespace: str | None = None,
+    as_json: JsonOpt = False,
+):
+    """Submit a compiled pipeline as a run on Kubeflow Pipelines (parameters sent typed).
+
+    Example: dreambooth submit pipelines/compiled/personalize.kfp.yaml --host $KFP_HOST --params run.yaml
+    """
+    from dreambooth_lib import submit as kfp_submit
+
+    values = kfp_submit.load_params(params, pipeline) if params else {}
+    result = kfp_submit.submit_run(
+        pipeline, host=host, params=values, experiment=experiment, run_name=run_name, namespace=namespace
+    )
+    _emit(result, as_json, f"submitted run {result}")
+
+
+@app.command()
+@user_errors
+def schedule(
+    pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML")],
+    host: Annotated[str, typer.Option(help="KFP API endpoint")],
+    cron: Annotated[str, typer.Option(help="6-field cron: 'SEC MIN HOUR DOM MON DOW', e.g. '0 0 2 * * *'")],
+    params: Annotated[str | None, typer.Option(help="YAML/JSON file of pipeline parameters")] = None,
+    experiment: str | None = None,
+    job_name: str | None = None,
+    max_concurrency: int = 1,
+    namespace: str | None = None,
+    as_json: JsonOpt = False,
+):
+    """Create an enabled recurring run (parameters sent typed, unlike `kfp recurring-run create`).
+
+    Example: dreambooth schedule pipelines/compiled/batch_personalize.kfp.yaml --host $KFP_HOST
+    --cron '0 0 2 * * *' --params batch.yaml
+    """
+    from dreambooth_lib import submit as kfp_submit
+
+    values = kfp_submit.load_params(params, pipeline) if params else {}
+    result = kfp_submit.schedule_run(
+        pipeline,
+        host=host,
+        params=values,
+        cron=cron,
+        experiment=experiment,
+        job_name=job_name,
+        max_concurrency=max_concurrency,
+        namespace=namespace,
+    )
+    _emit(result, as_json, f"scheduled recurring run {result}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
