@@ -216,4 +216,5 @@ def register_run(
         ingest_dir=storage.join(run_dir, "ingest"),
         require_gate=require_gate,
         run_config=config.model_dump(mode="json"),
+        backend=config.registry.backend if config.registry else "file",
     )

@@ -1,0 +1,227 @@
+"""The visual report of one personalized model: a single self-contained report.html.
+
+Everything the page shows is inside the file: images are downscaled thumbnails embedded as data URIs, the
+CSS is inline, and a Content-Security-Policy forbids any other source, so the page renders the same in the
+Kubeflow UI's iframe, attached to an e-mail, or offline. Every piece of text is HTML-escaped (subject names,
+prompts and gate reasons come from users). Elements that tests and readers look for have stable ids and
+classes: `#inputs`, `#prior`, `table.grid#grid`, `table#metrics` (rows `#metric-<key>`), `#gate` (class
+`passed` / `failed`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+from dreambooth_lib import storage
+from dreambooth_lib.errors import StorageError
+
+THUMBNAIL_SIDE = 256
+MAX_PRIOR_SHOWN = 8
+JPEG_QUALITY = 85
+
+# (key in `metrics`, label, what is better). PRES measures how much of the subject leaks into plain class
+# prompts (the paper's prior-preservation metric), so lower is better there; the others are similarities or
+# diversity.
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("dino", "DINO", "higher"),
+    ("clip_i", "CLIP-I", "higher"),
+    ("clip_t", "CLIP-T", "higher"),
+    ("pres", "PRES", "lower"),
+    ("div", "DIV", "higher"),
+)
+# Table 1 of Ruiz et al. (2023): DreamBooth on Stable Diffusion, and real images of the subject against each
+# other (the ceiling a generator can reach on subject fidelity; CLIP-T has no real-image counterpart).
+PAPER_SD_DREAMBOOTH: dict[str, float] = {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}
+PAPER_REAL_IMAGES: dict[str, float] = {"dino": 0.774, "clip_i": 0.885}
+MISSING = "—"
+DETAILS_INLINE_CHARS = 120
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem;color:#1d1d1f}
+h1{font-size:1.5rem;margin:0 0 .25rem}
+h2{font-size:1.15rem;margin:1.75rem 0 .5rem;border-bottom:1px solid #ddd}
+.sub{color:#555;margin:0 0 1rem}
+code{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}
+.strip{display:flex;flex-wrap:wrap;gap:.5rem}
+.strip img,.grid img{border-radius:4px;display:block;max-width:100%}
+table{border-collapse:collapse}
+th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;vertical-align:top}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.grid td{padding:.2rem}
+table.grid th.prompt{max-width:16rem;font-weight:normal}
+#gate{padding:.6rem 1rem;border-radius:6px;margin:1rem 0}
+#gate.passed{background:#e6f4ea;border:1px solid #34a853}
+#gate.failed{background:#fce8e6;border:1px solid #d93025}
+pre{margin:.3rem 0;font-size:.8rem;white-space:pre-wrap}
+.verdict{font-weight:bold}
+.note{color:#666;font-size:.9rem}
+"""
+# No script, no remote fetch: only inline styles and data: images may load.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def thumbnail_data_uri(uri: str, side: int = THUMBNAIL_SIDE) -> tuple[str, int, int]:
+    """(data URI, width, height) of the image downscaled to fit `side`: JPEG when opaque, PNG with alpha."""
+    from PIL import Image, ImageOps
+
+    data = storage.read_bytes(uri)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.seek(0)  # multi-frame files (MPO photos, GIF): the first frame is the photo
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((side, side), Image.Resampling.LANCZOS)
+            has_alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+            buf = io.BytesIO()
+            if has_alpha:
+                img.convert("RGBA").save(buf, format="PNG", optimize=True)
+                mime = "image/png"
+            else:
+                img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+                mime = "image/jpeg"
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise StorageError(f"{uri}: not a readable image ({err}); replace or remove the file") from None
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}", width, height
+
+
+def _img(uri: str, alt: str) -> str:
+    src, width, height = thumbnail_data_uri(uri)
+    return f'<img src="{src}" width="{width}" height="{height}" alt="{_esc(alt)}" title="{_esc(uri)}">'
+
+
+def format_value(value: Any) -> str:
+    """A metric cell: three decimals for numbers, an em dash for a metric that was not computed."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _metrics_table(metrics: dict, reference: dict) -> str:
+    head = (
+        "<tr><th>metric</th><th>better</th><th>this model</th><th>real images (ceiling)</th>"
+        "<th>paper: DreamBooth (SD)</th><th>paper: real images</th></tr>"
+    )
+    rows = [head]
+    for key, label, better in METRICS:
+        cells = [
+            metrics.get(key),
+            reference.get(key),
+            PAPER_SD_DREAMBOOTH.get(key),
+            PAPER_REAL_IMAGES.get(key),
+        ]
+        tds = "".join(f'<td class="num">{_esc(format_value(v))}</td>' for v in cells)
+        rows.append(f'<tr id="metric-{key}"><th scope="row">{label}</th><td>{better}</td>{tds}</tr>')
+    return '<table id="metrics" class="metrics">' + "".join(rows) + "</table>"
+
+
+def _gate_section(gate: dict) -> str:
+    passed = bool(gate.get("passed"))
+    verdict = "passed" if passed else "failed"
+    reasons = [str(r) for r in gate.get("reasons") or []]
+    out = [f'<section id="gate" class="{verdict}"><span class="verdict">Quality gate: {verdict}</span>']
+    if reasons:
+        out.append('<ul class="reasons">' + "".join(f"<li>{_esc(r)}</li>" for r in reasons) + "</ul>")
+    elif not passed:
+        out.append('<p class="note">No reason was recorded.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _grid_table(grid: list[tuple[str, list[str]]]) -> str:
+    rows = []
+    for prompt, images in grid:
+        cells = "".join(f"<td>{_img(uri, f'{prompt} #{i}')}</td>" for i, uri in enumerate(images))
+        rows.append(f'<tr class="grid-row"><th scope="row" class="prompt">{_esc(prompt)}</th>{cells}</tr>')
+    return '<table id="grid" class="grid">' + "".join(rows) + "</table>"
+
+
+def _details_table(extra: dict) -> str:
+    rows = []
+    for key, value in extra.items():
+        if isinstance(value, (dict, list, tuple)):
+            compact = json.dumps(value, default=str)
+            if len(compact) <= DETAILS_INLINE_CHARS:
+                cell = _esc(compact)
+            else:  # long structures (per-prompt metrics, configs) fold away; <details> needs no script
+                summary = f"{len(value)} {'items' if isinstance(value, (list, tuple)) else 'fields'}"
+                pretty = _esc(json.dumps(value, indent=2, default=str))
+                cell = f"<details><summary>{summary}</summary><pre>{pretty}</pre></details>"
+        else:
+            cell = _esc(format_value(value) if value is None or isinstance(value, float) else value)
+        rows.append(f'<tr><th scope="row">{_esc(key)}</th><td>{cell}</td></tr>')
+    return '<table id="details">' + "".join(rows) + "</table>"
+
+
+def render_report(
+    out_html: str,
+    *,
+    subject: str,
+    class_noun: str,
+    identifier: str,
+    input_images: list[str],
+    prior_images: list[str],
+    grid: list[tuple[str, list[str]]],
+    metrics: dict,
+    reference: dict,
+    gate: dict,
+    extra: dict | None = None,
+) -> str:
+    """Write report.html for one model to `out_html` (local or gs://) and return that URI.
+
+    `grid` rows are (prompt, sample image URIs); `metrics` keys dino/clip_i/clip_t/pres/div (None: not
+    computed); `reference` keys dino/clip_i (real images against each other); `gate` is
+    {"passed": bool, "reasons": [...]}.
+    Image URIs may be local paths or gs:// objects.
+    """
+    prompt = f"a {identifier} {class_noun}"
+    title = f"DreamBooth report: {subject}"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f'<h1 id="title">{_esc(title)}</h1>',
+        f'<p class="sub">identifier <code id="identifier">{_esc(identifier)}</code> · class '
+        f'<code id="class-noun">{_esc(class_noun)}</code></p>',
+        _gate_section(gate),
+        '<h2>How to prompt</h2><p id="how-to-prompt">Put the identifier before the class noun: '
+        f'<code id="prompt">{_esc(prompt)}</code>, e.g. <code>{_esc(prompt)} on the beach</code>.</p>',
+        "<h2>Metrics</h2>",
+        _metrics_table(metrics, reference),
+        '<p class="note">DINO and CLIP-I: subject fidelity (cosine similarity of generated to real images); '
+        "CLIP-T: prompt fidelity; PRES: subject leaking into plain class prompts; DIV: diversity (LPIPS). "
+        "Real images (ceiling): the real photos scored against each other. Paper values: Ruiz et al. 2023, "
+        "Table 1.</p>",
+        f'<h2>Input images ({len(input_images)})</h2><div id="inputs" class="strip">',
+        *(_img(uri, f"input {i}") for i, uri in enumerate(input_images)),
+        "</div>",
+    ]
+    shown_prior = prior_images[:MAX_PRIOR_SHOWN]
+    parts.append(f"<h2>Class prior sample ({len(shown_prior)} of {len(prior_images)})</h2>")
+    if shown_prior:
+        parts.append('<div id="prior" class="strip">')
+        parts.extend(_img(uri, f"prior {i}") for i, uri in enumerate(shown_prior))
+        parts.append("</div>")
+    else:
+        parts.append('<p id="prior" class="note">No prior-preservation images (prior loss off).</p>')
+    parts.append(f"<h2>Samples ({len(grid)} prompts)</h2>")
+    parts.append(_grid_table(grid))
+    if extra:
+        parts.append("<h2>Details</h2>")
+        parts.append(_details_table(extra))
+    parts.append("</body></html>\n")
+    storage.write_text(out_html, "\n".join(parts))
+    return str(out_html)
