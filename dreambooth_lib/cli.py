@@ -106,6 +106,7 @@ def ingest(
     resolution: int = 512,
     min_images: int = 3,
     min_side: int = 256,
+    near_duplicate_distance: Annotated[int, typer.Option(help="pHash distance at or below which images are duplicates")] = 6,
     allow_few: Annotated[bool, typer.Option(help="accept 1-2 images with a warning")] = False,
     strict: Annotated[bool, typer.Option(help="any bad file fails the run (default: skip and report)")] = False,
     as_json: JsonOpt = False,
@@ -123,10 +124,11 @@ def ingest(
         resolution=resolution,
         min_images=min_images,
         min_side=min_side,
+        near_duplicate_distance=near_duplicate_distance,
         allow_few=allow_few,
         strict=strict,
     )
-    result = step.run(src, out, cfg)
+    result = step.run(src, out, cfg, class_noun=class_noun)
     for r in result.rejections:
         typer.echo(f"skipped {r.source}: {r.reason}", err=True)
     for w in result.warnings:

@@ -72,7 +72,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         return out
 
     ingest_dir = storage.join(rd, "ingest")
-    ingested = timed("ingest", ingest.run, subject.images, ingest_dir, config.ingest)
+    ingested = timed("ingest", ingest.run, subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun)
 
     id_uri = storage.join(rd, "identifier.json")
     if storage.exists(id_uri):  # the model of this run directory is bound to its identifier
