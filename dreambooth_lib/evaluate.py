@@ -16,7 +16,6 @@ with gate.compare_to_base), `out/report.html`, and last `out/metrics.json` (the 
 from __future__ import annotations
 
 import io
-import re
 import time
 from typing import Any
 
@@ -152,17 +151,16 @@ def evaluate_gate(metrics: dict, gate: GateConfig, base_metrics: dict | None = N
 
 
 def prompt_slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:80] or "prompt"
+    """The folder name of a prompt's images: the same rule as `dreambooth generate` uses."""
+    from dreambooth_lib.generate import slugify
+
+    return slugify(prompt)
 
 
 def _unique_slugs(prompts: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for p in prompts:
-        slug = prompt_slug(p)
-        seen[slug] = seen.get(slug, 0) + 1
-        out.append(slug if seen[slug] == 1 else f"{slug}-{seen[slug]}")
-    return out
+    from dreambooth_lib.generate import unique_slugs
+
+    return unique_slugs(prompts)
 
 
 def eval_templates(config: EvalConfig, live: bool) -> list[str]:

@@ -115,6 +115,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         storage.join(rd, "train"),
         resume=resume,
         allow_pickle=config.allow_pickle,
+        prior_images=prior_result.images if prior_result else None,
     )
 
     samples_dir = None

@@ -1,0 +1,289 @@
+"""The class-prior image set: 'a [class]' samples of the frozen base model, content-addressed and shared per class.
+
+Prior preservation (the paper's Eq. 2) needs a few hundred images of the class drawn from the model before
+fine-tuning. They depend only on the base model and the sampling settings, never on the subject, so the set
+lives at `root/<prior_set_key>/` where the key hashes exactly those inputs: a second subject of the same class
+on the same base model finds the set and pays nothing; asking for more images extends it. Every image has its
+own seed (`image_seed(seed, i)`) and a fixed place in a fixed-size batch, so image i has the same pixels whether
+it was made in the first run, an extension, or a rerun after an interruption (for the same batch size: a batch's
+shape changes float rounding). Each is written atomically, so a rerun continues from the images that exist and
+never rewrites them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+
+from pydantic import BaseModel
+
+from dreambooth_lib import models, sampling, storage
+from dreambooth_lib.config import PriorConfig
+from dreambooth_lib.errors import ConfigError, StorageError
+
+SET_RECORD_NAME = "prior_set.json"
+IMAGE_NAME = re.compile(r"^(\d{6})\.png$")
+KEY_HEX_CHARS = 16  # 64 bits: collisions are out of reach for any number of cached sets
+
+
+class PriorResult(BaseModel):
+    """What a prior run produced: the set folder and the first `num_images` images of it."""
+
+    uri: str  # the set folder root/<key>; "" when num_images is 0
+    key: str
+    class_prompt: str
+    num_images: int
+    images: list[str]
+    generated: int  # images sampled by this call
+    reused: int  # images found already in the set
+    model_digest: str
+    sampler: str
+    steps: int
+    # the scale the images were drawn with; None: the pipeline default, not known until a pipeline was loaded
+    guidance_scale: float | None
+    resolution: int
+    seed: int
+    wall_time_s: float
+
+    def write(self, uri: str) -> None:
+        """Store this result as JSON at `uri` (the caller picks the place, e.g. <run_dir>/prior.json)."""
+        storage.write_json(uri, self.model_dump(mode="json"))
+
+
+def class_prompt(class_noun: str) -> str:
+    """The paper's class prompt: 'a [class noun]', the same prompt training pairs with the prior images."""
+    noun = class_noun.strip()
+    if not noun:
+        raise ConfigError("class_noun is empty; give the subject's class, e.g. 'dog' or 'backpack'")
+    return f"a {noun}"
+
+
+def _key_fields(
+    model_digest: str,
+    class_prompt: str,
+    sampler: str,
+    steps: int,
+    guidance: float | None,
+    resolution: int,
+    seed: int,
+) -> dict:
+    # normalized types: 7 and 7.0 are the same guidance and must give the same key
+    return {
+        "model_digest": str(model_digest),
+        "class_prompt": str(class_prompt),
+        "sampler": str(sampler),
+        "steps": int(steps),
+        "guidance_scale": None if guidance is None else float(guidance),
+        "resolution": int(resolution),
+        "seed": int(seed),
+    }
+
+
+def prior_set_key(
+    model_digest: str,
+    class_prompt: str,
+    sampler: str,
+    steps: int,
+    guidance: float | None,
+    resolution: int,
+    seed: int,
+) -> str:
+    """A short hex sha256 of the canonical JSON of everything that decides the pixels of the set.
+
+    `guidance` None means "the pipeline's default", which is a function of the model and so covered by its digest.
+    """
+    fields = _key_fields(model_digest, class_prompt, sampler, steps, guidance, resolution, seed)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def image_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def _existing_indices(set_uri: str) -> set[int]:
+    found = set()
+    for uri in storage.list_files(set_uri, recursive=False):
+        m = IMAGE_NAME.match(storage.basename(uri))
+        if m:
+            found.add(int(m.group(1)))
+    return found
+
+
+def _contiguous_count(indices: set[int]) -> int:
+    """How many images 0..k-1 exist without a gap: the set's size (an image after a gap is not counted)."""
+    n = 0
+    while n in indices:
+        n += 1
+    return n
+
+
+def load_prior_images(uri: str, n: int | None = None) -> list[str]:
+    """The URIs of a set's images 000000.png, 000001.png, ... (the gap-free run from 0), the first `n` if given."""
+    indices = _existing_indices(uri)
+    count = _contiguous_count(indices)
+    if n is not None:
+        if n > count:
+            raise StorageError(
+                f"{uri}: holds {count} prior images, {n} were asked for; "
+                f"extend the set with `dreambooth prior --num-images {n}` (same settings) or ask for fewer"
+            )
+        count = n
+    return [storage.join(uri, image_name(i)) for i in range(count)]
+
+
+def _torch_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # fp16 halves memory and time on GPUs; CPUs have no fast fp16 kernels
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _check_record(set_uri: str, fields: dict) -> dict:
+    """The set's prior_set.json (or {}), refusing a folder that holds a set made with other settings."""
+    record_uri = storage.join(set_uri, SET_RECORD_NAME)
+    if not storage.exists(record_uri):
+        return {}
+    record = storage.read_json(record_uri)
+    differing = [k for k, v in fields.items() if record.get(k) != v]
+    if differing:
+        raise StorageError(
+            f"{record_uri}: this folder holds a prior set made with other settings ({', '.join(differing)} differ); "
+            "it is not a set of this cache: delete the folder or pick another prior root"
+        )
+    return record
+
+
+def _write_record(
+    set_uri: str, key: str, fields: dict, model_uri: str, guidance_used: float | None, batch_size: int
+) -> int:
+    """Update prior_set.json after images are written; `count` is read from the folder, which is the truth.
+
+    `batch_size` is recorded because pixels are identical to the last bit only for the same batch size (batch
+    shape changes float rounding, by about one grey level): extend a set with the batch size that made it.
+    """
+    count = _contiguous_count(_existing_indices(set_uri))
+    record = {
+        "key": key,
+        **fields,
+        "count": count,
+        "model": model_uri,
+        "guidance_scale_used": guidance_used,
+        "batch_size": batch_size,
+    }
+    storage.write_json(storage.join(set_uri, SET_RECORD_NAME), record)
+    return count
+
+
+def run(
+    base_model: str,
+    class_noun: str,
+    config: PriorConfig,
+    root: str,
+    resolution: int,
+    allow_pickle: bool = False,
+) -> PriorResult:
+    """Make sure root/<key>/ holds `config.num_images` class-prior images; sample only the missing ones."""
+    t0 = time.perf_counter()
+    prompt = class_prompt(class_noun)
+    size = int(config.resolution or resolution)
+    n = config.num_images
+    if n == 0:  # prior preservation is off: nothing to load, hash or write
+        return PriorResult(
+            uri="",
+            key="",
+            class_prompt=prompt,
+            num_images=0,
+            images=[],
+            generated=0,
+            reused=0,
+            model_digest="",
+            sampler=config.sampler,
+            steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            resolution=size,
+            seed=config.seed,
+            wall_time_s=round(time.perf_counter() - t0, 3),
+        )
+
+    digest = models.model_digest(base_model, allow_pickle=allow_pickle)
+    key_args = (digest, prompt, config.sampler, config.steps, config.guidance_scale, size, config.seed)
+    fields = _key_fields(*key_args)
+    key = prior_set_key(*key_args)
+    set_uri = storage.join(root, key)
+    record = _check_record(set_uri, fields)
+    guidance_used = record.get("guidance_scale_used", config.guidance_scale)
+
+    existing = _existing_indices(set_uri)
+    # images after a gap were drawn with the same seeds, so they are kept, not redrawn
+    missing = [i for i in range(_contiguous_count(existing), n) if i not in existing]
+    if missing:
+        from tqdm import tqdm
+
+        device = models.resolve_device(config.device)
+        pipe = models.load_pipeline(
+            base_model,
+            allow_pickle=allow_pickle,
+            torch_dtype=_torch_dtype(config.dtype, device),
+            device=device,
+        )
+        guidance_used = (
+            sampling.default_guidance_scale(pipe) if config.guidance_scale is None else config.guidance_scale
+        )
+        bs = config.batch_size
+        wanted = set(missing)
+        with tqdm(total=len(missing), desc=f"prior '{prompt}'", unit="img", file=sys.stderr) as bar:
+            for first in sorted({i // bs * bs for i in missing}):
+                # Batches sit at fixed places (indices k*bs .. k*bs+bs-1) and are always full: float rounding
+                # depends on the batch's shape, so image i gets identical pixels only when it is always drawn in
+                # the same batch. The neighbours already on disk (or past num_images) are drawn and dropped.
+                batch = list(range(first, first + bs))
+                images = sampling.sample_images(
+                    pipe,
+                    [prompt] * bs,
+                    [sampling.image_seed(config.seed, i) for i in batch],
+                    steps=config.steps,
+                    sampler=config.sampler,
+                    guidance_scale=config.guidance_scale,
+                    resolution=size,
+                    batch_size=bs,
+                )
+                # one image at a time and atomically: an interruption loses at most the batch in flight
+                written = 0
+                for i, image in zip(batch, images, strict=True):
+                    if i in wanted:
+                        storage.write_bytes(storage.join(set_uri, image_name(i)), _png_bytes(image))
+                        written += 1
+                bar.update(written)
+        del pipe
+    if missing or record.get("count") != _contiguous_count(existing):
+        _write_record(set_uri, key, fields, base_model, guidance_used, config.batch_size)
+
+    return PriorResult(
+        uri=set_uri,
+        key=key,
+        class_prompt=prompt,
+        num_images=n,
+        images=[storage.join(set_uri, image_name(i)) for i in range(n)],
+        generated=len(missing),
+        reused=n - len(missing),
+        model_digest=digest,
+        sampler=config.sampler,
+        steps=config.steps,
+        guidance_scale=guidance_used,
+        resolution=size,
+        seed=config.seed,
+        wall_time_s=round(time.perf_counter() - t0, 3),
+    )
