@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo compile bench submit schedule images clean
+.PHONY: install test test-gpu lint format demo compile bench submit schedule images clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,35 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+# The main job on the embedded default: tiny model + synthetic subjects through kfp.local, end to end.
+demo: $(STAMP)
+	$(BIN)/python -W ignore -m pipelines.demo
+
+# pipelines/compiled/*.yaml for both targets (KFP on Kubernetes, Vertex AI Pipelines).
+compile: $(STAMP)
+	$(BIN)/python -m pipelines.compile
+
+# Printed figures: a diffusers-style DreamBooth step vs ours on the same model and device (BENCH_ARGS=--sd15-shape on a GPU).
+bench: $(STAMP)
+	$(BIN)/dreambooth bench train $(BENCH_ARGS)
+
+PIPELINE ?= pipelines/compiled/personalize.kfp.yaml
+submit: $(STAMP)
+	@test -n "$(KFP_HOST)" || { echo "usage: make submit KFP_HOST=https://... [PIPELINE=...] [PARAMS=params.yaml]"; exit 2; }
+	$(BIN)/dreambooth submit $(PIPELINE) --host $(KFP_HOST) $(if $(PARAMS),--params $(PARAMS))
+
+schedule: $(STAMP)
+	@test -n "$(KFP_HOST)" -a -n "$(CRON)" || { echo "usage: make schedule KFP_HOST=... CRON='0 0 2 * * *' [PIPELINE=...] [PARAMS=...]"; exit 2; }
+	$(BIN)/dreambooth schedule $(PIPELINE) --host $(KFP_HOST) --cron '$(CRON)' $(if $(PARAMS),--params $(PARAMS))
+
+# Needs a Docker engine (none on the development machines); tags exactly what the compiled YAML references.
+images: $(STAMP)
+	docker build -f images/Dockerfile.cpu  -t $$($(BIN)/python -m components.images cpu)  .
+	docker build -f images/Dockerfile.cuda -t $$($(BIN)/python -m components.images cuda) .
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

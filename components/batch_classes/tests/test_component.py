@@ -1,0 +1,12 @@
+"""list_classes: one item per class, carrying what the prior step needs."""
+
+from components.batch_classes.component import list_classes
+
+
+def test_one_item_per_class():
+    common = {"base_model_digest": "d", "prior_root": "gs://b/priors"}
+    subjects = [{"name": n, "class_noun": c, **common} for n, c in [("a", "dog"), ("b", "cat"), ("c", "dog")]]
+    assert list_classes.python_func(subjects=subjects) == [
+        {"class_noun": "cat", **common},
+        {"class_noun": "dog", **common},
+    ]

@@ -1,0 +1,32 @@
+"""evaluate_model: metrics logged to the Metrics artifact, report.html as the HTML artifact, gate verdict out."""
+
+import json
+from pathlib import Path
+
+
+def test_metrics_report_and_gate(evaluated):
+    outs, (passed, reasons) = evaluated
+    logged = outs["metrics"].metadata
+    assert {"dino", "clip_i", "clip_t", "pres", "div", "gate_passed"} <= set(logged)
+    doc = json.loads((Path(outs["evaluation"].path) / "metrics.json").read_text())
+    assert logged["clip_t"] == doc["metrics"]["clip_t"]
+    assert passed is True and reasons == "" and logged["gate_passed"] == 1.0
+    assert doc["config"]["prompts"] == ["a {0} {1}", "a {0} {1} on grass"]
+    assert Path(outs["report"].path).read_text().lstrip().lower().startswith("<!doctype html")
+    assert outs["evaluation"].metadata["identifier"] == "zwx"
+
+
+def test_a_failed_gate_is_reported_not_raised(trained, ingested, tiny_model_dir, tiny_evaluators, tmp_path):
+    from kfp.dsl import HTML, Artifact, Metrics
+
+    from components.conftest import TINY_EVAL, artifact
+    from components.evaluate.component import evaluate_model
+
+    passed, reasons = evaluate_model.python_func(
+        trained_model=trained, instance_images=ingested, base_model=tiny_model_dir, identifier="zwx",
+        class_noun="square", live=False, resolution=64, prior_uri="", gate_thresholds={"min_dino": 0.999},
+        eval_options={**TINY_EVAL, "max_prompts": 1, "images_per_prompt": 1, "pres_images": 0, **tiny_evaluators},
+        metrics=artifact(Metrics, tmp_path / "m"), report=artifact(HTML, tmp_path / "r"),
+        evaluation=artifact(Artifact, tmp_path / "e"),
+    )  # fmt: skip
+    assert passed is False and "DINO" in reasons

@@ -1,0 +1,56 @@
+"""The class-prior image set: a thin adapter over dreambooth_lib.prior (content-addressed, shared per class)."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components.images import CUDA_IMAGE
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
+def make_prior_set(
+    base_model: str,
+    base_model_digest: str,
+    class_noun: str,
+    resolution: int,
+    prior_size: int,
+    prior_root: str,
+    prior_set: Output[Dataset],
+    prior_options: dict = {},  # noqa: B006 - KFP reads the literal default into the spec
+    allow_pickle: bool = False,
+) -> NamedTuple("PriorOutputs", prior_uri=str, prior_key=str, num_images=int):
+    """Sample `prior_size` 'a [class]' images, or reuse the set under `prior_root` made with the same settings.
+
+    With `prior_root` empty the set is written into this task's own artifact; a shared root (gs://.../priors)
+    lets every subject of the class, in this run and later ones, reuse one set. `prior_size` 0 disables the
+    prior (the library then returns an empty `prior_uri`). `base_model_digest` only keys the cache on the model's content.
+    """
+    from dreambooth_lib import prior, storage
+    from dreambooth_lib.config import PriorConfig, parse_config
+
+    config = parse_config(PriorConfig, {**prior_options, "num_images": prior_size}, "prior_options")
+    root = prior_root or config.root or prior_set.path
+    result = prior.run(
+        base_model,
+        class_noun,
+        config,
+        root=root,
+        resolution=config.resolution or resolution,
+        allow_pickle=allow_pickle,
+    )
+    record = result.model_dump(mode="json")
+    if root != prior_set.path or not result.uri:  # the images live elsewhere (or nowhere): record where
+        storage.write_json(storage.join(prior_set.path, "prior_set.json"), record)
+    prior_set.metadata.update(
+        {
+            "uri": result.uri,
+            "key": result.key,
+            "class_noun": class_noun,
+            "num_images": len(result.images),
+            "generated": record.get("generated"),
+            "reused": record.get("reused"),
+            "model_digest": record.get("model_digest"),
+        }
+    )
+    return (result.uri, result.key, len(result.images))

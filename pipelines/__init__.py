@@ -1,0 +1,1 @@
+"""Kubeflow pipelines wiring the components: personalize (one subject), batch_personalize (many)."""

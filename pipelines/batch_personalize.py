@@ -1,0 +1,111 @@
+"""`batch_personalize`: many subjects from a manifest, priors made once per class, failures isolated.
+
+plan (manifest → subjects with distinct identifiers) → distinct classes → ParallelFor over classes (one prior
+set per (base model, class) in the shared, content-addressed prior root) → ParallelFor over subjects (one task
+each, which finds its class's prior set in that cache and catches its own failure) — all inside an exit handler
+whose task writes the batch summary (Markdown + HTML) whatever happened.
+"""
+
+from kfp import dsl
+
+from components.batch_classes.component import list_classes
+from components.batch_plan.component import plan_batch
+from components.batch_subject.component import personalize_subject
+from components.batch_summary.component import summarize_batch
+from components.prior.component import make_prior_set
+from pipelines.placement import Placement, load_placement, on_cpu, on_gpu
+
+PIPELINE_NAME = "dreambooth-batch-personalize"
+
+
+def build_batch_personalize(placement: Placement):
+    """The batch pipeline with `placement` applied (its `parallelism` bounds both loops)."""
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DreamBooth for many subjects: shared class priors, per-subject isolation, a batch summary.",
+    )
+    def batch_personalize(
+        manifest_uri: str,
+        base_model: str,
+        batch_root: str,
+        resolution: int = 512,
+        steps: int = 1000,
+        prior_loss_weight: float = 1.0,
+        prior_size: int = 200,
+        prior_root: str = "",
+        mode: str = "full",
+        eval_prompts: list = [],  # noqa: B006 - KFP reads the literal default into the spec
+        gate_thresholds: dict = {},  # noqa: B006
+        registry_uri: str = "",
+        identifier_options: dict = {},  # noqa: B006
+        prior_options: dict = {},  # noqa: B006
+        run_options: dict = {},  # noqa: B006
+        allow_pickle: bool = False,
+    ):
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        summary = summarize_batch(manifest_uri=manifest_uri, batch_root=batch_root, job_id=job_id)
+        summary.set_display_name("batch summary").set_caching_options(False)
+        on_cpu(summary, placement, retry=False)
+
+        with dsl.ExitHandler(summary, name="batch"):
+            plan = plan_batch(
+                manifest_uri=manifest_uri,
+                base_model=base_model,
+                batch_root=batch_root,
+                job_id=job_id,
+                registry_uri=registry_uri,
+                prior_root=prior_root,
+                identifier_options=identifier_options,
+                allow_pickle=allow_pickle,
+            )
+            plan.set_display_name("plan batch").set_caching_options(False)  # reads the manifest and registry
+            on_cpu(plan, placement, loads_model=True)
+
+            classes = list_classes(subjects=plan.outputs["Output"])
+            classes.set_display_name("distinct classes").set_caching_options(False)
+            on_cpu(classes, placement, retry=False)
+
+            with dsl.ParallelFor(classes.output, parallelism=placement.parallelism, name="classes") as item:
+                prior = make_prior_set(
+                    base_model=base_model,
+                    base_model_digest=item.base_model_digest,
+                    class_noun=item.class_noun,
+                    resolution=resolution,
+                    prior_size=prior_size,
+                    prior_root=item.prior_root,
+                    prior_options=prior_options,
+                    allow_pickle=allow_pickle,
+                )
+                on_gpu(prior.set_display_name("class-prior images"), placement)
+
+            with dsl.ParallelFor(
+                plan.outputs["Output"], parallelism=placement.parallelism, name="subjects"
+            ) as subject:
+                one = personalize_subject(
+                    subject=subject,
+                    base_model=base_model,
+                    base_model_digest=subject.base_model_digest,
+                    prior_root=subject.prior_root,
+                    batch_root=batch_root,
+                    job_id=job_id,
+                    resolution=resolution,
+                    steps=steps,
+                    prior_loss_weight=prior_loss_weight,
+                    prior_size=prior_size,
+                    mode=mode,
+                    eval_prompts=eval_prompts,
+                    gate_thresholds=gate_thresholds,
+                    prior_options=prior_options,
+                    run_options=run_options,
+                    registry_uri=registry_uri,
+                    allow_pickle=allow_pickle,
+                ).after(prior)
+                one.set_display_name("personalize subject").set_caching_options(False)  # writes the registry
+                # No retry: the task never fails on a subject's error; it records it.
+                on_gpu(one, placement, retry=False)
+
+    return batch_personalize
+
+
+batch_personalize = build_batch_personalize(load_placement("gke"))

@@ -1,0 +1,152 @@
+"""`personalize`: one subject, ingest → identifier → class prior → fine-tune → evaluate → register.
+
+Built by a factory because placement (accelerators, node pools, the target: KFP or Vertex) is fixed at compile
+time; `personalize` is the pipeline for the default placement (GKE). Caching keys on content: an uncached
+fingerprint task digests the base model and the photos, and those digests are inputs of every cached step.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Metrics, Model
+
+from components.evaluate.component import evaluate_model
+from components.fingerprint.component import fingerprint_inputs
+from components.identifier.component import choose_identifier
+from components.ingest.component import ingest_images
+from components.prior.component import make_prior_set
+from components.register.component import register_model
+from components.train.component import fine_tune
+from pipelines.placement import Placement, load_placement, on_cpu, on_gpu
+
+PIPELINE_NAME = "dreambooth-personalize"
+
+
+class PersonalizeOutputs(NamedTuple):
+    model: Model
+    metrics: Metrics
+    report: HTML
+
+
+def build_personalize(placement: Placement):
+    """The personalize pipeline with `placement` applied to its tasks."""
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DreamBooth: personalize a text-to-image model on one subject's photos, evaluate, register.",
+    )
+    def personalize(
+        base_model: str,
+        images_uri: str,
+        subject_name: str,
+        class_noun: str,
+        live: bool = False,
+        resolution: int = 512,
+        steps: int = 1000,
+        prior_loss_weight: float = 1.0,
+        prior_size: int = 200,
+        prior_root: str = "",
+        mode: str = "full",
+        eval_prompts: list = [],  # noqa: B006 - KFP reads the literal default into the spec
+        gate_thresholds: dict = {},  # noqa: B006
+        registry_uri: str = "",
+        ingest_options: dict = {},  # noqa: B006
+        identifier_options: dict = {},  # noqa: B006
+        prior_options: dict = {},  # noqa: B006
+        train_options: dict = {},  # noqa: B006
+        eval_options: dict = {},  # noqa: B006
+        allow_pickle: bool = False,
+    ) -> PersonalizeOutputs:
+        fingerprint = fingerprint_inputs(
+            base_model=base_model, images_uri=images_uri, allow_pickle=allow_pickle
+        )
+        fingerprint.set_display_name("fingerprint inputs").set_caching_options(False)
+        on_cpu(fingerprint, placement, loads_model=True)
+
+        ingest = ingest_images(
+            images_uri=images_uri,
+            images_digest=fingerprint.outputs["images_digest"],
+            resolution=resolution,
+            ingest_options=ingest_options,
+        )
+        on_cpu(ingest.set_display_name("ingest and validate photos"), placement)
+
+        chosen = choose_identifier(
+            base_model=base_model,
+            class_noun=class_noun,
+            registry_uri=registry_uri,
+            identifier_options=identifier_options,
+            allow_pickle=allow_pickle,
+        ).after(fingerprint)
+        chosen.set_display_name("choose identifier").set_caching_options(False)  # reads the registry
+        on_cpu(chosen, placement, loads_model=True)
+
+        prior = make_prior_set(
+            base_model=base_model,
+            base_model_digest=fingerprint.outputs["base_model_digest"],
+            class_noun=class_noun,
+            resolution=resolution,
+            prior_size=prior_size,
+            prior_root=prior_root,
+            prior_options=prior_options,
+            allow_pickle=allow_pickle,
+        )
+        on_gpu(prior.set_display_name("class-prior images"), placement)
+
+        train = fine_tune(
+            base_model=base_model,
+            base_model_digest=fingerprint.outputs["base_model_digest"],
+            instance_images=ingest.outputs["instance_images"],
+            instance_digest=ingest.outputs["digest"],
+            prior_uri=prior.outputs["prior_uri"],
+            prior_key=prior.outputs["prior_key"],
+            identifier=chosen.outputs["identifier"],
+            class_noun=class_noun,
+            resolution=resolution,
+            steps=steps,
+            prior_loss_weight=prior_loss_weight,
+            mode=mode,
+            train_options=train_options,
+            allow_pickle=allow_pickle,
+        )
+        on_gpu(train.set_display_name("fine-tune"), placement)
+
+        evaluation = evaluate_model(
+            trained_model=train.outputs["trained_model"],
+            instance_images=ingest.outputs["instance_images"],
+            base_model=base_model,
+            identifier=chosen.outputs["identifier"],
+            class_noun=class_noun,
+            live=live,
+            resolution=resolution,
+            prior_uri=prior.outputs["prior_uri"],
+            eval_prompts=eval_prompts,
+            gate_thresholds=gate_thresholds,
+            eval_options=eval_options,
+            subject_name=subject_name,
+            allow_pickle=allow_pickle,
+        )
+        on_gpu(evaluation.set_display_name("evaluate"), placement)
+
+        with dsl.If(registry_uri != "", name="registry-given"):
+            register = register_model(
+                registry_uri=registry_uri,
+                subject_name=subject_name,
+                class_noun=class_noun,
+                trained_model=train.outputs["trained_model"],
+                evaluation=evaluation.outputs["evaluation"],
+                instance_images=ingest.outputs["instance_images"],
+            )
+            register.set_display_name("register model").set_caching_options(False)  # writes the registry
+            on_cpu(register, placement)
+
+        return PersonalizeOutputs(
+            model=train.outputs["trained_model"],
+            metrics=evaluation.outputs["metrics"],
+            report=evaluation.outputs["report"],
+        )
+
+    return personalize
+
+
+personalize = build_personalize(load_placement("gke"))

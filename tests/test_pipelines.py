@@ -1,0 +1,224 @@
+"""The compiled pipelines, loaded back strictly: DAG shape, accelerators, node pools, retries, loops, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # components/ and pipelines/ are top-level folders of the checkout
+    sys.path.insert(0, str(REPO))
+COMPILED = REPO / "pipelines" / "compiled"
+GPU_EXECUTORS = {"exec-make-prior-set", "exec-fine-tune", "exec-evaluate-model", "exec-personalize-subject"}
+
+
+def _load(name: str):
+    """(PipelineSpec proto, PlatformSpec proto or None, raw dicts) — parsed with unknown fields rejected."""
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    docs = list(yaml.safe_load_all((COMPILED / name).read_text()))
+    spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
+    platform = None
+    if len(docs) > 1:
+        platform = json_format.ParseDict(
+            docs[1], pipeline_spec_pb2.PlatformSpec(), ignore_unknown_fields=False
+        )
+        for cfg in docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+            json_format.ParseDict(cfg, k8s_pb2.KubernetesExecutorConfig(), ignore_unknown_fields=False)
+    return spec, platform, docs
+
+
+def _tasks(spec, component: str | None = None):
+    dag = spec.root.dag if component is None else spec.components[component].dag
+    return dag.tasks
+
+
+def _k8s(docs) -> dict:
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_compiled_yaml_is_up_to_date():
+    from pipelines.compile import stale_files
+    from pipelines.placement import load_placement
+
+    if os.environ.get("DREAMBOOTH_IMAGE_REGISTRY") or os.environ.get("DREAMBOOTH_IMAGE_TAG"):
+        pytest.skip("image overrides set: the committed YAML uses the defaults")
+    stale = stale_files(COMPILED, load_placement("gke"), load_placement("vertex"))
+    assert stale == [], f"run `make compile`: {stale} differ from a fresh compile"
+
+
+def test_personalize_dag_shape_and_content_keys():
+    spec, _, _ = _load("personalize.kfp.yaml")
+    tasks = _tasks(spec)
+    assert set(tasks) >= {
+        "fingerprint-inputs",
+        "ingest-images",
+        "choose-identifier",
+        "make-prior-set",
+        "fine-tune",
+        "evaluate-model",
+    }
+    assert set(tasks["fine-tune"].dependent_tasks) == {
+        "fingerprint-inputs",
+        "ingest-images",
+        "choose-identifier",
+        "make-prior-set",
+    }
+    assert "fine-tune" in tasks["evaluate-model"].dependent_tasks
+    (condition,) = [t for name, t in tasks.items() if name.startswith("condition")]
+    assert "registry_uri" in condition.trigger_policy.condition
+    register = _tasks(spec, condition.component_ref.name)["register-model"]
+    assert register.caching_options.enable_cache is False
+    # caching keys on content: the digests are inputs of the cached steps; the uncached ones are uncached
+    train_inputs = tasks["fine-tune"].inputs.parameters
+    assert train_inputs["base_model_digest"].task_output_parameter.producer_task == "fingerprint-inputs"
+    assert train_inputs["instance_digest"].task_output_parameter.producer_task == "ingest-images"
+    assert train_inputs["prior_key"].task_output_parameter.producer_task == "make-prior-set"
+    assert tasks["ingest-images"].inputs.parameters[
+        "images_digest"
+    ].task_output_parameter.output_parameter_key == ("images_digest")
+    assert tasks["fine-tune"].caching_options.enable_cache is True
+    assert tasks["fingerprint-inputs"].caching_options.enable_cache is False
+    assert tasks["choose-identifier"].caching_options.enable_cache is False
+    assert {t.task_info.name for t in tasks.values()} >= {"fine-tune", "evaluate", "class-prior images"}
+    params = spec.root.input_definitions.parameters
+    assert {
+        "base_model",
+        "images_uri",
+        "class_noun",
+        "steps",
+        "prior_loss_weight",
+        "prior_size",
+        "mode",
+    } <= set(params)
+    assert {"eval_prompts", "gate_thresholds", "registry_uri"} <= set(params)
+
+
+@pytest.mark.parametrize("name", ["personalize.kfp.yaml", "batch_personalize.kfp.yaml"])
+def test_kfp_target_gpu_steps_on_the_gpu_pool(name):
+    from components.images import cpu_image, cuda_image
+
+    spec, platform, docs = _load(name)
+    assert platform is not None
+    executors = spec.deployment_spec.fields["executors"]
+    k8s = _k8s(docs)
+    for exe_name, exe in json.loads(_to_json(executors)).items():
+        container = exe["container"]
+        resources = container.get("resources", {})
+        if exe_name in GPU_EXECUTORS:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "1"
+            assert resources["resourceCpuLimit"] == "8" and resources["resourceMemoryLimit"] == "32G"
+            assert k8s[exe_name]["nodeSelector"]["labels"] == {
+                "cloud.google.com/gke-accelerator": "nvidia-l4"
+            }
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[exe_name][
+                "tolerations"
+            ]
+            assert container["image"] == cuda_image()
+        else:
+            assert "accelerator" not in resources, exe_name
+            assert "tolerations" not in k8s.get(exe_name, {}), (
+                f"{exe_name}: a CPU step must not tolerate GPU taints"
+            )
+            assert container["image"] == cpu_image()
+
+
+def _to_json(struct) -> str:
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(struct)
+
+
+@pytest.mark.parametrize("name", ["personalize.vertex.yaml", "batch_personalize.vertex.yaml"])
+def test_vertex_target_uses_enum_names_and_no_kubernetes_config(name):
+    spec, platform, docs = _load(name)
+    assert platform is None and len(docs) == 1, "Vertex AI rejects kfp-kubernetes platform config"
+    executors = json.loads(_to_json(spec.deployment_spec.fields["executors"]))
+    gpu = {n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+    assert gpu == GPU_EXECUTORS & set(executors)
+    for n in gpu:
+        assert executors[n]["container"]["resources"]["accelerator"]["resourceType"] == "NVIDIA_L4"
+
+
+def test_retries_on_steps_that_can_fail_transiently():
+    spec, _, _ = _load("personalize.kfp.yaml")
+    tasks = _tasks(spec)
+    for name in ("fingerprint-inputs", "ingest-images", "make-prior-set", "fine-tune", "evaluate-model"):
+        policy = tasks[name].retry_policy
+        assert policy.max_retry_count == 2 and policy.backoff_duration.seconds == 60, name
+
+
+def test_batch_loops_exit_handler_and_isolation():
+    spec, _, _ = _load("batch_personalize.kfp.yaml")
+    root = _tasks(spec)
+    summary = root["summarize-batch"]
+    assert (
+        summary.trigger_policy.strategy == summary.trigger_policy.TriggerStrategy.ALL_UPSTREAM_TASKS_COMPLETED
+    )
+    assert list(summary.dependent_tasks) == ["exit-handler-1"]
+    assert summary.inputs.parameters["final_status"].HasField("task_final_status")
+    body = _tasks(spec, "comp-exit-handler-1")
+    loops = {n: t for n, t in body.items() if t.HasField("parameter_iterator")}
+    assert len(loops) == 2 and all(t.iterator_policy.parallelism_limit == 4 for t in loops.values())
+    by_item = {t.parameter_iterator.items.input_parameter: n for n, t in loops.items()}
+    classes_loop = by_item["pipelinechannel--list-classes-Output"]
+    subjects_loop = by_item["pipelinechannel--plan-batch-Output"]
+    # priors are made once per class, before any subject trains
+    assert classes_loop in body[subjects_loop].dependent_tasks
+    assert set(_tasks(spec, body[classes_loop].component_ref.name)) == {"make-prior-set"}
+    (subject_task,) = _tasks(spec, body[subjects_loop].component_ref.name).values()
+    assert subject_task.component_ref.name == "comp-personalize-subject"
+    assert not subject_task.HasField("retry_policy"), "the subject task records its failure; no retry"
+    assert (
+        _tasks(spec, body[classes_loop].component_ref.name)["make-prior-set"].retry_policy.max_retry_count
+        == 2
+    )
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in COMPILED.glob("*.yaml")))
+def test_no_secret_is_a_parameter(name):
+    spec, _, docs = _load(name)
+    secretish = re.compile(r"token|secret|password|credential|api_key", re.I)
+    assert not [p for p in spec.root.input_definitions.parameters if secretish.search(p)]
+    if name.endswith(".kfp.yaml"):
+        secrets = [cfg["secretAsEnv"] for cfg in _k8s(docs).values() if "secretAsEnv" in cfg]
+        assert secrets, "the hub token comes from a Kubernetes secret"
+        for entries in secrets:
+            assert (
+                entries[0]["secretName"] == "hf-token" and entries[0]["keyToEnv"][0]["envVar"] == "HF_TOKEN"
+            )
+
+
+def test_placement_presets_and_mistakes(tmp_path):
+    from dreambooth_lib.errors import ConfigError
+    from pipelines.compile import compile_all
+    from pipelines.placement import load_placement
+
+    with pytest.raises(ConfigError, match="enum name, e.g. 'NVIDIA_L4'"):
+        load_placement("vertex", {"gpu": {"accelerator_type": "nvidia.com/gpu"}})
+    with pytest.raises(ConfigError, match="resource name, e.g. 'nvidia.com/gpu'"):
+        load_placement("gke", {"gpu": {"accelerator_type": "NVIDIA_L4"}})
+    with pytest.raises(ConfigError, match="Vertex AI rejects them"):
+        load_placement("vertex", {"gpu": {"node_selector": {"a": "b"}}})
+    with pytest.raises(ConfigError, match="unknown; choose one of"):
+        load_placement("aks")
+    onprem = load_placement("onprem", {"gpu": {"accelerator_count": 2}, "parallelism": 8})
+    vertex = load_placement("vertex", {"gpu": {"accelerator_type": "NVIDIA_H100_80GB"}})
+    written = compile_all(tmp_path, onprem, vertex)
+    assert sorted(p.name for p in written) == sorted(p.name for p in COMPILED.glob("*.yaml"))
+    docs = list(yaml.safe_load_all((tmp_path / "batch_personalize.kfp.yaml").read_text()))
+    exe = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-personalize-subject"]
+    assert exe["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    res = docs[0]["deploymentSpec"]["executors"]["exec-personalize-subject"]["container"]["resources"]
+    assert res["accelerator"]["resourceCount"] == "2"
+    assert "parallelismLimit: 8" in (tmp_path / "batch_personalize.kfp.yaml").read_text()
+    assert "NVIDIA_H100_80GB" in (tmp_path / "personalize.vertex.yaml").read_text()
