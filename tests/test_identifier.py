@@ -41,16 +41,16 @@ def test_pool_size_on_the_real_vocabulary(tokenizer):
 def test_blocklist_excludes_sks_and_common_words(tokenizer):
     pool = {t for _, t in identifier.candidate_pool(tokenizer, "dog", IdentifierConfig())}
     assert "sks" in pool  # it is a rare token...
-    picks = {
-        identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=s)).identifier for s in range(300)
-    }
-    assert not picks & identifier.builtin_blocklist()  # ...but never chosen: "sks" is a rifle
+    r = identifier.choose_identifier(tokenizer, "dog", IdentifierConfig())
+    assert set(r.excluded) == pool & identifier.builtin_blocklist()  # ...but never drawn: "sks" is a rifle
+    assert "sks" in r.excluded
+    picks = {identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=s)).identifier for s in range(30)}
+    assert not picks & identifier.builtin_blocklist()
     wide = IdentifierConfig(min_token_id=300, max_token_id=2000)
-    wide_picks = {
-        identifier.choose_identifier(tokenizer, "dog", wide.model_copy(update={"seed": s})).identifier
-        for s in range(300)
-    }
-    assert not wide_picks & {"the", "and", "dog", "cat", "red", "man"}
+    wide_pool = {t for _, t in identifier.candidate_pool(tokenizer, "dog", wide)}
+    common = {"the", "and", "dog", "red", "man"}
+    assert common <= wide_pool  # a wide range reaches common words...
+    assert common <= set(identifier.choose_identifier(tokenizer, "dog", wide).excluded)  # ...which are excluded
 
 
 def test_explicit_exclusions_and_user_blocklist(tokenizer):
