@@ -123,7 +123,7 @@ def choose_identifier(
                 "leave it unset to search the vocabulary, or pick a string the tokenizer keeps whole"
             )
         if v in blocked or v in excluded:
-            why = "blocklisted (a strong prior)" if v in blocked else "already used by a registered model"
+            why = "blocklisted (a strong prior)" if v in blocked else "already taken (by a registered model or an earlier subject of this batch)"
             raise ConfigError(f"identifier.identifier {config.identifier!r} is {why}; choose another or unset it")
         return IdentifierResult(
             identifier=v,

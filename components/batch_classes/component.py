@@ -1,4 +1,4 @@
-"""The distinct classes of a batch plan: the items of the loop that makes one prior set per class."""
+"""The distinct classes of a batch plan: a thin adapter over dreambooth_lib.batch.distinct_classes."""
 
 from kfp import dsl
 
@@ -7,9 +7,10 @@ from components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def list_classes(subjects: list) -> list:
-    """One item per distinct class noun: {class_noun, base_model_digest, prior_root}, sorted by class noun."""
-    by_class = {s["class_noun"]: s for s in subjects}
-    return [
-        {"class_noun": noun, "base_model_digest": s["base_model_digest"], "prior_root": s["prior_root"]}
-        for noun, s in sorted(by_class.items())
-    ]
+    """One item per distinct class noun: {class_noun, base_model_digest, prior_root}, sorted by class noun.
+
+    The items of the loop that makes one prior set per (base model, class) before any subject trains.
+    """
+    from dreambooth_lib import batch
+
+    return [item.model_dump(mode="json") for item in batch.distinct_classes(subjects)]

@@ -1,6 +1,7 @@
 """plan_batch: distinct identifiers across subjects, distinct classes, bad entries recorded and left out."""
 
 import json
+from pathlib import Path
 
 import pytest
 from kfp.dsl import Artifact
@@ -44,8 +45,10 @@ def test_plan(tmp_path, tiny_model_dir):
         len({s["base_model_digest"] for s in subjects}) == 1 and len(subjects[0]["base_model_digest"]) == 64
     )
     status = tmp_path / "b" / "j1" / "status"
-    assert json.loads((status / "Not A Slug.json").read_text())["error"].count("subjects[3]") == 1
-    assert "appears twice" in json.loads((status / "rex.json").read_text())["error"]
+    bad_name = json.loads((status / "_rejected-3.json").read_text())
+    assert bad_name["subject"] == "Not A Slug" and bad_name["error"].count("subjects[3]") == 1
+    assert "appears twice" in json.loads((status / "_rejected-4.json").read_text())["error"]
+    assert json.loads(Path(out.path).read_text())["classes"] == ["backpack", "dog"]
     assert out.metadata == {"num_subjects": 3, "num_failed": 2, "classes": ["backpack", "dog"]}
 
 

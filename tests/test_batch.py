@@ -1,0 +1,260 @@
+"""dreambooth_lib.batch: manifest validation, identifier planning, per-subject isolation, the summary table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dreambooth_lib import batch, identifier, pipeline_run
+from dreambooth_lib.config import IdentifierConfig
+from dreambooth_lib.errors import ConfigError, GateFailed, IngestError
+
+# A narrow id range keeps each search fast while leaving enough candidates for several subjects.
+FAST_IDS = IdentifierConfig(min_token_id=47000, seed=0)
+
+
+def _manifest(tmp_path, text: str, name: str = "m.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# --- the manifest ----------------------------------------------------------------------------------------------
+
+
+def test_manifest_errors_name_the_entry_and_the_field(tmp_path):
+    uri = _manifest(
+        tmp_path,
+        """subjects:
+  - {name: rex, class_noun: dog, images: /data/rex, live: true}
+  - {name: Not A Slug, class_noun: dog, images: /data/x}
+  - {name: pack, images: /data/pack}
+  - {name: cup, class_noun: cup, images: /data/cup, imgs: oops}
+  - {name: rex, class_noun: dog, images: /data/rex2}
+  - just a string
+  - {name: can, class_noun: can, images: /data/can, identifier: zwx}
+""",
+    )
+    manifest = batch.load_manifest(uri)
+    assert [e.name for e in manifest.entries] == ["rex", "can"] and manifest.indices == [0, 6]
+    assert manifest.entries[0].live is True and manifest.entries[1].identifier == "zwx"
+    assert manifest.names == ["rex", "Not A Slug", "pack", "cup", "rex", "subjects[5]", "can"]
+    errors = {r.index: r.error for r in manifest.rejected}
+    assert set(errors) == {1, 2, 3, 4, 5}
+    assert "subjects[1]" in errors[1] and 'name: got "Not A Slug"' in errors[1]
+    assert "subjects[2]" in errors[2] and "class_noun: missing (required)" in errors[2]
+    assert "subjects[3]" in errors[3] and "imgs: got" in errors[3] and "unknown field" in errors[3]
+    assert "subjects[4]" in errors[4] and "'rex' appears twice" in errors[4]
+    assert "subjects[5] is not a mapping" in errors[5]
+    assert all(e.startswith(uri) for e in errors.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "message"),
+    [
+        ("{}", "m.json", "non-empty list under 'subjects'"),
+        ("subjects: []", "m.yaml", "non-empty list under 'subjects'"),
+        ("subjects: [unclosed", "m.yaml", "not valid YAML/JSON"),
+    ],
+)
+def test_unusable_manifest_is_a_config_error(tmp_path, text, name, message):
+    with pytest.raises(ConfigError, match=message):
+        batch.load_manifest(_manifest(tmp_path, text, name))
+
+
+def test_missing_manifest_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"none\.yaml: manifest not found"):
+        batch.load_manifest(str(tmp_path / "none.yaml"))
+
+
+# --- planning --------------------------------------------------------------------------------------------------
+
+
+def test_identifiers_are_distinct_and_avoid_the_registry(tmp_path, tiny_model, monkeypatch):
+    tokenizer = identifier.load_tokenizer(tiny_model)
+    # what every subject would get on its own (same seed, same class): the registry already holds it
+    taken = identifier.choose_identifier(tokenizer, "dog", FAST_IDS).identifier
+    monkeypatch.setattr(identifier, "registry_identifiers", lambda uri, model, allow_pickle=False: {taken})
+    fixed = identifier.choose_identifier(tokenizer, "cat", FAST_IDS, exclude={taken}).identifier
+    entries = [{"name": f"dog-{i}", "class_noun": "dog", "images": f"/d/{i}"} for i in range(4)]
+    entries += [
+        {"name": "fixed", "class_noun": "cat", "images": "/d/f", "identifier": fixed},
+        {"name": "clash", "class_noun": "cat", "images": "/d/c", "identifier": taken},
+        {"name": "bad name!", "class_noun": "cat", "images": "/d/b"},
+    ]
+    uri = _manifest(tmp_path, json.dumps({"subjects": entries}), "m.json")
+    plan = batch.plan_batch(
+        batch.load_manifest(uri),
+        tiny_model,
+        str(tmp_path / "b"),
+        identifier_config=FAST_IDS,
+        registry_uri="reg",
+    )
+    ids = {s.name: s.identifier for s in plan.subjects}
+    assert list(ids) == ["dog-0", "dog-1", "dog-2", "dog-3", "fixed"]
+    assert len(set(ids.values())) == 5 and taken not in ids.values() and ids["fixed"] == fixed
+    assert plan.classes == ["cat", "dog"]
+    assert {s.prior_root for s in plan.subjects} == {str(tmp_path / "b" / "priors")}
+    assert {s.base_model_digest for s in plan.subjects} == {plan.base_model_digest}
+    assert len(plan.base_model_digest) == 64
+    failed = {s.subject: s for s in plan.failed}
+    assert list(failed) == ["clash", "bad name!"]  # manifest order
+    assert (
+        failed["clash"].status == "failed" and failed["clash"].step == "plan" and failed["clash"].entry == 5
+    )
+    assert "subjects[5] (clash)" in failed["clash"].error and "already used" in failed["clash"].error
+    assert failed["bad name!"].entry == 6 and "subjects[6]" in failed["bad name!"].error
+
+
+def test_distinct_classes_one_item_per_class():
+    common = {"base_model_digest": "d", "prior_root": "gs://b/priors", "images": "x", "identifier": "zwx"}
+    subjects = [{"name": n, "class_noun": c, **common} for n, c in [("a", "dog"), ("b", "cat"), ("c", "dog")]]
+    items = batch.distinct_classes(subjects)
+    assert [i.model_dump() for i in items] == [
+        {"class_noun": "cat", "base_model_digest": "d", "prior_root": "gs://b/priors"},
+        {"class_noun": "dog", "base_model_digest": "d", "prior_root": "gs://b/priors"},
+    ]
+
+
+# --- one subject -----------------------------------------------------------------------------------------------
+
+
+def _planned(name: str) -> batch.PlannedSubject:
+    return batch.PlannedSubject(
+        name=name, class_noun="dog", images=f"/d/{name}", identifier=f"v{name[0]}", base_model_digest="md",
+        prior_root="/p",
+    )  # fmt: skip
+
+
+def _result(config) -> pipeline_run.RunResult:
+    return pipeline_run.RunResult(
+        run_dir=config.run_dir, subject=config.subject.name, identifier=config.identifier.identifier,
+        prompt="a v dog", model_uri=f"{config.run_dir}/train/model", num_instance_images=4, prior_uri=None,
+        samples_dir=None, metrics={"dino": 0.5, "clip_i": 0.6, "clip_t": 0.2}, gate={"passed": True, "reasons": []},
+        report_html=f"{config.run_dir}/eval/report.html",
+        registered={"uri": f"reg/{config.subject.name}/1"} if config.registry else None,
+        wall_time_s=1.0, step_times_s={},
+    )  # fmt: skip
+
+
+def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypatch):
+    from dreambooth_lib import storage
+
+    seen = {}
+
+    def fake_run(config, resume=False):
+        seen[config.subject.name] = config
+        if config.subject.name == "broken":
+            raise IngestError(f"{config.subject.images}: folder not found")
+        if config.subject.name == "gated":
+            result = _result(config).model_copy(update={"gate": {"passed": False, "reasons": ["DINO low"]}})
+            storage.write_json(
+                storage.join(config.run_dir, "run_result.json"), result.model_dump(mode="json")
+            )
+            raise GateFailed("gate failed: DINO low")
+        if config.subject.name == "buggy":
+            raise RuntimeError("CUDA out of memory")
+        return _result(config)
+
+    monkeypatch.setattr(pipeline_run, "run", fake_run)
+    options = {
+        "train": {"steps": 3, "resolution": 64},
+        "ingest": {"resolution": 64},
+        "identifier": {"seed": 4},
+    }
+    statuses = {
+        name: batch.run_subject(_planned(name), "base", str(tmp_path / name), options, registry_uri="reg")
+        for name in ("good", "broken", "gated", "buggy")
+    }
+    good = statuses["good"]
+    assert good.status == "registered" and good.ok and good.error is None
+    assert good.identifier == "vg" and good.metrics["dino"] == 0.5 and good.registered["uri"] == "reg/good/1"
+    assert good.run_dir == str(tmp_path / "good") and good.base_model_digest == "md"
+    broken = statuses["broken"]
+    assert broken.status == "failed" and not broken.ok
+    assert broken.error == "IngestError: /d/broken: folder not found" and broken.identifier == "vb"
+    gated = statuses["gated"]
+    assert gated.status == "gate failed" and gated.error == "gate failed: DINO low"
+    assert gated.gate == {"passed": False, "reasons": ["DINO low"]} and gated.metrics["clip_t"] == 0.2
+    assert (
+        statuses["buggy"].status == "failed" and "RuntimeError: CUDA out of memory" in statuses["buggy"].error
+    )
+    # the RunConfig each subject ran: its identifier fixed, the run options kept, the registry set
+    config = seen["good"]
+    assert config.identifier.identifier == "vg" and config.identifier.seed == 4
+    assert (
+        config.train.steps == 3 and config.registry.uri == "reg" and config.run_dir == str(tmp_path / "good")
+    )
+    assert options["identifier"] == {"seed": 4}  # the caller's options are not modified
+
+
+def test_a_bad_run_option_fails_only_that_subject(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_run, "run", _result)
+    status = batch.run_subject(_planned("x"), "base", str(tmp_path / "x"), {"train": {"stepz": 3}})
+    assert status.status == "failed" and "train.stepz" in status.error and "unknown field" in status.error
+    ok = batch.run_subject(_planned("y"), "base", str(tmp_path / "y"), {})
+    assert ok.status == "trained" and ok.registered is None
+
+
+def test_status_records_round_trip_without_overwriting(tmp_path):
+    directory = str(tmp_path / "status")
+    ok = batch.SubjectStatus(subject="rex", status="trained", identifier="zwx")
+    duplicate = batch.SubjectStatus(
+        subject="rex", status="failed", step="plan", entry=4, error="appears twice"
+    )
+    escaping = batch.SubjectStatus(
+        subject="../../evil", status="failed", step="plan", entry=5, error="bad name"
+    )
+    uris = [batch.write_status(directory, s) for s in (ok, duplicate, escaping)]
+    assert [u.rsplit("/", 1)[-1] for u in uris] == ["rex.json", "_rejected-4.json", "_rejected-5.json"]
+    read = sorted(batch.read_statuses(directory), key=lambda s: s.entry or -1)
+    assert read == [ok, duplicate, escaping]
+    assert batch.read_statuses(str(tmp_path / "none")) == []
+
+
+# --- the summary -----------------------------------------------------------------------------------------------
+
+
+def test_summary_has_identifier_metrics_gate_and_links():
+    statuses = [
+        batch.SubjectStatus(
+            subject="rex", status="registered", class_noun="dog", identifier="zwx",
+            metrics={"dino": 0.61234, "clip_i": 0.7, "clip_t": 0.3}, gate={"passed": True, "reasons": []},
+            registered={"uri": "gs://r/rex/1"}, report_html="gs://b/rex/eval/report.html",
+        ),
+        batch.SubjectStatus(
+            subject="cup", status="gate failed", class_noun="cup", identifier="qyv", error="DINO 0.1 < 0.5",
+            metrics={"dino": 0.1, "clip_i": 0.2, "clip_t": None}, gate={"passed": False, "reasons": ["DINO 0.1 < 0.5"]},
+            model_uri="gs://b/cup/train/model",
+        ),
+        batch.SubjectStatus(subject="a|b <x>", status="failed", step="plan", entry=2, error="bad name"),
+    ]  # fmt: skip
+    statuses = batch.with_unfinished(statuses, ["rex", "cup", "a|b <x>", "late"], run_error="pod evicted")
+    markdown, page = batch.render_summary(statuses, job_id="j1", run_error="pod evicted")
+    assert markdown.startswith("# Batch j1: 1 of 4 subjects succeeded\n")
+    assert (
+        "| rex | dog | zwx | registered | 0.612 | 0.700 | 0.300 | passed | gs://r/rex/1 "
+        "| gs://b/rex/eval/report.html |" in markdown
+    )
+    assert (
+        "| cup | cup | qyv | gate failed (DINO 0.1 < 0.5) | 0.100 | 0.200 |  | failed: DINO 0.1 < 0.5 "
+        "| gs://b/cup/train/model |  |" in markdown
+    )
+    assert "| a\\|b <x> |" in markdown  # a pipe in a name does not break the table
+    assert "| late |  |  | not finished (did not finish: pod evicted) |" in markdown
+    assert markdown.rstrip().endswith("Run error: pod evicted")
+    assert "<td>zwx</td><td>registered</td><td>0.612</td>" in page
+    assert "<a href='gs://b/rex/eval/report.html'>gs://b/rex/eval/report.html</a>" in page
+    assert "<td>a|b &lt;x&gt;</td>" in page and "<x>" not in page
+    record = batch.summary_record(statuses, job_id="j1")
+    assert record["title"] == "Batch j1: 1 of 4 subjects succeeded"
+    assert set(record["subjects"]) == {"rex", "cup", "a|b <x>", "late"}
+    assert record["subjects"]["cup"]["metrics"]["dino"] == 0.1
+
+
+def test_render_status_lists_what_a_user_needs():
+    text = batch.render_status(
+        batch.SubjectStatus(subject="rex", status="failed", identifier="zwx", error="IngestError: no photos")
+    )
+    assert text.startswith("# rex: failed\n") and '- **error**: `"IngestError: no photos"`' in text
