@@ -1,0 +1,53 @@
+"""The paper's Eq. 2: the denoising loss on the subject plus lambda times the loss on the model's own class samples.
+
+    E[ w_t ||x̂(α_t x + σ_t ε, c) - x||² + λ w_t' ||x̂(α_t' x_pr + σ_t' ε', c_pr) - x_pr||² ]
+
+The first term binds the identifier prompt c ("a [V] dog") to the subject images x; the second, on images x_pr the
+frozen base model generated for the class prompt c_pr ("a dog"), keeps the class prior from drifting (language
+drift) and the outputs diverse. Each term has its own noise ε, ε' and timesteps t, t'. Stable Diffusion predicts
+the noise (or the velocity) instead of x; the weighting w_t is the usual constant of the simplified objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dreambooth_lib.errors import TrainingError
+
+
+def diffusion_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet must predict for these noised latents, per the base scheduler's `prediction_type`."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(
+        f"scheduler prediction_type {kind!r} is not supported for training; the base model's "
+        "scheduler/scheduler_config.json must say 'epsilon' or 'v_prediction'"
+    )
+
+
+def dreambooth_loss(
+    model_pred_inst: torch.Tensor,
+    target_inst: torch.Tensor,
+    model_pred_prior: torch.Tensor | None,
+    target_prior: torch.Tensor | None,
+    prior_loss_weight: float,
+) -> torch.Tensor:
+    """Eq. 2: MSE(subject) + λ·MSE(prior), in float32 whatever the autocast dtype of the predictions.
+
+    With λ = 0 (or no prior batch) the prior term is absent, not multiplied by zero: the caller does not even
+    compute the prior predictions then.
+    """
+    loss = F.mse_loss(model_pred_inst.float(), target_inst.float(), reduction="mean")
+    if prior_loss_weight > 0 and model_pred_prior is not None:
+        if target_prior is None:
+            raise ValueError("model_pred_prior was given without target_prior")
+        loss = loss + prior_loss_weight * F.mse_loss(
+            model_pred_prior.float(), target_prior.float(), reduction="mean"
+        )
+    return loss

@@ -1,0 +1,584 @@
+"""Fine-tuning with prior preservation (the paper's Eq. 2): full UNet or LoRA, resumable, on cached latents.
+
+`run` reads top to bottom like nanoGPT's train.py: set-up (load, encode the data once, read the speed options in
+one place, maybe resume), the loop (the step, logging, checkpointing), then the export. `train_step` is the step
+itself; the benchmark (bench.py) times this same function.
+
+Speed by design, not by flags in the loop: the VAE and the frozen text encoder run once before training
+(latents.py); a step is one UNet forward/backward over the subject and prior latents together; the loss is read
+back (`.item()`, a device sync) only every `log_every` steps, and non-finite losses are caught on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from dreambooth_lib import checkpoint, lora, models, storage
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.errors import ConfigError, TrainingError
+from dreambooth_lib.latents import TrainingData, encode_images, encode_prompts, list_png
+from dreambooth_lib.loss import diffusion_target, dreambooth_loss
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "train_summary.json"
+MODEL_MARKER_NAME = "dreambooth_model.json"
+# TrainConfig fields that change what a step computes: a checkpoint only resumes a run that agrees on all of them.
+# (steps may grow; logging, checkpointing, device and compile settings may change between attempts.)
+RESUME_MUST_MATCH = (
+    "mode",
+    "learning_rate",
+    "prior_loss_weight",
+    "train_text_encoder",
+    "text_encoder_learning_rate",
+    "lora_rank",
+    "lora_alpha",
+    "batch_size",
+    "resolution",
+    "random_flip",
+    "seed",
+    "mixed_precision",
+    "max_grad_norm",
+    "adam_weight_decay",
+    "use_8bit_adam",
+)
+
+
+class TrainResult(BaseModel):
+    steps: int
+    losses: list[tuple[int, float]]  # (step, mean loss since the previous log step)
+    final_loss: float
+    wall_time_s: float
+    s_per_step: float  # training steps run by this call only (set-up and export excluded)
+    peak_memory_bytes: int  # CUDA max_memory_allocated, else the process's peak RSS
+    config: TrainConfig
+    identifier: str
+    class_noun: str
+    instance_prompt: str
+    class_prompt: str
+    base_model: str
+    base_model_digest: str
+    model_uri: str
+    mode: str
+    resumed_from: int | None  # the checkpoint step this call continued from
+    num_instance_images: int
+    num_prior_images: int
+    device: str
+    precision: str
+
+
+# --- speed options: read here, once --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the step runs on this device. Every speed flag of TrainConfig is resolved here and nowhere else."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: plain fp32
+    grad_scaler: bool  # fp16 needs loss scaling; bf16 has fp32's range and does not
+    fused_adam: bool
+    adam_8bit: bool
+    compile: bool
+    gradient_checkpointing: bool
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+
+def speed_options(config: TrainConfig, device: str | torch.device) -> SpeedOptions:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if config.mixed_precision == "auto":
+        # bf16 autocast where the hardware has it; fp32 on CPU, where bf16 matmuls are emulated and slower
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    else:
+        dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+    return SpeedOptions(
+        device=device,
+        autocast_dtype=dtype,
+        grad_scaler=dtype is torch.float16,
+        fused_adam=cuda and not config.use_8bit_adam,
+        adam_8bit=config.use_8bit_adam,
+        compile=config.compile,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def make_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig, speed: SpeedOptions):
+    if speed.adam_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError(
+                "train.use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes (CUDA only), "
+                "or set use_8bit_adam: false"
+            ) from None
+        return bnb.optim.AdamW8bit(param_groups, weight_decay=config.adam_weight_decay)
+    extra = {"fused": True} if speed.fused_adam else {"foreach": True}
+    return torch.optim.AdamW(param_groups, weight_decay=config.adam_weight_decay, **extra)
+
+
+# --- the trainer state and the step --------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """Everything a training step touches (built by `setup_training`)."""
+
+    unet: torch.nn.Module  # the module whose weights are saved
+    unet_forward: Any  # the same module, maybe torch.compile'd
+    text_encoder: torch.nn.Module | None  # only when trained; otherwise its embeddings are cached in `data`
+    noise_scheduler: Any
+    data: TrainingData
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    named_trainable: dict[str, torch.nn.Parameter]  # "unet.<name>" / "text_encoder.<name>" -> parameter
+    generator: torch.Generator  # noise, timesteps, latent draws and sample order: the run's only randomness
+    speed: SpeedOptions
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+    batch_size: int
+    prior_loss_weight: float
+    max_grad_norm: float | None
+    prompt_rows: torch.Tensor  # which cached prompt each row of the batch uses (0 instance, 1 class)
+
+
+def train_step(t: Trainer) -> torch.Tensor:
+    """One optimizer step of Eq. 2 on fresh draws of subject and prior latents; returns the loss, on the device."""
+    gen, device, bs = t.generator, t.speed.device, t.batch_size
+    latents = [
+        t.data.instance.sample(torch.randint(len(t.data.instance), (bs,), generator=gen, device=device), gen)
+    ]
+    if t.data.prior is not None:  # each term with its own images, noise and timesteps, in one UNet batch
+        latents.append(
+            t.data.prior.sample(torch.randint(len(t.data.prior), (bs,), generator=gen, device=device), gen)
+        )
+    latents = torch.cat(latents)
+    noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+    num_train_timesteps = t.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
+    noisy = t.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(t.noise_scheduler, latents, noise, timesteps)
+
+    dtype = t.speed.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        if t.text_encoder is not None:  # trained: two prompts through the encoder, shared by all rows
+            embeds = t.text_encoder(t.data.input_ids)[0]
+        else:
+            embeds = t.data.prompt_embeds
+        pred = t.unet_forward(noisy, timesteps, embeds[t.prompt_rows], return_dict=False)[0]
+    prior = t.data.prior is not None
+    loss = dreambooth_loss(
+        pred[:bs],
+        target[:bs],
+        pred[bs:] if prior else None,
+        target[bs:] if prior else None,
+        t.prior_loss_weight,
+    )
+
+    if t.scaler is not None:
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.optimizer)
+    else:
+        loss.backward()
+    if t.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(t.params, t.max_grad_norm)
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_training(
+    pipe,
+    instance_uris: list[str],
+    prior_uris: list[str],
+    instance_prompt: str,
+    class_prompt: str,
+    config: TrainConfig,
+    device: str | torch.device,
+) -> Trainer:
+    """Encode the data once, make the trainable modules (full or LoRA) and the optimizer, on `device`."""
+    from diffusers import DDPMScheduler
+
+    speed = speed_options(config, device)
+    seed_everything(config.seed)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ConfigError(
+            "train supports Stable Diffusion 1.x/2.x pipelines (one text encoder); this base model has two"
+        )
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    use_prior = config.prior_loss_weight > 0 and len(prior_uris) > 0
+
+    # The data, encoded once; then the VAE (and the frozen text encoder) leave the device.
+    vae.to(speed.device).eval()
+    text_encoder.to(speed.device).eval()
+    flips = config.random_flip
+    input_ids, prompt_embeds = encode_prompts(
+        pipe.tokenizer, text_encoder, [instance_prompt, class_prompt], speed.device
+    )
+    data = TrainingData(
+        instance=encode_images(vae, instance_uris, config.resolution, speed.device, with_flips=flips),
+        prior=encode_images(vae, prior_uris, config.resolution, speed.device, with_flips=flips)
+        if use_prior
+        else None,
+        input_ids=input_ids,
+        prompt_embeds=prompt_embeds,
+    )
+    vae.to("cpu")
+    train_te = config.train_text_encoder
+
+    # The trainable parameters: every UNet weight, or LoRA adapters; the text encoder's when asked.
+    if config.mode == "lora":
+        lora.add_lora_adapters(unet, text_encoder if train_te else None, config.lora_rank, config.lora_alpha)
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(train_te)
+    if not train_te:
+        text_encoder.requires_grad_(False).to("cpu")
+    unet.to(speed.device).train()
+    trained = {"unet": unet}
+    if train_te:
+        text_encoder.train()
+        trained["text_encoder"] = text_encoder
+    if speed.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+    named_trainable = {
+        f"{prefix}.{name}": p
+        for prefix, module in trained.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if train_te:
+        te_lr = config.text_encoder_learning_rate or config.learning_rate
+        param_groups.append(
+            {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr}
+        )
+
+    bs = config.batch_size
+    rows = [0] * bs + ([1] * bs if use_prior else [])
+    return Trainer(
+        unet=unet,
+        unet_forward=torch.compile(unet) if speed.compile else unet,
+        text_encoder=text_encoder if train_te else None,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        data=data,
+        optimizer=make_optimizer(param_groups, config, speed),
+        params=[p for group in param_groups for p in group["params"]],
+        named_trainable=named_trainable,
+        generator=torch.Generator(device=speed.device).manual_seed(config.seed),
+        speed=speed,
+        scaler=torch.amp.GradScaler(speed.device.type) if speed.grad_scaler else None,
+        batch_size=bs,
+        prior_loss_weight=config.prior_loss_weight if use_prior else 0.0,
+        max_grad_norm=config.max_grad_norm,
+        prompt_rows=torch.tensor(rows, device=speed.device),
+    )
+
+
+# --- losses, read back only at log steps -------------------------------------------------------------------------
+
+
+class LossTracker:
+    """Sums losses on the device (no sync per step) and remembers the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.count = 0
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.sum += loss.float()
+        self.count += 1
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(
+            bad, torch.full_like(self.first_bad_step, step), self.first_bad_step
+        )
+
+    def raise_if_not_finite(self) -> None:
+        step = int(self.first_bad_step.item())
+        if step >= 0:
+            raise TrainingError(
+                f"the loss became non-finite (NaN/inf) at step {step}; nothing was saved as a finished model. "
+                "Lower train.learning_rate, or use mixed_precision: bf16 instead of fp16"
+            )
+
+    def mean_since_last_read(self) -> float:
+        value = (self.sum / max(self.count, 1)).item()
+        self.sum.zero_()
+        self.count = 0
+        return value
+
+
+# --- checkpoint <-> trainer ------------------------------------------------------------------------------------------
+
+
+def _snapshot(t: Trainer, step: int, info: dict[str, Any]) -> checkpoint.Checkpoint:
+    state = t.optimizer.state_dict()
+    if t.scaler is not None:
+        info = {**info, "grad_scaler": t.scaler.state_dict()}
+    return checkpoint.Checkpoint(
+        step=step,
+        weights={name: p.detach() for name, p in t.named_trainable.items()},
+        optimizer=state,
+        rng=checkpoint.capture_rng_state(t.generator),
+        info=info,
+    )
+
+
+def _restore(t: Trainer, ckpt: checkpoint.Checkpoint) -> None:
+    missing = set(t.named_trainable) ^ set(ckpt.weights)
+    if missing:
+        raise TrainingError(
+            f"{ckpt.uri}: its weights do not match this model ({len(missing)} names differ, e.g. "
+            f"{sorted(missing)[0]}); resume with the same base model and mode, or use a new out folder"
+        )
+    with torch.no_grad():
+        for name, p in t.named_trainable.items():
+            p.copy_(ckpt.weights[name])
+    # hyperparameters come from this run's optimizer (the config was checked to agree), state from the checkpoint
+    t.optimizer.load_state_dict(
+        {"state": ckpt.optimizer["state"], "param_groups": t.optimizer.state_dict()["param_groups"]}
+    )
+    if t.scaler is not None and "grad_scaler" in ckpt.info:
+        t.scaler.load_state_dict(ckpt.info["grad_scaler"])
+    checkpoint.restore_rng_state(ckpt.rng, t.generator)
+
+
+def _fingerprint(
+    config: TrainConfig, base_digest: str, identifier: str, class_noun: str, instance, prior
+) -> dict:
+    return {
+        "config": config.model_dump(mode="json", include=set(RESUME_MUST_MATCH)),
+        "base_model_digest": base_digest,
+        "identifier": identifier,
+        "class_noun": class_noun,
+        "instance_images": [storage.basename(u) for u in instance],
+        "num_prior_images": len(prior),
+    }
+
+
+def _check_fingerprint(uri: str, saved: dict, current: dict) -> None:
+    diffs = [
+        f"config.{k}: checkpoint {v!r}, now {current['config'].get(k)!r}"
+        for k, v in saved["config"].items()
+        if current["config"].get(k) != v
+    ]
+    diffs += [
+        f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}"
+        for k in saved
+        if k != "config" and saved[k] != current[k]
+    ]
+    if diffs:
+        raise TrainingError(
+            f"{uri}: cannot resume, this run differs from the checkpointed one ({'; '.join(diffs)}); "
+            "resume with the same settings, or train into a new out folder"
+        )
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# --- the step function ---------------------------------------------------------------------------------------------
+
+
+def run(
+    base_model: str,
+    instance_dir: str,
+    prior_dir: str | None,
+    identifier: str,
+    class_noun: str,
+    config: TrainConfig,
+    out: str,
+    resume: bool = False,
+    allow_pickle: bool = False,
+    instance_images: list[str] | None = None,
+    prior_images: list[str] | None = None,
+) -> TrainResult:
+    """Fine-tune `base_model` on the subject (instance_dir) with prior preservation (prior_dir); write out/model."""
+    started = time.perf_counter()
+    out = str(out)
+    instance_prompt, class_prompt = f"a {identifier} {class_noun}", f"a {class_noun}"
+
+    # --- set-up ---
+    instance_uris = list(instance_images) if instance_images is not None else list_png(instance_dir)
+    if not instance_uris:
+        raise ConfigError(
+            f"{instance_dir}: no .png subject images; run `dreambooth ingest` into this folder first"
+        )
+    prior_uris: list[str] = []
+    if config.prior_loss_weight > 0:
+        if prior_images is not None:
+            prior_uris = list(prior_images)
+        elif prior_dir is not None:
+            prior_uris = list_png(prior_dir)
+        if not prior_uris:
+            raise ConfigError(
+                f"prior_dir {prior_dir!r}: no class-prior images, but train.prior_loss_weight is "
+                f"{config.prior_loss_weight}; generate a prior set (`dreambooth prior`) or set prior_loss_weight: 0"
+            )
+    ckpt_root = storage.join(out, "checkpoints")
+    newest = checkpoint.latest_checkpoint(ckpt_root)
+    if newest and not resume:
+        raise TrainingError(
+            f"{out}: holds checkpoints of an earlier run ({newest}); pass resume=True (--resume) to continue it, "
+            "or train into an empty out folder"
+        )
+    device = torch.device(models.resolve_device(config.device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
+    fingerprint = _fingerprint(config, base_digest, identifier, class_noun, instance_uris, prior_uris)
+    pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
+    t = setup_training(pipe, instance_uris, prior_uris, instance_prompt, class_prompt, config, device)
+    losses: list[tuple[int, float]] = []
+    tracker = LossTracker(device)
+    start_step, resumed_from = 0, None
+    if resume and newest:
+        ckpt = checkpoint.load_checkpoint(newest)
+        _check_fingerprint(newest, ckpt.info["fingerprint"], fingerprint)
+        if ckpt.step > config.steps:
+            raise TrainingError(
+                f"{newest}: is at step {ckpt.step}, past train.steps={config.steps}; raise steps"
+            )
+        _restore(t, ckpt)
+        start_step = resumed_from = ckpt.step
+        losses = [(int(s), float(v)) for s, v in ckpt.info["losses"]]
+        tracker.sum.fill_(ckpt.info["pending_loss_sum"])
+        tracker.count = ckpt.info["pending_loss_count"]
+        log.info("resuming from %s (step %d)", newest, ckpt.step)
+    log.info(
+        "training %s: %d subject + %d prior images, %s, %s, %d steps",
+        config.mode,
+        len(instance_uris),
+        len(prior_uris),
+        device,
+        t.speed.precision,
+        config.steps,
+    )
+
+    # --- the loop: the step, logging, checkpointing ---
+    loop_started = time.perf_counter()
+    for step in range(start_step + 1, config.steps + 1):
+        loss = train_step(t)
+        tracker.add(loss, step)
+        last = step == config.steps
+        if step % config.log_every == 0 or last:
+            tracker.raise_if_not_finite()
+            losses.append((step, tracker.mean_since_last_read()))
+            log.info("step %d/%d loss %.5f", step, config.steps, losses[-1][1])
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            tracker.raise_if_not_finite()  # a checkpoint must never hold poisoned weights
+            info = {
+                "fingerprint": fingerprint,
+                "losses": losses,
+                "pending_loss_sum": float(tracker.sum.item()),
+                "pending_loss_count": tracker.count,
+            }
+            checkpoint.save_checkpoint(ckpt_root, _snapshot(t, step, info))
+            checkpoint.prune_checkpoints(ckpt_root, config.keep_checkpoints)
+    steps_run = config.steps - start_step
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    s_per_step = (time.perf_counter() - loop_started) / max(steps_run, 1)
+    tracker.raise_if_not_finite()
+
+    # --- export: out/model, then the summary (last: its presence means the run finished) ---
+    model_uri = storage.join(out, "model")
+    with storage.local_dir_for_writing(out) as stage:
+        partial = Path(stage) / "model.partial"
+        storage.delete_prefix(str(partial))
+        _export_model(partial, pipe, t, config, base_model, base_digest, identifier, class_noun)
+        storage.delete_prefix(str(Path(stage) / "model"))
+        storage.rename_prefix(str(partial), str(Path(stage) / "model"))
+        result = TrainResult(
+            steps=config.steps,
+            losses=losses,
+            final_loss=losses[-1][1] if losses else float("nan"),
+            wall_time_s=time.perf_counter() - started,
+            s_per_step=s_per_step,
+            peak_memory_bytes=_peak_memory_bytes(device),
+            config=config,
+            identifier=identifier,
+            class_noun=class_noun,
+            instance_prompt=instance_prompt,
+            class_prompt=class_prompt,
+            base_model=base_model,
+            base_model_digest=base_digest,
+            model_uri=model_uri,
+            mode=config.mode,
+            resumed_from=resumed_from,
+            num_instance_images=len(instance_uris),
+            num_prior_images=len(prior_uris),
+            device=str(device),
+            precision=t.speed.precision,
+        )
+        storage.write_json(Path(stage) / SUMMARY_NAME, result.model_dump(mode="json"))
+    log.info(
+        "trained %d steps in %.1f s (%.3f s/step); model at %s",
+        steps_run,
+        result.wall_time_s,
+        s_per_step,
+        model_uri,
+    )
+    return result
+
+
+def _export_model(
+    folder: Path, pipe, t: Trainer, config, base_model, base_digest, identifier, class_noun
+) -> None:
+    """Full: a complete diffusers folder (safetensors) + dreambooth_model.json. LoRA: the adapter + its marker."""
+    marker = {
+        "base_model": base_model,
+        "base_model_digest": base_digest,
+        "identifier": identifier,
+        "class_noun": class_noun,
+    }
+    text_encoder = t.text_encoder  # None when it was not trained
+    if config.mode == "lora":
+        marker |= {"rank": config.lora_rank, "alpha": lora.lora_alpha(config.lora_rank, config.lora_alpha)}
+        lora.save_lora_model(folder, t.unet, text_encoder, marker)
+        return
+    pipe.unet = t.unet.to("cpu").eval()
+    if text_encoder is not None:
+        pipe.text_encoder = text_encoder.to("cpu").eval()
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    # save_pretrained writes only the tokenizer files of the installed transformers; keep the base's others
+    # (vocab.json, merges.txt) so older readers load the model too
+    base_tokenizer = models.resolve_model_dir(base_model, allow_pickle=True) / "tokenizer"
+    for f in storage.list_files(str(base_tokenizer), recursive=False):
+        target = folder / "tokenizer" / storage.basename(f)
+        if not target.exists():
+            storage.copy(f, str(target))
+    marker |= {
+        "mode": "full",
+        "instance_prompt": f"a {identifier} {class_noun}",
+        "class_prompt": f"a {class_noun}",
+    }
+    storage.write_json(folder / MODEL_MARKER_NAME, marker)

@@ -1,0 +1,120 @@
+"""`dreambooth run` end to end on the tiny model: every artifact of the run directory, local and on gs://."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dreambooth_lib import storage
+from dreambooth_lib.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluators(tmp_path_factory):
+    from dreambooth_lib import evaluators
+
+    root = tmp_path_factory.mktemp("evaluators")
+    return {
+        "dino": str(evaluators.build_tiny_dino(root / "dino", seed=0)),
+        "clip": str(evaluators.build_tiny_clip(root / "clip", seed=0)),
+        "lpips": str(evaluators.build_tiny_lpips(root / "lpips.safetensors", seed=0)),
+    }
+
+
+def tiny_run_config(tiny_model, evaluators, images, run_dir, registry, prior_root=None) -> dict:
+    return {
+        "base_model": tiny_model,
+        "run_dir": run_dir,
+        "subject": {"name": "red-square", "class_noun": "square", "images": images},
+        "ingest": {"resolution": 64, "min_side": 64},
+        "prior": {"num_images": 4, "steps": 2, "batch_size": 4, **({"root": prior_root} if prior_root else {})},
+        "train": {"steps": 4, "learning_rate": 1e-4, "resolution": 64, "checkpoint_every": 2},
+        "eval": {
+            "max_prompts": 2,
+            "images_per_prompt": 2,
+            "pres_images": 2,
+            "steps": 2,
+            "dino_model": evaluators["dino"],
+            "clip_model": evaluators["clip"],
+            "lpips_weights": evaluators["lpips"],
+        },
+        "registry": {"uri": registry},
+        "samples_per_prompt": 1,
+    }
+
+
+def _invoke_run(cfg: dict, tmp_path, *extra):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return runner.invoke(app, ["run", "--config", str(path), "--json", *extra])
+
+
+def test_run_writes_every_artifact_and_registers(tiny_model, tiny_evaluators, subject_dir, tmp_path):
+    run_dir, registry = str(tmp_path / "run"), str(tmp_path / "registry")
+    cfg = tiny_run_config(tiny_model, tiny_evaluators, str(subject_dir), run_dir, registry)
+    result = _invoke_run(cfg, tmp_path)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    ident = json.loads((tmp_path / "run" / "identifier.json").read_text())
+    assert out["identifier"] == ident["identifier"] and out["prompt"] == f"a {ident['identifier']} square"
+    manifest = json.loads((tmp_path / "run" / "ingest" / "manifest.json").read_text())
+    assert len(manifest["images"]) == 4 and manifest["class_noun"] == "square"
+    prior = json.loads((tmp_path / "run" / "prior.json").read_text())
+    assert prior["num_images"] == 4 and len(storage.list_files(prior["uri"])) >= 4
+    summary = json.loads((tmp_path / "run" / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["identifier"] == ident["identifier"]
+    assert (tmp_path / "run" / "train" / "model" / "model_index.json").exists()
+    samples = json.loads((tmp_path / "run" / "samples" / "generate.json").read_text())
+    assert len(samples["images"]) == 2
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    for key in ("dino", "clip_i", "clip_t", "pres", "div"):
+        assert isinstance(metrics["metrics"][key], float)
+    assert (tmp_path / "run" / "eval" / "report.html").stat().st_size > 1000
+    assert out["registered"]["version"] == 1
+    listed = runner.invoke(app, ["models", "list", "--registry", registry, "--json"])
+    entries = json.loads(listed.stdout)
+    assert [(e["subject"], e["version"], e["identifier"]) for e in entries] == [
+        ("red-square", 1, ident["identifier"])
+    ]
+    # the registered model is a loadable pipeline and renders the identifier prompt
+    gen = runner.invoke(
+        app,
+        ["generate", "--model", entries[0]["model_uri"], "--prompt", out["prompt"], "-n", "1", "--steps", "2",
+         "--out", str(tmp_path / "g"), "--json"],
+    )
+    assert gen.exit_code == 0, gen.output
+    assert len(json.loads(gen.stdout)["images"]) == 1
+
+
+def test_failed_gate_keeps_artifacts_and_registers_nothing(tiny_model, tiny_evaluators, subject_dir, tmp_path):
+    run_dir, registry = str(tmp_path / "run"), str(tmp_path / "registry")
+    cfg = tiny_run_config(tiny_model, tiny_evaluators, str(subject_dir), run_dir, registry)
+    cfg["eval"]["gate"] = {"min_dino": 0.999}
+    cfg["train"]["steps"] = 2
+    result = _invoke_run(cfg, tmp_path)
+    assert result.exit_code == 2
+    assert "gate" in result.output.lower() and "dino" in result.output.lower()
+    assert (tmp_path / "run" / "eval" / "metrics.json").exists()
+    assert (tmp_path / "run" / "train" / "model" / "model_index.json").exists()
+    assert json.loads((tmp_path / "run" / "run_result.json").read_text())["gate"]["passed"] is False
+    assert not storage.list_files(str(tmp_path / "registry" / "red-square"))
+
+
+def test_run_on_gcs(tiny_model, tiny_evaluators, subject_dir, gcs_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    storage.copy_prefix(str(subject_dir), gcs_bucket + "/photos")
+    cfg = tiny_run_config(
+        tiny_model, tiny_evaluators, gcs_bucket + "/photos", gcs_bucket + "/run", gcs_bucket + "/registry",
+        prior_root=gcs_bucket + "/priors",
+    )
+    cfg["evaluate"] = False
+    result = _invoke_run(cfg, tmp_path)
+    assert result.exit_code == 0, result.output
+    names = {storage.relative(f, gcs_bucket + "/run") for f in storage.list_files(gcs_bucket + "/run")}
+    for expected in ("config.json", "identifier.json", "ingest/manifest.json", "train/train_summary.json",
+                     "train/model/model_index.json", "samples/generate.json", "run_result.json"):
+        assert expected in names
+    assert storage.list_files(gcs_bucket + "/registry/red-square")

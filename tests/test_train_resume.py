@@ -1,0 +1,127 @@
+"""Checkpoints: a SIGKILLed run resumes to weights bit-identical to an uninterrupted one; bad resumes are refused."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_subject_images
+from safetensors.torch import load_file
+
+from dreambooth_lib import checkpoint, train
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.errors import TrainingError
+
+RES = 32
+WORKER = Path(__file__).with_name("_train_worker.py")
+CONFIG = TrainConfig(
+    steps=12,
+    checkpoint_every=3,
+    keep_checkpoints=2,
+    log_every=1,
+    resolution=RES,
+    learning_rate=1e-3,
+    train_text_encoder=True,
+    device="cpu",
+)
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("resume-data")
+    instance = make_subject_images(root / "instance", n=3, size=RES)
+    prior = make_subject_images(root / "prior", n=4, size=RES, color=(30, 30, 220), seed=1)
+    return str(instance), str(prior)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, data_dirs, tmp_path_factory) -> tuple[Path, train.TrainResult]:
+    out = tmp_path_factory.mktemp("uninterrupted") / "train"
+    return out, train.run(tiny_model, *data_dirs, "sks", "square", CONFIG, str(out))
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {
+        f"{part}/{k}": v
+        for part, name in (
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        )
+        for k, v in load_file(model_dir / part / name).items()
+    }
+
+
+def test_sigkilled_run_resumes_bit_identically(tiny_model, data_dirs, uninterrupted, tmp_path):
+    ref_out, ref = uninterrupted
+    assert sorted(p.name for p in (ref_out / "checkpoints").iterdir()) == ["step-0000009", "step-0000012"]
+
+    kill_at = random.randint(4, 11)  # any step after the first checkpoint (step 3) is complete
+    out = tmp_path / "train"
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), tiny_model, *data_dirs, str(out), CONFIG.model_dump_json()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(WORKER.parent)},
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line.strip())
+        if line.startswith(f"step {kill_at}/"):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"worker ended on its own (killing at step {kill_at}): {seen[-3:]}"
+    )
+    assert not (out / "model").exists() and not (out / "train_summary.json").exists()
+
+    resumed = train.run(tiny_model, *data_dirs, "sks", "square", CONFIG, str(out), resume=True)
+    # the newest complete checkpoint when the kill landed (the worker may have run on a step or two meanwhile)
+    assert resumed.resumed_from in (3, 6, 9, 12) and resumed.resumed_from >= (kill_at // 3 - 1) * 3
+    a, b = weights(ref_out / "model"), weights(out / "model")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {kill_at}, resumed from {resumed.resumed_from}: {different[:3]}"
+    assert resumed.losses == ref.losses
+
+
+def test_checkpoint_without_manifest_is_ignored(tiny_model, data_dirs, tmp_path):
+    out = tmp_path / "train"
+    config = CONFIG.model_copy(update={"steps": 6, "log_every": 3})
+    train.run(tiny_model, *data_dirs, "sks", "square", config, str(out))
+    torn = out / "checkpoints" / "step-0000009"  # an interrupted write: files but no manifest
+    torn.mkdir()
+    (torn / "weights.safetensors").write_bytes(b"half a file")
+    assert checkpoint.latest_checkpoint(str(out / "checkpoints")).endswith("step-0000006")
+
+    result = train.run(
+        tiny_model, *data_dirs, "sks", "square", config.model_copy(update={"steps": 9}), str(out), resume=True
+    )
+    assert result.resumed_from == 6 and [s for s, _ in result.losses] == [3, 6, 9]
+    assert (out / "checkpoints" / "step-0000009" / checkpoint.MANIFEST_NAME).exists()
+
+
+def test_resume_refuses_a_different_config_and_fresh_starts_refuse_old_checkpoints(
+    tiny_model, data_dirs, uninterrupted
+):
+    ref_out, _ = uninterrupted
+    changed = CONFIG.model_copy(update={"learning_rate": 2e-3, "steps": 15})
+    with pytest.raises(TrainingError, match=r"cannot resume.*learning_rate"):
+        train.run(tiny_model, *data_dirs, "sks", "square", changed, str(ref_out), resume=True)
+    with pytest.raises(TrainingError, match=r"identifier"):
+        train.run(tiny_model, *data_dirs, "xyz", "square", CONFIG, str(ref_out), resume=True)
+    with pytest.raises(TrainingError, match="resume=True"):
+        train.run(tiny_model, *data_dirs, "sks", "square", CONFIG, str(ref_out))
+
+
+def test_resume_without_checkpoints_starts_fresh(tiny_model, data_dirs, tmp_path):
+    config = CONFIG.model_copy(update={"steps": 2, "checkpoint_every": 0})
+    result = train.run(tiny_model, *data_dirs, "sks", "square", config, str(tmp_path / "t"), resume=True)
+    assert result.resumed_from is None and result.steps == 2
