@@ -21,7 +21,9 @@ app = typer.Typer(
     add_completion=False,
 )
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks with printed figures (ratios against a baseline run in the same process).")
+bench_app = typer.Typer(
+    help="Benchmarks with printed figures (ratios against a baseline run in the same process)."
+)
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 
@@ -38,7 +40,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "diffusers", "httpx", "urllib3", "google", "kfp"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def user_errors(fn):
@@ -101,14 +105,22 @@ def tiny_model(
 @user_errors
 def ingest(
     src: Annotated[str, typer.Argument(help="folder or gs:// prefix with the subject's photos")],
-    out: Annotated[str, typer.Argument(help="folder or gs:// prefix for the validated images + manifest.json")],
-    class_noun: Annotated[str, typer.Option(help="the subject's class, e.g. 'dog' (recorded in the manifest)")],
+    out: Annotated[
+        str, typer.Argument(help="folder or gs:// prefix for the validated images + manifest.json")
+    ],
+    class_noun: Annotated[
+        str, typer.Option(help="the subject's class, e.g. 'dog' (recorded in the manifest)")
+    ],
     resolution: int = 512,
     min_images: int = 3,
     min_side: int = 256,
-    near_duplicate_distance: Annotated[int, typer.Option(help="pHash distance at or below which images are duplicates")] = 6,
+    near_duplicate_distance: Annotated[
+        int, typer.Option(help="pHash distance at or below which images are duplicates")
+    ] = 6,
     allow_few: Annotated[bool, typer.Option(help="accept 1-2 images with a warning")] = False,
-    strict: Annotated[bool, typer.Option(help="any bad file fails the run (default: skip and report)")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="any bad file fails the run (default: skip and report)")
+    ] = False,
     as_json: JsonOpt = False,
 ):
     """Validate and normalise subject photos: decode, fix orientation/mode, reject bad files and duplicates.
@@ -210,7 +222,9 @@ def train(
     identifier: Annotated[str, typer.Option(help="the rare-token identifier [V]")],
     class_noun: Annotated[str, typer.Option(help="class noun")],
     out: Annotated[str, typer.Option(help="output folder (local or gs://)")],
-    prior_dir: Annotated[str | None, typer.Option(help="prior-set folder (omit with --prior-loss-weight 0)")] = None,
+    prior_dir: Annotated[
+        str | None, typer.Option(help="prior-set folder (omit with --prior-loss-weight 0)")
+    ] = None,
     mode: str = "full",
     steps: int = 1000,
     learning_rate: float = 5e-6,
@@ -227,6 +241,9 @@ def train(
     checkpoint_every: int = 250,
     device: str = "auto",
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint in OUT")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="allow .bin/.ckpt weights (pickle can run code)")
+    ] = False,
     config: Annotated[str | None, typer.Option(help="a YAML/JSON TrainConfig (flags are ignored)")] = None,
     as_json: JsonOpt = False,
 ):
@@ -261,8 +278,22 @@ def train(
             checkpoint_every=checkpoint_every,
             device=device,
         )
-    result = step.run(model, instance_dir, prior_dir, identifier, class_noun, cfg, out, resume=resume)
-    _emit(result, as_json, f"trained {result.steps} steps ({result.s_per_step:.3f} s/step); model at {result.model_uri}")
+    result = step.run(
+        model,
+        instance_dir,
+        prior_dir,
+        identifier,
+        class_noun,
+        cfg,
+        out,
+        resume=resume,
+        allow_pickle=allow_pickle,
+    )
+    _emit(
+        result,
+        as_json,
+        f"trained {result.steps} steps ({result.s_per_step:.3f} s/step); model at {result.model_uri}",
+    )
 
 
 @app.command()
@@ -277,7 +308,9 @@ def generate(
     sampler: str = "dpm++",
     guidance_scale: float | None = None,
     resolution: int | None = None,
-    base_model: Annotated[str | None, typer.Option(help="base model for a LoRA (default: the one recorded)")] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="base model for a LoRA (default: the one recorded)")
+    ] = None,
     device: str = "auto",
     as_json: JsonOpt = False,
 ):

@@ -40,7 +40,11 @@ def default_cache_dir() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map (the BPE works on these characters)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -75,7 +79,9 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     try:  # transformers >= 5 takes the vocabulary itself
-        tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), model_max_length=77)
+        tok = CLIPTokenizer(
+            vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), model_max_length=77
+        )
     except TypeError:  # transformers 4
         tok = CLIPTokenizer(
             vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"), model_max_length=77
@@ -96,7 +102,9 @@ def _gcs_content_key(uri: str) -> str:
     h = hashlib.sha256()
     n = 0
     for blob in sorted(_client().list_blobs(bucket, prefix=prefix), key=lambda b: b.name):
-        h.update(f"{blob.name[len(prefix):]}\0{blob.size}\0{blob.crc32c or ''}\0{blob.md5_hash or ''}\n".encode())
+        h.update(
+            f"{blob.name[len(prefix) :]}\0{blob.size}\0{blob.crc32c or ''}\0{blob.md5_hash or ''}\n".encode()
+        )
         n += 1
     if n == 0:
         raise ModelLoadError(f"{uri}: no files under this prefix; point to a folder holding model_index.json")
@@ -198,18 +206,18 @@ def load_pipeline(
         base_model = base_model or read_lora_marker(local)["base_model"]
         local = resolve_model_dir(base_model, allow_pickle=allow_pickle)
     if not (local / "model_index.json").exists():
-        raise ModelLoadError(f"{uri}: no model_index.json; a diffusers pipeline folder (or our LoRA folder) is needed")
+        raise ModelLoadError(
+            f"{uri}: no model_index.json; a diffusers pipeline folder (or our LoRA folder) is needed"
+        )
     kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:
         pipe = DiffusionPipeline.from_pretrained(str(local), **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(f"{uri}: cannot load the pipeline: {err}") from None
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS_NAME)
-    if hasattr(pipe, "safety_checker") and getattr(pipe, "safety_checker", None) is not None:
-        pass  # kept: the base model's own choice
     if device:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

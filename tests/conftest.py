@@ -109,7 +109,9 @@ def dreambench() -> Path:
     return DREAMBENCH
 
 
-def make_subject_images(out_dir: Path, n: int = 4, size: int = 288, color=(220, 30, 30), seed: int = 0) -> Path:
+def make_subject_images(
+    out_dir: Path, n: int = 4, size: int = 288, color=(220, 30, 30), seed: int = 0
+) -> Path:
     """A synthetic subject: a coloured square at shifting positions on a lightly noisy grey background."""
     import numpy as np
     from PIL import Image

@@ -47,7 +47,9 @@ def test_tiny_model_and_identifier_json(tmp_path):
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert data["prompt"] == f"a {data['identifier']} dog" and data["token_id"] >= 40000
-    again = runner.invoke(app, ["identifier", "--model", str(tmp_path / "m"), "--class-noun", "dog", "--json"])
+    again = runner.invoke(
+        app, ["identifier", "--model", str(tmp_path / "m"), "--class-noun", "dog", "--json"]
+    )
     assert json.loads(again.stdout)["identifier"] == data["identifier"]
     other = runner.invoke(
         app,
@@ -71,7 +73,9 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
 
 def test_bad_config_names_the_field(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("base_model: m\nrun_dir: r\nsubject: {name: d, class_noun: dog, images: p}\ntrain: {steps: 0}\n")
+    cfg.write_text(
+        "base_model: m\nrun_dir: r\nsubject: {name: d, class_noun: dog, images: p}\ntrain: {steps: 0}\n"
+    )
     result = runner.invoke(app, ["run", "--config", str(cfg)])
     assert result.exit_code == 2
     assert "train.steps" in result.output and "got 0" in result.output

@@ -15,7 +15,9 @@ def tokenizer(tiny_model):
 def test_deterministic_in_seed_and_varies_across_seeds(tokenizer):
     a = identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=0))
     b = identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=0))
-    picks = {identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=s)).identifier for s in range(8)}
+    picks = {
+        identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=s)).identifier for s in range(8)
+    }
     assert a == b
     assert len(picks) > 4
 
@@ -44,13 +46,17 @@ def test_blocklist_excludes_sks_and_common_words(tokenizer):
     r = identifier.choose_identifier(tokenizer, "dog", IdentifierConfig())
     assert set(r.excluded) == pool & identifier.builtin_blocklist()  # ...but never drawn: "sks" is a rifle
     assert "sks" in r.excluded
-    picks = {identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=s)).identifier for s in range(30)}
+    picks = {
+        identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(seed=s)).identifier for s in range(30)
+    }
     assert not picks & identifier.builtin_blocklist()
     wide = IdentifierConfig(min_token_id=300, max_token_id=2000)
     wide_pool = {t for _, t in identifier.candidate_pool(tokenizer, "dog", wide)}
     common = {"the", "and", "dog", "red", "man"}
     assert common <= wide_pool  # a wide range reaches common words...
-    assert common <= set(identifier.choose_identifier(tokenizer, "dog", wide).excluded)  # ...which are excluded
+    assert common <= set(
+        identifier.choose_identifier(tokenizer, "dog", wide).excluded
+    )  # ...which are excluded
 
 
 def test_explicit_exclusions_and_user_blocklist(tokenizer):
@@ -79,4 +85,6 @@ def test_forced_identifier_is_validated(tokenizer):
 
 def test_empty_range_is_a_clear_error(tokenizer):
     with pytest.raises(DreamboothError, match="no identifier left"):
-        identifier.choose_identifier(tokenizer, "dog", IdentifierConfig(min_token_id=49400, max_token_id=49405))
+        identifier.choose_identifier(
+            tokenizer, "dog", IdentifierConfig(min_token_id=49400, max_token_id=49405)
+        )

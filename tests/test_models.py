@@ -34,7 +34,12 @@ def test_tiny_model_is_deterministic_in_seed(tmp_path, tiny_model):
     a = models.build_tiny_model(tmp_path / "a", seed=0)
     b = models.build_tiny_model(tmp_path / "c", seed=1)
     ua = (a / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    assert ua == (models.resolve_model_dir(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (
+        ua
+        == (
+            models.resolve_model_dir(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors"
+        ).read_bytes()
+    )
     assert ua != (b / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
@@ -86,8 +91,13 @@ def test_load_pipeline_from_gcs_generates_same_image(tiny_model, gcs_bucket, tmp
         pipe = models.load_pipeline(source)
         images.append(
             np.asarray(
-                pipe("a dog", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0))
-                .images[0]
+                pipe(
+                    "a dog",
+                    num_inference_steps=2,
+                    height=64,
+                    width=64,
+                    generator=torch.Generator().manual_seed(0),
+                ).images[0]
             )
         )
     assert np.array_equal(images[0], images[1])

@@ -30,7 +30,12 @@ def tiny_run_config(tiny_model, evaluators, images, run_dir, registry, prior_roo
         "run_dir": run_dir,
         "subject": {"name": "red-square", "class_noun": "square", "images": images},
         "ingest": {"resolution": 64, "min_side": 64},
-        "prior": {"num_images": 4, "steps": 2, "batch_size": 4, **({"root": prior_root} if prior_root else {})},
+        "prior": {
+            "num_images": 4,
+            "steps": 2,
+            "batch_size": 4,
+            **({"root": prior_root} if prior_root else {}),
+        },
         "train": {"steps": 4, "learning_rate": 1e-4, "resolution": 64, "checkpoint_every": 2},
         "eval": {
             "max_prompts": 2,
@@ -82,14 +87,28 @@ def test_run_writes_every_artifact_and_registers(tiny_model, tiny_evaluators, su
     # the registered model is a loadable pipeline and renders the identifier prompt
     gen = runner.invoke(
         app,
-        ["generate", "--model", entries[0]["model_uri"], "--prompt", out["prompt"], "-n", "1", "--steps", "2",
-         "--out", str(tmp_path / "g"), "--json"],
+        [
+            "generate",
+            "--model",
+            entries[0]["model_uri"],
+            "--prompt",
+            out["prompt"],
+            "-n",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "g"),
+            "--json",
+        ],
     )
     assert gen.exit_code == 0, gen.output
     assert len(json.loads(gen.stdout)["images"]) == 1
 
 
-def test_failed_gate_keeps_artifacts_and_registers_nothing(tiny_model, tiny_evaluators, subject_dir, tmp_path):
+def test_failed_gate_keeps_artifacts_and_registers_nothing(
+    tiny_model, tiny_evaluators, subject_dir, tmp_path
+):
     run_dir, registry = str(tmp_path / "run"), str(tmp_path / "registry")
     cfg = tiny_run_config(tiny_model, tiny_evaluators, str(subject_dir), run_dir, registry)
     cfg["eval"]["gate"] = {"min_dino": 0.999}
@@ -107,14 +126,25 @@ def test_run_on_gcs(tiny_model, tiny_evaluators, subject_dir, gcs_bucket, tmp_pa
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
     storage.copy_prefix(str(subject_dir), gcs_bucket + "/photos")
     cfg = tiny_run_config(
-        tiny_model, tiny_evaluators, gcs_bucket + "/photos", gcs_bucket + "/run", gcs_bucket + "/registry",
+        tiny_model,
+        tiny_evaluators,
+        gcs_bucket + "/photos",
+        gcs_bucket + "/run",
+        gcs_bucket + "/registry",
         prior_root=gcs_bucket + "/priors",
     )
     cfg["evaluate"] = False
     result = _invoke_run(cfg, tmp_path)
     assert result.exit_code == 0, result.output
     names = {storage.relative(f, gcs_bucket + "/run") for f in storage.list_files(gcs_bucket + "/run")}
-    for expected in ("config.json", "identifier.json", "ingest/manifest.json", "train/train_summary.json",
-                     "train/model/model_index.json", "samples/generate.json", "run_result.json"):
+    for expected in (
+        "config.json",
+        "identifier.json",
+        "ingest/manifest.json",
+        "train/train_summary.json",
+        "train/model/model_index.json",
+        "samples/generate.json",
+        "run_result.json",
+    ):
         assert expected in names
     assert storage.list_files(gcs_bucket + "/registry/red-square")

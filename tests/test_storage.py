@@ -69,9 +69,6 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     class Boom(Exception):
         pass
 
-    class Exploding(bytes):
-        pass
-
     real_fsync = os.fsync
 
     def failing_fsync(fd):
