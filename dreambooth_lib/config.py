@@ -24,10 +24,14 @@ class _Strict(BaseModel):
 class Subject(_Strict):
     """The thing to personalize: its photos and the class noun that ties it to the model's prior."""
 
-    name: str = Field(pattern=SUBJECT_NAME_PATTERN, description="slug: lowercase letters, digits, '_', '-', '.'")
+    name: str = Field(
+        pattern=SUBJECT_NAME_PATTERN, description="slug: lowercase letters, digits, '_', '-', '.'"
+    )
     class_noun: str = Field(min_length=1, max_length=40, description="e.g. 'dog', 'backpack'")
     images: str = Field(min_length=1, description="folder or gs:// prefix holding 3-5 photos of the subject")
-    live: bool = Field(False, description="live subject (animal, person) or object: picks the paper's prompt list")
+    live: bool = Field(
+        False, description="live subject (animal, person) or object: picks the paper's prompt list"
+    )
 
     @field_validator("class_noun")
     @classmethod
@@ -42,10 +46,15 @@ class IngestConfig(_Strict):
     resolution: int = Field(512, ge=32, le=2048, description="side of the square training images")
     min_side: int = Field(256, ge=1, description="reject images whose shorter side is below this")
     min_images: int = Field(3, ge=1, description="fewest usable images for a run")
-    allow_few: bool = Field(False, description="accept 1-2 images (with a warning) when min_images is not met")
+    allow_few: bool = Field(
+        False, description="accept 1-2 images (with a warning) when min_images is not met"
+    )
     strict: bool = Field(False, description="any bad file fails the run instead of being skipped")
     near_duplicate_distance: int = Field(
-        6, ge=0, le=64, description="perceptual-hash Hamming distance at or below which two images are duplicates"
+        6,
+        ge=0,
+        le=64,
+        description="perceptual-hash Hamming distance at or below which two images are duplicates",
     )
     max_pixels: int = Field(
         89_478_485, ge=1, description="decompression-bomb limit (Pillow's default), in pixels"
@@ -53,14 +62,18 @@ class IngestConfig(_Strict):
 
 
 class IdentifierConfig(_Strict):
-    identifier: str | None = Field(None, description="use this identifier instead of searching (still validated)")
+    identifier: str | None = Field(
+        None, description="use this identifier instead of searching (still validated)"
+    )
     seed: int = 0
     max_chars: int = Field(3, ge=1, le=3)
     letters_only: bool = True
     # CLIP's BPE vocabulary lists merges in order of frequency: ids >= 40000 are the last-learnt merges, the
     # rarest strings of the training corpus (the paper's 5000-10000 range was for T5 and holds common words on CLIP).
     min_token_id: int = Field(40000, ge=0)
-    max_token_id: int | None = Field(None, description="exclusive upper bound; default: end of the regular vocabulary")
+    max_token_id: int | None = Field(
+        None, description="exclusive upper bound; default: end of the regular vocabulary"
+    )
     blocklist: list[str] = Field(default_factory=list, description="extra strings never to use")
 
 
@@ -68,7 +81,9 @@ class PriorConfig(_Strict):
     num_images: int = Field(200, ge=0, le=100_000, description="class-prior images (the paper: 200-1000)")
     sampler: Sampler = "dpm++"
     steps: int = Field(25, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, description="None: the base model's pipeline default (7.5)")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="None: the base model's pipeline default (7.5)"
+    )
     resolution: int | None = Field(None, ge=32, le=2048, description="None: the training resolution")
     batch_size: int = Field(4, ge=1, le=256)
     seed: int = 0
@@ -86,7 +101,9 @@ class TrainConfig(_Strict):
     text_encoder_learning_rate: float | None = Field(None, gt=0)
     lora_rank: int = Field(4, ge=1, le=512)
     lora_alpha: float | None = Field(None, gt=0, description="None: equal to the rank (scale 1)")
-    batch_size: int = Field(1, ge=1, le=64, description="subject images per step (the same number of prior images)")
+    batch_size: int = Field(
+        1, ge=1, le=64, description="subject images per step (the same number of prior images)"
+    )
     resolution: int = Field(512, ge=32, le=2048)
     random_flip: bool = False
     seed: int = 0
@@ -118,7 +135,8 @@ class GateConfig(_Strict):
 
 class EvalConfig(_Strict):
     prompts: list[str] | None = Field(
-        None, description="templates with {0}=identifier, {1}=class noun; None: the paper's 25 for the subject kind"
+        None,
+        description="templates with {0}=identifier, {1}=class noun; None: the paper's 25 for the subject kind",
     )
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
     images_per_prompt: int = Field(4, ge=1, le=64)
@@ -132,7 +150,8 @@ class EvalConfig(_Strict):
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "openai/clip-vit-base-patch32"
     lpips_weights: str | None = Field(
-        None, description="LPIPS weights (a safetensors file of the published format); None: DIV is not computed"
+        None,
+        description="LPIPS weights (a safetensors file of the published format); None: DIV is not computed",
     )
     device: str = "auto"
     gate: GateConfig = Field(default_factory=GateConfig)
@@ -149,7 +168,9 @@ class RunConfig(_Strict):
     base_model: str = Field(min_length=1, description="local diffusers folder, gs:// prefix, or hub id")
     subject: Subject
     run_dir: str = Field(min_length=1, description="where every intermediate is written (local or gs://)")
-    allow_pickle: bool = Field(False, description="allow .bin/.ckpt weights (pickle can run code); off by default")
+    allow_pickle: bool = Field(
+        False, description="allow .bin/.ckpt weights (pickle can run code); off by default"
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     identifier: IdentifierConfig = Field(default_factory=IdentifierConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)

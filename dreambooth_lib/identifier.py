@@ -86,7 +86,12 @@ def candidate_pool(tokenizer, class_noun: str, config: IdentifierConfig) -> list
         if not token or not token.endswith(WORD_END):
             continue  # a word piece, not a whole word: it would merge with its neighbours
         text = token[: -len(WORD_END)]
-        if not (1 <= len(text) <= config.max_chars) or not text.isascii() or not text.isprintable() or " " in text:
+        if (
+            not (1 <= len(text) <= config.max_chars)
+            or not text.isascii()
+            or not text.isprintable()
+            or " " in text
+        ):
             continue
         if config.letters_only and not text.isalpha():
             continue
@@ -103,7 +108,9 @@ def registry_identifiers(registry_uri: str | None, base_model: str, allow_pickle
     from dreambooth_lib.models import model_digest
     from dreambooth_lib.registry import open_registry
 
-    return set(open_registry(registry_uri).used_identifiers(model_digest(base_model, allow_pickle=allow_pickle)))
+    return set(
+        open_registry(registry_uri).used_identifiers(model_digest(base_model, allow_pickle=allow_pickle))
+    )
 
 
 def choose_identifier(
@@ -123,8 +130,14 @@ def choose_identifier(
                 "leave it unset to search the vocabulary, or pick a string the tokenizer keeps whole"
             )
         if v in blocked or v in excluded:
-            why = "blocklisted (a strong prior)" if v in blocked else "already taken (by a registered model or an earlier subject of this batch)"
-            raise ConfigError(f"identifier.identifier {config.identifier!r} is {why}; choose another or unset it")
+            why = (
+                "blocklisted (a strong prior)"
+                if v in blocked
+                else "already taken (by a registered model or an earlier subject of this batch)"
+            )
+            raise ConfigError(
+                f"identifier.identifier {config.identifier!r} is {why}; choose another or unset it"
+            )
         return IdentifierResult(
             identifier=v,
             token_id=token_id,

@@ -41,11 +41,15 @@ class RunResult(BaseModel):
             f"  samples  {self.samples_dir}",
         ]
         if self.metrics is not None:
-            shown = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())
+            shown = "  ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()
+            )
             lines.append(f"  metrics  {shown}")
             lines.append(f"  report   {self.report_html}")
         if self.gate is not None:
-            lines.append(f"  gate     {'passed' if self.gate.get('passed') else 'failed: ' + '; '.join(self.gate.get('reasons', []))}")
+            lines.append(
+                f"  gate     {'passed' if self.gate.get('passed') else 'failed: ' + '; '.join(self.gate.get('reasons', []))}"
+            )
         if self.registered is not None:
             lines.append(f"  registry {self.registered.get('uri')} (v{self.registered.get('version')})")
         lines.append(f"  wall time {self.wall_time_s:.1f} s")
@@ -72,7 +76,9 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         return out
 
     ingest_dir = storage.join(rd, "ingest")
-    ingested = timed("ingest", ingest.run, subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun)
+    ingested = timed(
+        "ingest", ingest.run, subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun
+    )
 
     id_uri = storage.join(rd, "identifier.json")
     if storage.exists(id_uri):  # the model of this run directory is bound to its identifier

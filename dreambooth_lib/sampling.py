@@ -76,7 +76,9 @@ def sample_images(
     images: list = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = prompts[start : start + batch_size]
-        generators = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds[start : start + batch_size]]
+        generators = [
+            torch.Generator(device=gen_device).manual_seed(s) for s in seeds[start : start + batch_size]
+        ]
         with torch.inference_mode():
             out = pipe(
                 batch_prompts,

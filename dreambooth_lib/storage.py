@@ -64,7 +64,9 @@ def _client():
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
-        return gcs.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials())
+        return gcs.Client(
+            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials()
+        )
     return gcs.Client()
 
 
@@ -86,11 +88,15 @@ def _gcs_call(uri: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except gexc.PreconditionFailed as err:
-        raise PreconditionFailed(f"{uri}: changed by another writer (generation precondition failed)") from err
+        raise PreconditionFailed(
+            f"{uri}: changed by another writer (generation precondition failed)"
+        ) from err
     except gexc.NotFound as err:
         raise StorageError(f"{uri}: not found (check the bucket and path)") from err
     except gexc.Forbidden as err:
-        raise StorageError(f"{uri}: permission denied; grant the service account access to the bucket") from err
+        raise StorageError(
+            f"{uri}: permission denied; grant the service account access to the bucket"
+        ) from err
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -393,7 +399,7 @@ def sha256_file(path: str | Path) -> str:
     """sha256 of a local file or a gs:// object, streamed in 1 MiB chunks (never the whole file in memory)."""
     h = hashlib.sha256()
     path = str(path)
-    with (_blob(path).open("rb") if is_gcs(path) else open(path, "rb")) as f:
+    with _blob(path).open("rb") if is_gcs(path) else open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
