@@ -104,6 +104,42 @@ def test_run_writes_every_artifact_and_registers(tiny_model, tiny_evaluators, su
     )
     assert gen.exit_code == 0, gen.output
     assert len(json.loads(gen.stdout)["images"]) == 1
+    # `dreambooth evaluate` and `dreambooth register` work on the output of `dreambooth run`
+    ev = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            out["model_uri"],
+            "--real-images",
+            run_dir + "/ingest",
+            "--identifier",
+            out["identifier"],
+            "--class-noun",
+            "square",
+            "--out",
+            str(tmp_path / "eval2"),
+            "--max-prompts",
+            "1",
+            "--images-per-prompt",
+            "2",
+            "--steps",
+            "2",
+            "--dino-model",
+            tiny_evaluators["dino"],
+            "--clip-model",
+            tiny_evaluators["clip"],
+            "--json",
+        ],
+    )
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["gate"]["passed"] is True
+    assert (tmp_path / "eval2" / "report.html").exists()
+    reg = runner.invoke(app, ["register", "--registry", registry, "--run-dir", run_dir, "--json"])
+    assert reg.exit_code == 0, reg.output
+    assert json.loads(reg.stdout)["version"] == 2
+    shown = runner.invoke(app, ["models", "show", "red-square", "--registry", registry, "--json"])
+    assert json.loads(shown.stdout)["version"] == 2
 
 
 def test_failed_gate_keeps_artifacts_and_registers_nothing(
