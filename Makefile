@@ -4,14 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint format demo compile bench submit schedule images clean
+.PHONY: install test test-gpu lint format demo compile bench bench-gpu submit schedule images clean
 
-$(STAMP): pyproject.toml
+# The development environment installs the same pins as the container images (images/requirements.txt), so the
+# tests run exactly what the cluster runs.
+$(STAMP): pyproject.toml images/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch 2.13.0 first, so nothing resolves a multi-GB CUDA build instead.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c images/requirements.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +35,10 @@ compile: $(STAMP)
 # Printed figures: a diffusers-style DreamBooth step vs ours on the same model and device (BENCH_ARGS=--sd15-shape on a GPU).
 bench: $(STAMP)
 	$(BIN)/dreambooth bench train $(BENCH_ARGS)
+
+# The issue-6 table on a GPU machine, in one call (writes $$OUT/bench.md).
+bench-gpu: $(STAMP)
+	bash scripts/gpu_bench.sh
 
 PIPELINE ?= pipelines/compiled/personalize.kfp.yaml
 submit: $(STAMP)

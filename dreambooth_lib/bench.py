@@ -285,3 +285,360 @@ def bench_train(
         f"speed-up (reference / ours): {result['speedup']:.2f}x   peak memory: {result['peak_memory_kind']}"
     )
     return result
+
+
+# --- prior sampling, packed LoRA, and everything in one table ------------------------------------------------------
+
+PRIOR_PROMPT = f"a {CLASS_NOUN}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def bench_prior(
+    base,
+    device: str | torch.device = "auto",
+    *,
+    num_images: int = 32,
+    naive_images: int = 4,
+    steps: int = 25,
+    batch_size: int = 16,
+    resolution: int | None = None,
+    guidance_scale: float | None = None,
+) -> dict[str, Any]:
+    """Images/s of class-prior sampling, two ways, same pipeline weights, same process, same sampler and steps:
+    naive (fp32, one image per call, as a plain `pipe(prompt)` loop) and ours (prior.run's path: fp16 on CUDA,
+    `batch_size` images per call through sampling.sample_images). On CPU both are fp32 (no fast fp16 kernels);
+    only the batching differs. One untimed warm-up call each. Classifier-free guidance is on in both."""
+    from dreambooth_lib import prior, sampling
+
+    dev = torch.device(models.resolve_device(str(device)))
+    resolution = resolution or sampling.default_resolution(base)
+    figures: dict[str, Any] = {"steps": steps, "resolution": resolution, "batch_size": batch_size}
+    for label, dtype, n, bs in (
+        ("naive", torch.float32, naive_images, 1),
+        ("ours", prior._torch_dtype("auto", str(dev)), num_images, batch_size),
+    ):
+        pipe = copy.deepcopy(base).to(dev, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        _reset_peak(dev)
+
+        def sample(count: int, first_seed: int, pipe=pipe, bs=bs) -> None:
+            seeds = [sampling.image_seed(0, first_seed + i) for i in range(count)]
+            sampling.sample_images(
+                pipe,
+                [PRIOR_PROMPT] * count,
+                seeds,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                resolution=resolution,
+                batch_size=bs,
+            )
+
+        sample(bs, 10_000)  # warm-up: kernels, allocator, scheduler set-up
+        _sync(dev)
+        started = time.perf_counter()
+        sample(n, 0)
+        _sync(dev)
+        elapsed = time.perf_counter() - started
+        figures[label] = {
+            "images": n,
+            "batch_size": bs,
+            "dtype": str(dtype).removeprefix("torch."),
+            "images_per_s": n / elapsed,
+            "peak_memory_bytes": _peak(dev),
+        }
+        del pipe
+    figures["speedup"] = figures["ours"]["images_per_s"] / figures["naive"]["images_per_s"]
+    return figures
+
+
+def _packed_step_fn(base, k: int, config: TrainConfig, dev: torch.device, folder: Path, resolution: int):
+    """A packed K-subject LoRA step on a copy of `base` (each subject NUM_IMAGES images, one shared prior set)."""
+    from dreambooth_lib import packed
+
+    prior_uris = _write_images(folder / "prior", NUM_IMAGES, resolution, seed=2)
+    subjects, inputs = [], []
+    for i in range(k):
+        uris = _write_images(folder / f"subject{i}", NUM_IMAGES, resolution, seed=100 + i)
+        subjects.append(
+            packed.PackedSubject(
+                name=f"s{i}",
+                instance_dir=str(folder / f"subject{i}"),
+                prior_dir=str(folder / "prior"),
+                identifier=IDENTIFIER,
+                class_noun=CLASS_NOUN,
+                out=str(folder / "out" / f"s{i}"),
+            )
+        )
+        inputs.append((uris, prior_uris))
+    trainer = packed.setup_packed(copy.deepcopy(base), subjects, inputs, config, dev)
+    return lambda: packed.packed_step(trainer)
+
+
+def bench_end_to_end(
+    model_uri: str,
+    device: str | torch.device = "auto",
+    *,
+    resolution: int,
+    mode: str = "lora",
+    prior_images: int = 200,
+    train_steps: int = 1000,
+    eval_prompts: int = 25,
+    images_per_prompt: int = 4,
+    sample_steps: int = 25,
+    prior_batch_size: int = 16,
+    work_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """One subject through `dreambooth run` (pipeline_run.run): ingest → identifier → `prior_images` priors →
+    `train_steps` steps → evaluation (`eval_prompts` × `images_per_prompt` images). The DINO and CLIP evaluators
+    are tiny random models (nothing is downloaded): the real ViT-S/16 and CLIP B/32 cost a few seconds more."""
+    from dreambooth_lib import evaluators, pipeline_run
+    from dreambooth_lib.config import EvalConfig, IngestConfig, PriorConfig, RunConfig, Subject
+
+    dev = torch.device(models.resolve_device(str(device)))
+    with tempfile.TemporaryDirectory(prefix="dreambooth-e2e-", dir=work_dir) as tmp:
+        root = Path(tmp)
+        _write_images(root / "photos", NUM_IMAGES, resolution, seed=7)
+        config = RunConfig(
+            base_model=model_uri,
+            subject=Subject(name="bench", class_noun=CLASS_NOUN, images=str(root / "photos")),
+            run_dir=str(root / "run"),
+            ingest=IngestConfig(resolution=resolution, min_side=min(256, resolution)),
+            prior=PriorConfig(
+                num_images=prior_images, steps=sample_steps, batch_size=prior_batch_size, device=str(dev)
+            ),
+            train=TrainConfig(
+                mode=mode,
+                steps=train_steps,
+                resolution=resolution,
+                learning_rate=1e-4 if mode == "lora" else 5e-6,
+                checkpoint_every=0,
+                log_every=max(train_steps // 10, 1),
+                device=str(dev),
+            ),
+            eval=EvalConfig(
+                max_prompts=eval_prompts,
+                images_per_prompt=images_per_prompt,
+                pres_images=0,
+                steps=sample_steps,
+                batch_size=prior_batch_size,
+                dino_model=str(evaluators.build_tiny_dino(root / "dino")),
+                clip_model=str(evaluators.build_tiny_clip(root / "clip")),
+                device=str(dev),
+            ),
+            samples_per_prompt=0,
+        )
+        _reset_peak(dev)
+        started = time.perf_counter()
+        result = pipeline_run.run(config)
+        _sync(dev)
+        wall = time.perf_counter() - started
+    return {
+        "mode": mode,
+        "prior_images": prior_images,
+        "train_steps": train_steps,
+        "eval_images": eval_prompts * images_per_prompt,
+        "wall_time_s": wall,
+        "step_times_s": result.step_times_s,
+        "peak_memory_bytes": _peak(dev),
+    }
+
+
+def bench_all(
+    model: str | None = None,
+    sd15_shape: bool = False,
+    resolution: int | None = None,
+    device: str = "auto",
+    steps: int = 10,
+    ks: tuple[int, ...] = (1, 4, 8, 16),
+    e2e: bool = False,
+    *,
+    warmup: int = 2,
+    prior_images: int | None = None,
+    prior_steps: int = 25,
+    prior_batch_size: int | None = None,
+    e2e_mode: str = "lora",
+    e2e_counts: dict[str, int] | None = None,
+    out_markdown: str | None = None,
+) -> dict[str, Any]:
+    """Every speed figure for one model on one device, in one process, printed as one Markdown table:
+    the diffusers-style step, our full fine-tune step, our LoRA step, the packed K-subject LoRA step for each K
+    (s/step and subjects·steps/s), prior sampling (naive vs ours, images/s), and with `e2e` one subject end to end.
+
+    model: a base model URI (default: a fresh tiny model); sd15_shape: an SD-1.5-sized random model instead.
+    resolution: None = the model's own (64 px tiny, 512 px SD-1.5). prior_images / prior_batch_size: None = 32 / 16
+    on CUDA, 4 / 2 on CPU. e2e_counts: overrides of bench_end_to_end's counts (prior_images, train_steps,
+    eval_prompts, images_per_prompt, sample_steps); on CPU the defaults are tiny (4 priors, 10 steps, 2 × 1 images).
+    out_markdown: also write the table there (local or gs://). Peak memory on CPU is the process's peak RSS,
+    which only grows; on CUDA each row's own max_memory_allocated.
+    """
+    from dreambooth_lib import storage
+    from dreambooth_lib.sampling import default_resolution
+
+    dev = torch.device(models.resolve_device(device))
+    cuda = dev.type == "cuda"
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
+        root = Path(tmp)
+        if sd15_shape:
+            model_name, base, model_uri = "sd15-shaped (random weights)", build_sd15_shaped_pipeline(), None
+        else:
+            model_name = model or "tiny (random weights)"
+            model_uri = model or str(models.build_tiny_model(root / "tiny"))
+            base = models.load_pipeline(model_uri)
+        resolution = resolution or default_resolution(base)
+        instance_uris = _write_images(root / "instance", NUM_IMAGES, resolution, seed=1)
+        prior_uris = _write_images(root / "prior", NUM_IMAGES, resolution, seed=2)
+        full = TrainConfig(mode="full", resolution=resolution, steps=steps, device=str(dev))
+        lora_config = full.model_copy(update={"mode": "lora", "learning_rate": 1e-4})
+
+        def timed(label: str, step_fn_factory, subjects: int = 1) -> None:
+            _reset_peak(dev)
+            step_fn = step_fn_factory()
+            s, peak = _time_steps(step_fn, steps, warmup, dev)
+            rows.append(
+                {
+                    "row": label,
+                    "s_per_step": s,
+                    "subject_steps_per_s": subjects / s,
+                    "peak_memory_bytes": peak,
+                }
+            )
+            print(f"  {label}: {s:.4f} s/step", flush=True)
+            del step_fn
+
+        pixels = (
+            torch.stack([load_image(u, resolution) for u in instance_uris]),
+            torch.stack([load_image(u, resolution) for u in prior_uris]),
+        )
+        timed(
+            f"diffusers-style full FT ({'fp16+GradScaler' if cuda else 'fp32'}, VAE+CLIP per step)",
+            lambda: reference_step_fn(copy.deepcopy(base), *pixels, full, dev),
+        )
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        label = f"ours full FT ({precision}, cached latents{', fused AdamW' if cuda else ''})"
+
+        def ours(config: TrainConfig):
+            trainer = setup_training(
+                copy.deepcopy(base), instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}",
+                config, dev,
+            )  # fmt: skip
+            return lambda: train_step(trainer)
+
+        timed(label, lambda: ours(full))
+        timed(f"ours LoRA r{lora_config.lora_rank} ({precision})", lambda: ours(lora_config))
+        for k in ks:
+            folder = root / f"packed-{k}"
+            timed(
+                f"packed LoRA, K={k} subjects",
+                lambda k=k, folder=folder: _packed_step_fn(base, k, lora_config, dev, folder, resolution),
+                subjects=k,
+            )
+
+        n_prior = prior_images or (32 if cuda else 4)
+        prior = bench_prior(
+            base,
+            dev,
+            num_images=n_prior,
+            naive_images=max(2, n_prior // 8),
+            steps=prior_steps if cuda else min(prior_steps, 4),
+            batch_size=prior_batch_size or (16 if cuda else 2),
+            resolution=resolution,
+        )
+        for label in ("naive", "ours"):
+            p = prior[label]
+            rows.append(
+                {
+                    "row": f"prior sampling, {label} ({p['dtype']}, batch {p['batch_size']}, {prior['steps']} steps)",
+                    "images_per_s": p["images_per_s"],
+                    "peak_memory_bytes": p["peak_memory_bytes"],
+                }
+            )
+
+        end_to_end = None
+        if e2e and out_markdown:  # the rows so far, in case the long end-to-end run is cut off
+            storage.write_text(out_markdown, render_bench_table(rows, f"model: {model_name} (partial)"))
+        if e2e:
+            counts = (
+                {}
+                if cuda
+                else {
+                    "prior_images": 4,
+                    "train_steps": 10,
+                    "eval_prompts": 2,
+                    "images_per_prompt": 1,
+                    "sample_steps": 2,
+                }
+            )
+            counts |= e2e_counts or {}
+            if model_uri is None:  # the run loads its model from a folder, like any run
+                model_uri = str(root / "sd15")
+                base.save_pretrained(model_uri, safe_serialization=True)
+            del base
+            gc.collect()
+            end_to_end = bench_end_to_end(
+                model_uri, dev, resolution=resolution, mode=e2e_mode, work_dir=tmp, **counts
+            )
+            rows.append(
+                {
+                    "row": f"one subject end to end ({e2e_mode}: {end_to_end['prior_images']} priors, "
+                    f"{end_to_end['train_steps']} steps, {end_to_end['eval_images']} eval images)",
+                    "wall_time_s": end_to_end["wall_time_s"],
+                    "peak_memory_bytes": end_to_end["peak_memory_bytes"],
+                }
+            )
+
+    title = f"model: {model_name}   device: {dev}   {resolution} px   1+1 images/step   {steps} timed steps"
+    table = render_bench_table(rows, title)
+    print(table)
+    if out_markdown:
+        storage.write_text(out_markdown, table)
+    return {
+        "model": model_name,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "resolution": resolution,
+        "steps": steps,
+        "rows": rows,
+        "prior": prior,
+        "end_to_end": end_to_end,
+        "markdown": table,
+    }
+
+
+def render_bench_table(rows: list[dict[str, Any]], title: str) -> str:
+    """One Markdown table: s/step and subjects·steps/s for training rows, images/s for prior rows, wall time for
+    the end-to-end row, and peak memory for all."""
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row else ""
+
+    lines = [
+        f"{title}",
+        "",
+        "| | s/step | subjects·steps/s | images/s | wall time s | peak memory GiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['row']} | {cell(row, 's_per_step', '.4f')} | {cell(row, 'subject_steps_per_s', '.2f')} | "
+            f"{cell(row, 'images_per_s', '.2f')} | {cell(row, 'wall_time_s', '.1f')} | "
+            f"{row['peak_memory_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

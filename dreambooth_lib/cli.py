@@ -490,6 +490,39 @@ def bench_train(
         typer.echo(json.dumps(result, default=str))
 
 
+@bench_app.command("all")
+@user_errors
+def bench_all(
+    model: Annotated[str | None, typer.Option(help="base model (default: a fresh tiny model)")] = None,
+    sd15_shape: Annotated[bool, typer.Option(help="an SD-1.5-sized random-weight model (GPU runs)")] = False,
+    resolution: int | None = None,
+    device: str = "auto",
+    steps: int = 10,
+    ks: Annotated[str, typer.Option(help="packed subject counts, comma-separated")] = "1,4,8,16",
+    e2e: Annotated[bool, typer.Option(help="also one subject end to end")] = False,
+    out: Annotated[str | None, typer.Option(help="write the table as Markdown here")] = None,
+    as_json: JsonOpt = False,
+):
+    """Full table: diffusers-style vs our full-FT step, LoRA, packed K-subject LoRA, prior images/s, end to end.
+
+    Example: dreambooth bench all --sd15-shape --resolution 512 --e2e --out bench.md
+    """
+    from dreambooth_lib.bench import bench_all as bench
+
+    result = bench(
+        model=model,
+        sd15_shape=sd15_shape,
+        resolution=resolution,
+        device=device,
+        steps=steps,
+        ks=tuple(int(k) for k in ks.split(",") if k.strip()),
+        e2e=e2e,
+        out_markdown=out,
+    )
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+
+
 @app.command()
 @user_errors
 def submit(

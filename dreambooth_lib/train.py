@@ -154,20 +154,31 @@ class Trainer:
     prompt_rows: torch.Tensor  # which cached prompt each row of the batch uses (0 instance, 1 class)
 
 
-def train_step(t: Trainer) -> torch.Tensor:
-    """One optimizer step of Eq. 2 on fresh draws of subject and prior latents; returns the loss, on the device."""
-    gen, device, bs = t.generator, t.speed.device, t.batch_size
+def draw_batch(
+    data: TrainingData, gen: torch.Generator, bs: int, num_train_timesteps: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, noise, timesteps) of one step: `bs` subject rows, then `bs` prior rows (when there is a prior),
+    all drawn from `gen` in a fixed order. Packed training (packed.py) draws each subject's rows with this same
+    function, which is what makes a packed subject repeat its single-subject run."""
     latents = [
-        t.data.instance.sample(torch.randint(len(t.data.instance), (bs,), generator=gen, device=device), gen)
+        data.instance.sample(torch.randint(len(data.instance), (bs,), generator=gen, device=device), gen)
     ]
-    if t.data.prior is not None:  # each term with its own images, noise and timesteps, in one UNet batch
+    if data.prior is not None:  # each term with its own images, noise and timesteps, in one UNet batch
         latents.append(
-            t.data.prior.sample(torch.randint(len(t.data.prior), (bs,), generator=gen, device=device), gen)
+            data.prior.sample(torch.randint(len(data.prior), (bs,), generator=gen, device=device), gen)
         )
     latents = torch.cat(latents)
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
-    num_train_timesteps = t.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=gen, device=device)
+    return latents, noise, timesteps
+
+
+def train_step(t: Trainer) -> torch.Tensor:
+    """One optimizer step of Eq. 2 on fresh draws of subject and prior latents; returns the loss, on the device."""
+    device, bs = t.speed.device, t.batch_size
+    latents, noise, timesteps = draw_batch(
+        t.data, t.generator, bs, t.noise_scheduler.config.num_train_timesteps, device
+    )
     noisy = t.noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(t.noise_scheduler, latents, noise, timesteps)
 

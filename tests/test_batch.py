@@ -103,7 +103,7 @@ def test_identifiers_are_distinct_and_avoid_the_registry(tmp_path, tiny_model, m
     assert (
         failed["clash"].status == "failed" and failed["clash"].step == "plan" and failed["clash"].entry == 5
     )
-    assert "subjects[5] (clash)" in failed["clash"].error and "already used" in failed["clash"].error
+    assert "subjects[5] (clash)" in failed["clash"].error and "already taken" in failed["clash"].error
     assert failed["bad name!"].entry == 6 and "subjects[6]" in failed["bad name!"].error
 
 
