@@ -33,7 +33,7 @@ NUM_IMAGES = 4  # subject images, and as many prior images
 def build_sd15_shaped_pipeline(seed: int = 0):
     """An in-memory pipeline with Stable Diffusion 1.5's shapes and random weights (no download): 860M-parameter
     UNet, 84M VAE, 123M CLIP-L text encoder with the real vocabulary."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -82,25 +82,7 @@ def build_sd15_shaped_pipeline(seed: int = 0):
     )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(models.write_clip_tokenizer(tmp)))
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return models.sd_pipeline_from_parts(unet, vae, text_encoder, tokenizer)
 
 
 def _write_images(folder: Path, n: int, resolution: int, seed: int) -> list[str]:
@@ -325,14 +307,14 @@ def bench_prior(
     naive (fp32, one image per call, as a plain `pipe(prompt)` loop) and ours (prior.run's path: fp16 on CUDA,
     `batch_size` images per call through sampling.sample_images). On CPU both are fp32 (no fast fp16 kernels);
     only the batching differs. One untimed warm-up call each. Classifier-free guidance is on in both."""
-    from dreambooth_lib import prior, sampling
+    from dreambooth_lib import sampling
 
     dev = torch.device(models.resolve_device(str(device)))
     resolution = resolution or sampling.default_resolution(base)
     figures: dict[str, Any] = {"steps": steps, "resolution": resolution, "batch_size": batch_size}
     for label, dtype, n, bs in (
         ("naive", torch.float32, naive_images, 1),
-        ("ours", prior._torch_dtype("auto", str(dev)), num_images, batch_size),
+        ("ours", models.resolve_dtype("auto", str(dev)), num_images, batch_size),
     ):
         pipe = copy.deepcopy(base).to(dev, dtype)
         pipe.set_progress_bar_config(disable=True)

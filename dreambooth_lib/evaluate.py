@@ -235,11 +235,10 @@ def _sample(
 
 
 def _load_pipe(uri: str, device: str, allow_pickle: bool, base_model: str | None):
-    import torch
 
-    from dreambooth_lib.models import load_pipeline
+    from dreambooth_lib.models import load_pipeline, resolve_dtype
 
-    dtype = torch.float16 if device.startswith("cuda") else None
+    dtype = resolve_dtype("auto", device)
     return load_pipeline(
         uri, allow_pickle=allow_pickle, torch_dtype=dtype, device=device, base_model=base_model
     )

@@ -105,12 +105,10 @@ def run(
     if steps < 1:
         raise ConfigError(f"generate: steps is {steps}; it must be at least 1")
 
-    import torch
     from tqdm import tqdm
 
     dev = models.resolve_device(device)
-    # fp16 halves memory and time on GPUs; CPUs have no fast fp16 kernels
-    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    dtype = models.resolve_dtype("auto", dev)
     pipe = models.load_pipeline(
         model, allow_pickle=allow_pickle, torch_dtype=dtype, device=dev, base_model=base_model
     )

@@ -224,6 +224,16 @@ def load_pipeline(
     return pipe
 
 
+def resolve_dtype(dtype: str, device: str):
+    """The torch dtype for inference: `auto` is fp16 on GPUs (half the memory and time), fp32 on CPUs (no fast
+    fp16 kernels there)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
@@ -237,6 +247,31 @@ def resolve_device(device: str = "auto") -> str:
 # --- the tiny model --------------------------------------------------------------------------------------------
 
 
+def sd_pipeline_from_parts(unet, vae, text_encoder, tokenizer):
+    """An SD-1.x pipeline around the given modules, with SD 1.x's training noise schedule and no safety checker."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    scheduler = DDPMScheduler(
+        steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
     """Write a tiny SD-1.x-shaped pipeline (random weights, real CLIP vocabulary) of a few MB, deterministic in seed.
 
@@ -244,7 +279,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) 
     a 2-level VAE (downsampling x2, so 64 px images make 32 px latents), and a 5-layer CLIP text encoder.
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -292,25 +327,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) 
     )
     tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    scheduler = DDPMScheduler(
-        steps_offset=1,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd_pipeline_from_parts(unet, vae, text_encoder, tokenizer)
     pipe.save_pretrained(out, safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # slow-tokenizer files too, for transformers 4 readers
         os.replace(tok_dir / name, out / "tokenizer" / name)

@@ -136,15 +136,6 @@ def load_prior_images(uri: str, n: int | None = None) -> list[str]:
     return [storage.join(uri, image_name(i)) for i in range(count)]
 
 
-def _torch_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        # fp16 halves memory and time on GPUs; CPUs have no fast fp16 kernels
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
 def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -236,7 +227,7 @@ def run(
         pipe = models.load_pipeline(
             base_model,
             allow_pickle=allow_pickle,
-            torch_dtype=_torch_dtype(config.dtype, device),
+            torch_dtype=models.resolve_dtype(config.dtype, device),
             device=device,
         )
         guidance_used = (

@@ -28,19 +28,9 @@ RESOLUTION = 64
 
 def make_subject(out_dir: str | Path, color=(220, 30, 30), n: int = 4, size: int = 96, seed: int = 0) -> Path:
     """A synthetic subject: a coloured square at shifting positions on a lightly noisy grey background."""
-    import numpy as np
-    from PIL import Image
+    from dreambooth_lib.synthetic import make_subject_images
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img = np.full((size, size, 3), 128, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
-        side = size // 2 + int(rng.integers(-size // 10, size // 10))
-        x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
-        img[y0 : y0 + side, x0 : x0 + side] = color
-        Image.fromarray(np.clip(img, 0, 255).astype("uint8")).save(out / f"{i:02d}.png")
-    return out
+    return make_subject_images(out_dir, n=n, size=size, color=color, seed=seed)
 
 
 def build_models(out: Path) -> dict[str, str]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_lib.synthetic import make_subject_images  # noqa: F401  (tests import it from here)
+
 # One torch thread per test process: two processes with all threads each run ~10x slower on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,24 +109,6 @@ def dreambench() -> Path:
     if not (DREAMBENCH / "dataset").is_dir():
         pytest.skip("shared/dreambench is not beside the checkout")
     return DREAMBENCH
-
-
-def make_subject_images(
-    out_dir: Path, n: int = 4, size: int = 288, color=(220, 30, 30), seed: int = 0
-) -> Path:
-    """A synthetic subject: a coloured square at shifting positions on a lightly noisy grey background."""
-    import numpy as np
-    from PIL import Image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img = np.full((size, size, 3), 128, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
-        side = size // 2 + int(rng.integers(-size // 10, size // 10))
-        x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
-        img[y0 : y0 + side, x0 : x0 + side] = color
-        Image.fromarray(np.clip(img, 0, 255).astype("uint8")).save(out_dir / f"{i:02d}.png")
-    return out_dir
 
 
 @pytest.fixture
