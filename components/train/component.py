@@ -51,6 +51,9 @@ def fine_tune(
         class_noun,
         config,
         trained_model.path,
+        # A retried task (preempted GPU node) writes to the same artifact: continue from its newest complete
+        # checkpoint; with none, training starts fresh.
+        resume=True,
         allow_pickle=allow_pickle,
     )
     summary = result.model_dump(mode="json")
