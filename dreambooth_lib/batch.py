@@ -7,14 +7,19 @@ The library side of `batch_personalize` (the components are adapters over these 
 - `plan_batch(...)`: identifiers chosen one after another, each excluding those before it and the registry's,
   so subjects trained in parallel on one base model never share one.
 - `distinct_classes(...)`: one item per class noun, so each (base model, class) prior set is made once.
-- `run_subject(...)`: one subject end to end via `pipeline_run.run`; its failure becomes a `SubjectStatus`,
-  never an exception, because on Argo one failed task stops the DAG from scheduling the other subjects.
+- `train_pack(...)`: LoRA subjects of the batch (one base model) trained together, K adapters per UNet batch
+  (`packed.train_packed_subjects`), each into its own `<run_dir>/train`; full fine-tunes, a pack size of 1 and
+  any subject that fails here are left to `run_subject`, which trains them one at a time.
+- `run_subject(...)`: one subject end to end via `pipeline_run.run` (reusing a model its pack trained); its
+  failure becomes a `SubjectStatus`, never an exception, because on Argo one failed task stops the DAG from
+  scheduling the other subjects.
 - `render_summary(statuses)`: the batch table as Markdown and HTML.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import traceback
 from collections.abc import Iterable, Mapping
@@ -105,6 +110,7 @@ class SubjectStatus(BaseModel):
     report_html: str | None = None
     registered: dict[str, Any] | None = None
     wall_time_s: float | None = None
+    packed: bool | None = Field(None, description="its model was trained in a pack (batch.train_pack)")
 
     @property
     def ok(self) -> bool:
@@ -249,6 +255,60 @@ def status_dir(batch_root: str, job_id: str) -> str:
     return storage.join(batch_root, job_id, "status")
 
 
+def subject_run_values(
+    run_options: Mapping[str, Any] | None,
+    *,
+    resolution: int,
+    steps: int,
+    prior_loss_weight: float,
+    prior_size: int,
+    prior_root: str,
+    mode: str,
+    eval_prompts: Iterable[str] = (),
+    gate_thresholds: Mapping[str, Any] | None = None,
+    prior_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The batch pipeline's parameters laid onto `run_options` (a deep copy) as RunConfig sections: one place, so
+    the pack step and the subject step build the very same RunConfig (and find the same prior set)."""
+    values = json.loads(json.dumps(dict(run_options or {})))
+    values.setdefault("ingest", {})["resolution"] = resolution
+    values["prior"] = {
+        **values.get("prior", {}),
+        **dict(prior_options or {}),
+        "num_images": prior_size,
+        "root": prior_root,
+    }
+    values.setdefault("train", {}).update(
+        steps=steps, prior_loss_weight=prior_loss_weight, mode=mode, resolution=resolution
+    )
+    eval_values = values.setdefault("eval", {})
+    if eval_prompts:
+        eval_values["prompts"] = list(eval_prompts)
+    eval_values["gate"] = {**eval_values.get("gate", {}), **dict(gate_thresholds or {})}
+    return values
+
+
+def subject_config(
+    subject: PlannedSubject,
+    base_model: str,
+    run_dir: str,
+    run_options: Mapping[str, Any] | None = None,
+    registry_uri: str | None = None,
+    allow_pickle: bool = False,
+) -> RunConfig:
+    """The RunConfig of one subject: `run_options` plus its subject, identifier, base model, run dir, registry."""
+    values = dict(run_options or {})
+    values.update(
+        base_model=base_model,
+        run_dir=run_dir,
+        allow_pickle=allow_pickle,
+        subject=subject.subject().model_dump(),
+        registry={"uri": registry_uri} if registry_uri else None,
+        identifier={**values.get("identifier", {}), "identifier": subject.identifier},
+    )
+    return parse_config(RunConfig, values, f"subject {subject.name}: run_options")
+
+
 def run_subject(
     subject: PlannedSubject,
     base_model: str,
@@ -260,7 +320,8 @@ def run_subject(
     """Train, evaluate and register one subject; any failure of its own is returned as its status, not raised.
 
     `run_options` holds the other RunConfig sections (ingest, prior, train, eval, sample_prompts, ...); the
-    subject, its identifier, the base model, the run directory and the registry are set here.
+    subject, its identifier, the base model, the run directory and the registry are set here. A model that
+    `train_pack` already trained into `<run_dir>/train` for this configuration is used, not trained again.
     """
     from dreambooth_lib import pipeline_run
 
@@ -273,18 +334,10 @@ def run_subject(
         base_model_digest=subject.base_model_digest,
     )
     try:
-        values = dict(run_options or {})
-        values.update(
-            base_model=base_model,
-            run_dir=run_dir,
-            allow_pickle=allow_pickle,
-            subject=subject.subject().model_dump(),
-            registry={"uri": registry_uri} if registry_uri else None,
-            identifier={**values.get("identifier", {}), "identifier": subject.identifier},
-        )
-        config = parse_config(RunConfig, values, f"subject {subject.name}: run_options")
-        result = pipeline_run.run(config)
+        config = subject_config(subject, base_model, run_dir, run_options, registry_uri, allow_pickle)
+        result = pipeline_run.run(config, reuse_training=True)
         _fill_from_result(status, result.model_dump(mode="json"))
+        status.packed = result.reused_training or None
         status.status = "registered" if result.registered else "trained"
     except GateFailed as err:
         # The run's artifacts are kept; its run_result.json holds the metrics that failed the gate.
@@ -296,6 +349,127 @@ def run_subject(
         log.error("subject %s failed:\n%s", subject.name, traceback.format_exc())
         status.status, status.error = "failed", f"{type(err).__name__}: {err}"
     return status
+
+
+# --- packed LoRA training ----------------------------------------------------------------------------------------
+
+
+class PackStatus(BaseModel):
+    """One subject of `train_pack`: trained in a pack, or left for `run_subject` to train alone (and why)."""
+
+    subject: str
+    packed: bool
+    model_uri: str | None = None
+    reason: str | None = None
+
+
+def packed_record_uri(batch_root: str, job_id: str) -> str:
+    """`<batch>/packed.json`: beside, not inside, status/ (whose every file is a SubjectStatus)."""
+    return storage.join(batch_root, job_id, "packed.json")
+
+
+def train_pack(
+    subjects: Iterable[PlannedSubject | Mapping[str, Any]],
+    base_model: str,
+    batch_root: str,
+    job_id: str,
+    run_options: Mapping[str, Any] | None = None,
+    pack_size: int = 0,
+    registry_uri: str | None = None,
+    allow_pickle: bool = False,
+) -> list[PackStatus]:
+    """Train the batch's LoRA subjects together, each into `<run_dir>/train`, before the subject loop runs.
+
+    A LoRA step of one subject leaves a large GPU mostly idle; `packed.train_packed_subjects` trains up to
+    `pack_size` subjects (0: as many as the GPU's free memory holds, `packed.default_pack_size`) in one UNet batch,
+    each exactly as its own run would. Each subject is ingested and its class's prior set found (the class loop
+    made it: `prior.run` finds it in the shared cache) with its own RunConfig, so `run_subject` later sees the
+    same inputs and reuses the model. Does nothing (returns []) for full fine-tunes, text-encoder training, a pack
+    size of 1 or fewer than 2 subjects: the subject loop then trains one subject per task, as without packing.
+    A subject that fails here is only left untrained: its `run_subject` trains it alone or reports its failure.
+    Writes the statuses to `packed.json` of the batch. Raises nothing for a subject's failure.
+    """
+    from dreambooth_lib import ingest, packed, prior
+
+    planned = [
+        s if isinstance(s, PlannedSubject) else PlannedSubject.model_validate(dict(s)) for s in subjects
+    ]
+    configs: dict[str, RunConfig] = {}
+    statuses: dict[str, PackStatus] = {}
+    for s in planned:
+        run_dir = subject_run_dir(batch_root, job_id, s.name)
+        try:
+            configs[s.name] = subject_config(s, base_model, run_dir, run_options, registry_uri, allow_pickle)
+        except Exception as err:  # its run_subject reports the same error
+            statuses[s.name] = PackStatus(subject=s.name, packed=False, reason=_reason(err))
+    if not configs:
+        return []
+    train_config = next(iter(configs.values())).train
+    if train_config.mode != "lora" or train_config.train_text_encoder:
+        log.info("packing off: train.mode %s, train_text_encoder %s", train_config.mode,
+                 train_config.train_text_encoder)  # fmt: skip
+        return []
+    size = pack_size or packed.default_pack_size(
+        train_config.device, train_config.resolution, train_config.batch_size
+    )
+    if size < 2 or len(configs) < 2:
+        log.info("packing off: pack size %d, %d subjects", size, len(configs))
+        return []
+
+    to_pack: list[packed.PackedSubject] = []
+    priors: dict[str, Any] = {}  # class noun -> PriorResult: one cache look-up per class
+    for s in planned:
+        config = configs.get(s.name)
+        if config is None:
+            continue
+        try:
+            ingest_dir = storage.join(config.run_dir, "ingest")
+            ingest.run(s.images, ingest_dir, config.ingest, class_noun=s.class_noun)
+            prior_result = None
+            if config.train.prior_loss_weight > 0 and config.prior.num_images > 0:
+                if s.class_noun not in priors:
+                    priors[s.class_noun] = prior.run(
+                        base_model,
+                        s.class_noun,
+                        config.prior,
+                        root=config.prior.root or storage.join(config.run_dir, "priors"),
+                        resolution=config.prior.resolution or config.train.resolution,
+                        allow_pickle=allow_pickle,
+                    )
+                prior_result = priors[s.class_noun]
+        except Exception as err:  # left to its run_subject, which reports it
+            statuses[s.name] = PackStatus(subject=s.name, packed=False, reason=_reason(err))
+            continue
+        to_pack.append(
+            packed.PackedSubject(
+                name=s.name,
+                instance_dir=ingest_dir,
+                prior_dir=prior_result.uri if prior_result else None,
+                identifier=s.identifier,
+                class_noun=s.class_noun,
+                out=storage.join(config.run_dir, "train"),
+                prior_images=list(prior_result.images) if prior_result else None,
+            )
+        )
+    if to_pack:
+        try:
+            results = packed.train_packed_subjects(
+                base_model, to_pack, train_config, pack_size=size, allow_pickle=allow_pickle
+            )
+        except Exception as err:  # e.g. a bad pack_size: every subject trains alone instead
+            results = [packed.PackedResult(name=p.name, ok=False, error=_reason(err)) for p in to_pack]
+        for r in results:
+            statuses[r.name] = PackStatus(subject=r.name, packed=r.ok, model_uri=r.model_uri, reason=r.error)
+    ordered = [statuses[s.name] for s in planned if s.name in statuses]
+    storage.write_json(
+        packed_record_uri(batch_root, job_id),
+        {"pack_size": size, "subjects": [p.model_dump(mode="json", exclude_none=True) for p in ordered]},
+    )
+    return ordered
+
+
+def _reason(err: Exception) -> str:
+    return str(err) if isinstance(err, DreamboothError) else f"{type(err).__name__}: {err}"
 
 
 RESULT_KEYS = (
@@ -402,6 +576,9 @@ def render_summary(statuses: list[SubjectStatus], job_id: str = "", run_error: s
     rows = summary_rows(statuses)
     md = [f"# {title}", "", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     md += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    note = packing_note(statuses)
+    if note:
+        md += ["", note]
     if run_error:
         md += ["", f"Run error: {run_error}"]
     markdown = "\n".join(md) + "\n"
@@ -411,9 +588,16 @@ def render_summary(statuses: list[SubjectStatus], job_id: str = "", run_error: s
         "<table border='1' cellpadding='4'><tr>"
         + "".join(f"<th>{h}</th>" for h in SUMMARY_COLUMNS)
         + f"</tr>{cells}</table>"
+        + (f"<p>{html.escape(note)}</p>" if note else "")
         + (f"<p>Run error: {html.escape(run_error)}</p>" if run_error else "")
     )
     return markdown, page
+
+
+def packing_note(statuses: list[SubjectStatus]) -> str:
+    """A line naming the subjects whose LoRA was trained in a pack ('' when none was)."""
+    names = sorted(s.subject for s in statuses if s.packed)
+    return f"Trained in packs (several LoRA subjects per UNet batch): {', '.join(names)}" if names else ""
 
 
 def summary_record(statuses: list[SubjectStatus], job_id: str = "") -> dict[str, Any]:

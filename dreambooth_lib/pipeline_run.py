@@ -3,7 +3,9 @@
 The same steps the Kubeflow pipeline runs as separate tasks, called one after another with every intermediate
 under one run directory (local or gs://), laid out as docs/architecture.md describes. A rerun of the same run
 directory reuses the chosen identifier (the model is bound to it) and the prior cache, and `resume` continues
-training from its newest complete checkpoint.
+training from its newest complete checkpoint. With `reuse_training`, a model already trained into `train/` for
+this very run (same identifier, class, train settings and base model: e.g. by a batch's packed LoRA step) is used
+as is instead of training again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class RunResult(BaseModel):
     registered: dict[str, Any] | None = None
     wall_time_s: float
     step_times_s: dict[str, float]
+    reused_training: bool = False  # train/ already held this run's model (e.g. trained in a batch's pack)
 
     def summary(self) -> str:
         lines = [
@@ -60,7 +63,31 @@ def fill_template(template: str, identifier: str, class_noun: str) -> str:
     return template.format(identifier, class_noun)
 
 
-def run(config: RunConfig, resume: bool = False) -> RunResult:
+def reusable_training(config: RunConfig, identifier: str):
+    """The TrainResult in `<run_dir>/train/` when it is this run's model (its model folder exists and its
+    identifier, class, train settings and base model digest match), else None: then the run trains."""
+    from dreambooth_lib import models, train
+
+    summary_uri = storage.join(config.run_dir, "train", train.SUMMARY_NAME)
+    if not storage.exists(summary_uri):
+        return None
+    try:
+        done = train.TrainResult.model_validate(storage.read_json(summary_uri))
+    except ValueError:  # an unreadable or older summary: train again rather than trust it
+        return None
+    matches = (
+        done.identifier == identifier
+        and done.class_noun == config.subject.class_noun
+        and done.mode == config.train.mode
+        and done.config.model_dump(mode="json") == config.train.model_dump(mode="json")
+        and storage.exists(storage.join(done.model_uri, models.LORA_MARKER_NAME if done.mode == "lora"
+                                        else "model_index.json"))
+        and done.base_model_digest == models.model_digest(config.base_model, allow_pickle=config.allow_pickle)
+    )  # fmt: skip
+    return done if matches else None
+
+
+def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -> RunResult:
     from dreambooth_lib import generate, identifier, ingest, prior, train
 
     t0 = time.perf_counter()
@@ -109,20 +136,25 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         )
         storage.write_json(storage.join(rd, "prior.json"), prior_result.model_dump(mode="json"))
 
-    trained = timed(
-        "train",
-        train.run,
-        config.base_model,
-        ingest_dir,
-        prior_result.uri if prior_result else None,
-        chosen.identifier,
-        subject.class_noun,
-        config.train,
-        storage.join(rd, "train"),
-        resume=resume,
-        allow_pickle=config.allow_pickle,
-        prior_images=prior_result.images if prior_result else None,
-    )
+    trained = reusable_training(config, chosen.identifier) if reuse_training else None
+    reused = trained is not None
+    if reused:
+        times["train"] = 0.0
+    else:
+        trained = timed(
+            "train",
+            train.run,
+            config.base_model,
+            ingest_dir,
+            prior_result.uri if prior_result else None,
+            chosen.identifier,
+            subject.class_noun,
+            config.train,
+            storage.join(rd, "train"),
+            resume=resume,
+            allow_pickle=config.allow_pickle,
+            prior_images=prior_result.images if prior_result else None,
+        )
 
     samples_dir = None
     if config.samples_per_prompt > 0 and config.sample_prompts:
@@ -154,6 +186,7 @@ def run(config: RunConfig, resume: bool = False) -> RunResult:
         samples_dir=samples_dir,
         wall_time_s=0.0,
         step_times_s=times,
+        reused_training=reused,
     )
 
     if config.evaluate:

@@ -1,9 +1,11 @@
 """`batch_personalize`: many subjects from a manifest, priors made once per class, failures isolated.
 
 plan (manifest → subjects with distinct identifiers) → distinct classes → ParallelFor over classes (one prior
-set per (base model, class) in the shared, content-addressed prior root) → ParallelFor over subjects (one task
-each, which finds its class's prior set in that cache and catches its own failure) — all inside an exit handler
-whose task writes the batch summary (Markdown + HTML) whatever happened.
+set per (base model, class) in the shared, content-addressed prior root) → packed LoRA training (LoRA subjects
+trained K per UNet batch, `pack_size` 0 = as many as the GPU holds; a no-op for full fine-tunes) → ParallelFor
+over subjects (one task each, which finds its class's prior set in that cache, reuses the model its pack trained
+or trains alone, and catches its own failure) — all inside an exit handler whose task writes the batch summary
+(Markdown + HTML) whatever happened.
 """
 
 from kfp import dsl
@@ -12,6 +14,7 @@ from components.batch_classes.component import list_classes
 from components.batch_plan.component import plan_batch
 from components.batch_subject.component import personalize_subject
 from components.batch_summary.component import summarize_batch
+from components.batch_train_packed.component import train_packed_loras
 from components.prior.component import make_prior_set
 from pipelines.placement import Placement, load_placement, on_cpu, on_gpu
 
@@ -42,6 +45,7 @@ def build_batch_personalize(placement: Placement):
         prior_options: dict = {},  # noqa: B006
         run_options: dict = {},  # noqa: B006
         allow_pickle: bool = False,
+        pack_size: int = 0,
     ):
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         summary = summarize_batch(manifest_uri=manifest_uri, batch_root=batch_root, job_id=job_id)
@@ -79,6 +83,26 @@ def build_batch_personalize(placement: Placement):
                 )
                 on_gpu(prior.set_display_name("class-prior images"), placement)
 
+            pack = train_packed_loras(
+                subjects=plan.outputs["Output"],
+                base_model=base_model,
+                batch_root=batch_root,
+                job_id=job_id,
+                pack_size=pack_size,
+                resolution=resolution,
+                steps=steps,
+                prior_loss_weight=prior_loss_weight,
+                prior_size=prior_size,
+                mode=mode,
+                prior_options=prior_options,
+                run_options=run_options,
+                allow_pickle=allow_pickle,
+            ).after(prior)
+            pack.set_display_name("train packed LoRA").set_caching_options(False)  # writes the run dirs
+            # Retried like the other GPU steps: a rerun retrains the pack; its subjects' own failures never
+            # fail it (they are left to train alone).
+            on_gpu(pack, placement)
+
             with dsl.ParallelFor(
                 plan.outputs["Output"], parallelism=placement.parallelism, name="subjects"
             ) as subject:
@@ -100,7 +124,7 @@ def build_batch_personalize(placement: Placement):
                     run_options=run_options,
                     registry_uri=registry_uri,
                     allow_pickle=allow_pickle,
-                ).after(prior)
+                ).after(pack)
                 one.set_display_name("personalize subject").set_caching_options(False)  # writes the registry
                 # No retry: the task never fails on a subject's error; it records it.
                 on_gpu(one, placement, retry=False)

@@ -127,7 +127,7 @@ def _planned(name: str) -> batch.PlannedSubject:
     )  # fmt: skip
 
 
-def _result(config) -> pipeline_run.RunResult:
+def _result(config, **_) -> pipeline_run.RunResult:
     return pipeline_run.RunResult(
         run_dir=config.run_dir, subject=config.subject.name, identifier=config.identifier.identifier,
         prompt="a v dog", model_uri=f"{config.run_dir}/train/model", num_instance_images=4, prior_uri=None,
@@ -143,7 +143,7 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
 
     seen = {}
 
-    def fake_run(config, resume=False):
+    def fake_run(config, resume=False, reuse_training=False):
         seen[config.subject.name] = config
         if config.subject.name == "broken":
             raise IngestError(f"{config.subject.images}: folder not found")
@@ -211,6 +211,119 @@ def test_status_records_round_trip_without_overwriting(tmp_path):
     read = sorted(batch.read_statuses(directory), key=lambda s: s.entry or -1)
     assert read == [ok, duplicate, escaping]
     assert batch.read_statuses(str(tmp_path / "none")) == []
+
+
+# --- packed LoRA training --------------------------------------------------------------------------------------
+
+PACK_RES = 32
+
+
+def _pack_options(mode: str = "lora") -> dict:
+    """A batch's run options as the pipeline builds them: tiny LoRA training with a 2-image prior set."""
+    return batch.subject_run_values(
+        {
+            "ingest": {"min_side": PACK_RES, "allow_few": True},
+            "train": {"lora_rank": 2, "checkpoint_every": 0, "log_every": 1, "device": "cpu",
+                      "learning_rate": 1e-3},
+            "prior": {"device": "cpu"},
+            "samples_per_prompt": 0,
+            "evaluate": False,
+        },
+        resolution=PACK_RES, steps=2, prior_loss_weight=1.0, prior_size=2, prior_root="", mode=mode,
+        prior_options={"steps": 2, "batch_size": 2},
+    )  # fmt: skip
+
+
+def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[batch.PlannedSubject]:
+    """Two subjects with photos and one without, with identifiers the tokenizer keeps whole."""
+    from conftest import make_subject_images
+
+    tokenizer = identifier.load_tokenizer(model)
+    first = identifier.choose_identifier(tokenizer, "square", FAST_IDS).identifier
+    second = identifier.choose_identifier(tokenizer, "square", FAST_IDS, exclude={first}).identifier
+
+    made = [
+        batch.PlannedSubject(
+            name=name, class_noun="square", identifier=ident, base_model_digest="md", prior_root=prior_root,
+            images=str(make_subject_images(tmp_path / "photos" / name, n=2, size=PACK_RES, color=color, seed=i)),
+        )
+        for i, (name, ident, color) in enumerate([("red", first, (220, 30, 30)), ("green", second, (30, 200, 30))])
+    ]  # fmt: skip
+    missing = batch.PlannedSubject(
+        name="lost", class_noun="square", identifier=second, base_model_digest="md", prior_root=prior_root,
+        images=str(tmp_path / "nowhere"),
+    )  # fmt: skip
+    return [*made, missing]
+
+
+def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
+    tmp_path, tiny_model, monkeypatch
+):
+    from dreambooth_lib import packed, train
+
+    root, prior_root = str(tmp_path / "b"), str(tmp_path / "priors")
+    subjects = _pack_subjects(tmp_path, prior_root, tiny_model)
+    options = _pack_options()
+    options["prior"]["root"] = prior_root
+    packs = []
+    real_packed = packed.run_packed
+    monkeypatch.setattr(
+        packed, "run_packed", lambda *a, **k: packs.append([s.name for s in a[1]]) or real_packed(*a, **k)
+    )
+
+    statuses = batch.train_pack(subjects, tiny_model, root, "j1", options, pack_size=2)
+    assert packs == [["red", "green"]]  # one UNet batch for both; the subject without photos left out
+    by_name = {s.subject: s for s in statuses}
+    assert by_name["red"].packed and by_name["green"].packed
+    assert not by_name["lost"].packed and "nowhere" in by_name["lost"].reason
+    for name, ident in ((s.name, s.identifier) for s in subjects[:2]):
+        train_dir = tmp_path / "b" / "j1" / "subjects" / name / "train"
+        summary = json.loads((train_dir / "train_summary.json").read_text())
+        assert (
+            summary["identifier"] == ident and summary["mode"] == "lora" and summary["num_prior_images"] == 2
+        )
+        assert (train_dir / "model" / "pytorch_lora_weights.safetensors").exists()
+        assert by_name[name].model_uri == str(train_dir / "model")
+    record = json.loads((tmp_path / "b" / "j1" / "packed.json").read_text())
+    assert record["pack_size"] == 2 and [s["packed"] for s in record["subjects"]] == [True, True, False]
+    assert len(list((tmp_path / "priors").glob("*/prior_set.json"))) == 1  # one class, one prior set
+
+    # the subject step uses the packed model: training must not run again
+    def no_training(*args, **kwargs):
+        raise AssertionError("train.run called although the pack trained this subject")
+
+    monkeypatch.setattr(train, "run", no_training)
+    run_dir = batch.subject_run_dir(root, "j1", "red")
+    status = batch.run_subject(subjects[0], tiny_model, run_dir, options)
+    assert status.status == "trained" and status.packed is True, status.error
+    assert status.model_uri == by_name["red"].model_uri
+    result = json.loads((tmp_path / "b" / "j1" / "subjects" / "red" / "run_result.json").read_text())
+    assert result["reused_training"] is True and result["step_times_s"]["train"] == 0.0
+    assert "Trained in packs (several LoRA subjects per UNet batch): red" in batch.render_summary([status])[0]
+
+    # other train settings than the pack's: the packed model is not this run's, so the subject trains alone
+    other = {**options, "train": {**options["train"], "steps": 3}}
+    status = batch.run_subject(subjects[1], tiny_model, batch.subject_run_dir(root, "j1", "green"), other)
+    assert status.status == "failed" and "train.run called" in status.error
+
+
+def test_train_pack_leaves_full_fine_tunes_and_single_packs_to_the_subject_loop(
+    tmp_path, tiny_model, monkeypatch
+):
+    from dreambooth_lib import ingest, packed
+
+    def never(*args, **kwargs):
+        raise AssertionError("train_pack must do nothing here")
+
+    monkeypatch.setattr(packed, "train_packed_subjects", never)
+    monkeypatch.setattr(ingest, "run", never)
+    subjects = _pack_subjects(tmp_path, str(tmp_path / "priors"), tiny_model)
+    root = str(tmp_path / "b")
+    assert batch.train_pack(subjects, tiny_model, root, "j1", _pack_options("full"), pack_size=2) == []
+    assert batch.train_pack(subjects, tiny_model, root, "j1", _pack_options(), pack_size=1) == []
+    # pack size 0: chosen from the device's memory; on CPU that is 1 (nothing to gain), so no packing
+    assert batch.train_pack(subjects, tiny_model, root, "j1", _pack_options(), pack_size=0) == []
+    assert not (tmp_path / "b").exists()
 
 
 # --- the summary -----------------------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # components/ and pipelines/ are top-level folders of the checkout
     sys.path.insert(0, str(REPO))
 COMPILED = REPO / "pipelines" / "compiled"
-GPU_EXECUTORS = {"exec-make-prior-set", "exec-fine-tune", "exec-evaluate-model", "exec-personalize-subject"}
+GPU_EXECUTORS = {
+    "exec-make-prior-set",
+    "exec-fine-tune",
+    "exec-evaluate-model",
+    "exec-personalize-subject",
+    "exec-train-packed-loras",
+}
 
 
 def _load(name: str):
@@ -172,8 +178,13 @@ def test_batch_loops_exit_handler_and_isolation():
     by_item = {t.parameter_iterator.items.input_parameter: n for n, t in loops.items()}
     classes_loop = by_item["pipelinechannel--list-classes-Output"]
     subjects_loop = by_item["pipelinechannel--plan-batch-Output"]
-    # priors are made once per class, before any subject trains
-    assert classes_loop in body[subjects_loop].dependent_tasks
+    # priors are made once per class, then the LoRA subjects are trained in packs, then each subject runs
+    pack = body["train-packed-loras"]
+    assert classes_loop in pack.dependent_tasks and "plan-batch" in pack.dependent_tasks
+    assert "train-packed-loras" in body[subjects_loop].dependent_tasks
+    assert pack.inputs.parameters["pack_size"].component_input_parameter == "pipelinechannel--pack_size"
+    assert spec.root.input_definitions.parameters["pack_size"].default_value.number_value == 0
+    assert pack.retry_policy.max_retry_count == 2, "a GPU step retried like the others"
     assert set(_tasks(spec, body[classes_loop].component_ref.name)) == {"make-prior-set"}
     (subject_task,) = _tasks(spec, body[subjects_loop].component_ref.name).values()
     assert subject_task.component_ref.name == "comp-personalize-subject"

@@ -37,30 +37,18 @@ def personalize_subject(
     by the class loop before; with the same settings and root it is found in the cache, not sampled again.
     `prior_options` must equal the class loop's, so the cache key matches.
     `run_options` holds any other RunConfig sections (ingest, train, eval, prior, sample_prompts, ...).
+    A LoRA model the pack step (batch_train_packed) already trained into its run directory is used as is.
     """
-    import json
-
     from dreambooth_lib import batch, storage
 
     planned = batch.PlannedSubject.model_validate(
         {**subject, "base_model_digest": base_model_digest, "prior_root": prior_root}
     )
-    # This task's parameters onto the RunConfig sections (a deep copy of run_options to fill in).
-    values = json.loads(json.dumps(run_options))
-    values.setdefault("ingest", {})["resolution"] = resolution
-    values["prior"] = {
-        **values.get("prior", {}),
-        **prior_options,
-        "num_images": prior_size,
-        "root": prior_root,
-    }
-    values.setdefault("train", {}).update(
-        steps=steps, prior_loss_weight=prior_loss_weight, mode=mode, resolution=resolution
-    )
-    eval_values = values.setdefault("eval", {})
-    if eval_prompts:
-        eval_values["prompts"] = list(eval_prompts)
-    eval_values["gate"] = {**eval_values.get("gate", {}), **gate_thresholds}
+    values = batch.subject_run_values(
+        run_options, resolution=resolution, steps=steps, prior_loss_weight=prior_loss_weight,
+        prior_size=prior_size, prior_root=prior_root, mode=mode, eval_prompts=eval_prompts,
+        gate_thresholds=gate_thresholds, prior_options=prior_options,
+    )  # fmt: skip
 
     run_dir = batch.subject_run_dir(batch_root, job_id, planned.name)
     result = batch.run_subject(

@@ -28,7 +28,7 @@ def test_parameters_reach_the_run_and_failures_are_recorded(tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_run(config, resume=False):
+    def fake_run(config, resume=False, reuse_training=False):
         seen[config.subject.name] = config
         raise FileNotFoundError(f"{config.subject.images}: no photos")
 

@@ -1,0 +1,1 @@
+"""The batch_train_packed component."""
