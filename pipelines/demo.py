@@ -138,7 +138,10 @@ def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: P
         batch_root=str(batch_root),
         registry_uri=str(registry),
         run_options={**steps, "samples_per_prompt": 0},
-        **tiny_settings(paths),
+        # the batch trains LoRA adapters, packed two subjects per training task (the single-subject demo is a
+        # full fine-tune): both training paths run end to end
+        **{**tiny_settings(paths), "mode": "lora"},
+        pack_size=2,
     )
     summaries = sorted(batch_root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
     if not summaries:
