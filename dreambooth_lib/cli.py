@@ -40,6 +40,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
 
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": noise on every load
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "diffusers", "httpx", "urllib3", "google", "kfp"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -376,7 +379,7 @@ def evaluate(
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = parse_config(EvalConfig, data, config or "evaluate options")
     result = step.run(model, real_images, identifier, class_noun, live, cfg, out, base_model=base_model)
-    m = result.metrics
+    m = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result.metrics.items()}
     verdict = "passed" if result.gate.passed else "FAILED: " + "; ".join(result.gate.reasons)
     _emit(
         result,
