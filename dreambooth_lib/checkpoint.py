@@ -3,7 +3,7 @@
 A checkpoint is a folder `<root>/step-XXXXXXX/` (local or gs://) holding
     weights.safetensors     the trained parameters, by name
     optimizer.safetensors   the optimizer's tensors (Adam moments, step counts), keyed `state/<i>/<name>`
-    rng.safetensors         torch CPU/CUDA and training-generator states (byte tensors)
+    rng.safetensors         torch CPU/CUDA and training-generator states (byte tensors; packed runs: one per subject)
     state.json              everything else: optimizer param groups and scalars, python/numpy RNG, losses, ...
     checkpoint_manifest.json   written LAST, with the sha256 of every file above
 A folder without a manifest is an interrupted write and is ignored. Nothing is unpickled: torch.load of a
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,20 +51,33 @@ class Checkpoint:
 # --- RNG ---------------------------------------------------------------------------------------------------------
 
 
-def capture_rng_state(generator: torch.Generator | None) -> dict[str, Any]:
-    """Every RNG a step may touch: torch CPU, each CUDA device, python, numpy and the training generator."""
+def capture_rng_state(
+    generator: torch.Generator | None, generators: Sequence[torch.Generator] = ()
+) -> dict[str, Any]:
+    """Every RNG a step may touch: torch CPU, each CUDA device, python, numpy and the training generator (or, for
+    packed training, one generator per subject: `generators`)."""
     version, mt_state, gauss_next = random.getstate()
     np_state = np.random.get_state()
     return {
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "generator": generator.get_state() if generator is not None else None,
+        "generators": [g.get_state() for g in generators],
         "python": [version, list(mt_state), gauss_next],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
 
 
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+def restore_rng_state(
+    state: dict[str, Any], generator: torch.Generator | None, generators: Sequence[torch.Generator] = ()
+) -> None:
+    saved = state.get("generators") or []
+    if len(saved) != len(generators):
+        raise TrainingError(
+            f"the checkpoint holds {len(saved)} per-subject generator states, this run has {len(generators)}"
+        )
+    for g, g_state in zip(generators, saved, strict=True):
+        g.set_state(g_state)
     torch.set_rng_state(state["torch_cpu"])
     cuda_states = state.get("torch_cuda") or []
     if cuda_states and torch.cuda.is_available():
@@ -83,10 +97,13 @@ def _split_rng(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str
         tensors[f"torch_cuda/{i}"] = s
     if state["generator"] is not None:
         tensors["generator"] = state["generator"]
+    for i, s in enumerate(state.get("generators") or []):
+        tensors[f"generators/{i}"] = s
     return tensors, {
         "python": state["python"],
         "numpy": state["numpy"],
         "cuda_devices": len(state["torch_cuda"]),
+        "generators": len(state.get("generators") or []),
     }
 
 
@@ -95,6 +112,7 @@ def _join_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[s
         "torch_cpu": tensors["torch_cpu"],
         "torch_cuda": [tensors[f"torch_cuda/{i}"] for i in range(plain["cuda_devices"])],
         "generator": tensors.get("generator"),
+        "generators": [tensors[f"generators/{i}"] for i in range(plain.get("generators", 0))],
         "python": plain["python"],
         "numpy": plain["numpy"],
     }
@@ -123,6 +141,58 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     for index, values in plain["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     return {"state": state, "param_groups": plain["param_groups"]}
+
+
+# --- a trainer's state <-> a Checkpoint (shared by train.py and packed.py) ------------------------------------------
+
+
+def snapshot(
+    step: int,
+    named_params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] = (),
+    scaler: Any = None,
+) -> Checkpoint:
+    """The restorable state of a run at the end of `step`: its trained parameters by name, the optimizer, every
+    RNG, the fp16 GradScaler when there is one, and `info` (JSON: losses, fingerprint, ...)."""
+    if scaler is not None:
+        info = {**info, "grad_scaler": scaler.state_dict()}
+    return Checkpoint(
+        step=step,
+        weights={name: p.detach() for name, p in named_params.items()},
+        optimizer=optimizer.state_dict(),
+        rng=capture_rng_state(generator, generators),
+        info=info,
+    )
+
+
+def restore(
+    ckpt: Checkpoint,
+    named_params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] = (),
+    scaler: Any = None,
+) -> None:
+    """Put `ckpt` back into a freshly set-up run: parameters, optimizer state, scaler and every RNG."""
+    missing = set(named_params) ^ set(ckpt.weights)
+    if missing:
+        raise TrainingError(
+            f"{ckpt.uri}: its weights do not match this model ({len(missing)} names differ, e.g. "
+            f"{sorted(missing)[0]}); resume with the same base model and mode, or use a new out folder"
+        )
+    with torch.no_grad():
+        for name, p in named_params.items():
+            p.copy_(ckpt.weights[name])
+    # hyperparameters come from this run's optimizer (the config was checked to agree), state from the checkpoint
+    optimizer.load_state_dict(
+        {"state": ckpt.optimizer["state"], "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    if scaler is not None and "grad_scaler" in ckpt.info:
+        scaler.load_state_dict(ckpt.info["grad_scaler"])
+    restore_rng_state(ckpt.rng, generator, generators)
 
 
 # --- saving and finding ------------------------------------------------------------------------------------------

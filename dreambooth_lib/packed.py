@@ -24,10 +24,19 @@ would break that isolation and are refused.
 
 Each subject's output is exactly a single LoRA run's: `out/model/` (pytorch_lora_weights.safetensors +
 dreambooth_lora.json, written by lora.save_lora_model) and `out/train_summary.json` (a train.TrainResult).
+
+Checkpoints (every `train.checkpoint_every` steps, checkpoint.py's atomic format) hold the whole pack: all K
+adapters' A/B tensors, the optimizer, every subject's generator and the global RNGs, the step, the per-subject
+losses (logged and pending) and which subjects were dropped (and at which step). They live in the pack's own
+folder: `run_packed(checkpoint_dir=...)`; `train_packed_subjects` uses `<work_dir>/.pack-<hash of the subjects'
+names>` with work_dir defaulting to the folder above the pack's first subject's `out`. A preempted pack rerun with
+resume=True continues from its newest complete checkpoint, and ends bit-identical (CPU) to an uninterrupted run;
+the checkpoint folder is deleted once every subject's output is written (the outputs are what the pack is for).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,15 +47,17 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from dreambooth_lib import lora, models, storage
+from dreambooth_lib import checkpoint, lora, models, storage
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.errors import ConfigError, DreamboothError
+from dreambooth_lib.errors import ConfigError, DreamboothError, TrainingError
 from dreambooth_lib.latents import LatentCache, TrainingData, encode_images, encode_prompts, list_png
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
 from dreambooth_lib.train import (
     SUMMARY_NAME,
     SpeedOptions,
     TrainResult,
+    _check_fingerprint,
+    _fingerprint,
     _peak_memory_bytes,
     draw_batch,
     make_optimizer,
@@ -415,11 +426,21 @@ def _subject_inputs(subject: PackedSubject, config: TrainConfig) -> tuple[list[s
 
 
 def run_packed(
-    base_model: str, subjects: list[PackedSubject], config: TrainConfig, allow_pickle: bool = False
+    base_model: str,
+    subjects: list[PackedSubject],
+    config: TrainConfig,
+    allow_pickle: bool = False,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
 ) -> list[PackedResult]:
     """Train each subject's LoRA adapter on `base_model`, all in one batch; write each subject's out/model and
     out/train_summary.json as `train.run` (mode lora) would. A subject whose loss turns non-finite gets a failed
-    result; the others finish. Configuration errors (for any subject) raise ConfigError before training."""
+    result; the others finish. Configuration errors (for any subject) raise ConfigError before training.
+
+    `checkpoint_dir` (None: no checkpoints) is the pack's own folder: a checkpoint every `checkpoint_every` steps,
+    deleted once every output is written. With resume=True the run continues from its newest complete checkpoint
+    (none: from the start); one of a different pack or config raises TrainingError naming what differs. Without
+    resume, a checkpoint there raises TrainingError rather than being overwritten."""
     started = time.perf_counter()
     _check_config(config)
     if not subjects:
@@ -429,16 +450,44 @@ def run_packed(
         if len(set(values)) != len(values):
             raise ConfigError(f"packed subjects must have distinct {what}s; got {values}")
     inputs = [_subject_inputs(s, config) for s in subjects]
+    newest = checkpoint.latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if newest and not resume:
+        raise TrainingError(
+            f"{checkpoint_dir}: holds checkpoints of an earlier run of this pack ({newest}); pass resume=True to "
+            "continue it, or delete that folder to start over"
+        )
     device = torch.device(models.resolve_device(config.device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
+    fingerprint = _pack_fingerprint(config, base_digest, subjects, inputs)
     pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ConfigError(
             "train supports Stable Diffusion 1.x/2.x pipelines (one text encoder); this base model has two"
         )
     t = setup_packed(pipe, subjects, inputs, config, device)
+
+    losses: list[list[tuple[int, float]]] = [[] for _ in subjects]
+    failed: dict[int, int] = {}  # subject -> first non-finite step
+    tracker = PackedLossTracker(len(subjects), device)
+    start_step, resumed_from = 0, None
+    if newest:
+        ckpt = checkpoint.load_checkpoint(newest)
+        _check_fingerprint(newest, ckpt.info["fingerprint"], fingerprint)
+        if ckpt.step > config.steps:
+            raise TrainingError(
+                f"{newest}: is at step {ckpt.step}, past train.steps={config.steps}; raise steps"
+            )
+        checkpoint.restore(ckpt, _named_params(t), t.optimizer, generators=t.generators)
+        start_step = resumed_from = ckpt.step
+        losses = [[(int(s), float(v)) for s, v in subject] for subject in ckpt.info["losses"]]
+        failed = {int(k): int(v) for k, v in ckpt.info["failed"].items()}
+        t.active = [k for k in range(len(subjects)) if k not in failed]
+        tracker.sum = torch.tensor(ckpt.info["pending_loss_sum"], dtype=tracker.sum.dtype, device=device)
+        tracker.count = ckpt.info["pending_loss_count"]
+        tracker.first_bad_step = torch.tensor(ckpt.info["first_bad_step"], dtype=torch.long, device=device)
+        log.info("resuming the pack from %s (step %d)", newest, ckpt.step)
     log.info(
         "packed training: %d LoRA subjects, %s, %s, %d steps",
         len(subjects),
@@ -447,27 +496,44 @@ def run_packed(
         config.steps,
     )
 
-    losses: list[list[tuple[int, float]]] = [[] for _ in subjects]
-    failed: dict[int, int] = {}  # subject -> first non-finite step
-    tracker = PackedLossTracker(len(subjects), device)
+    def drop_non_finite(bad: list[int]) -> None:
+        for k in list(t.active):
+            if bad[k] >= 0:
+                failed[k] = bad[k]
+                t.active.remove(k)  # dropped: its rows leave the batch, its adapter stops training
+                log.warning("subject %s: loss non-finite at step %d; dropped", subjects[k].name, bad[k])
+
     loop_started = time.perf_counter()
-    for step in range(1, config.steps + 1):
+    step = start_step
+    for step in range(start_step + 1, config.steps + 1):
         tracker.add(packed_step(t), step)
         if step % config.log_every == 0 or step == config.steps:
             means, bad = tracker.read()
-            for k in list(t.active):
-                if bad[k] >= 0:
-                    failed[k] = bad[k]
-                    t.active.remove(k)  # dropped: its rows leave the batch, its adapter stops training
-                    log.warning("subject %s: loss non-finite at step %d; dropped", subjects[k].name, bad[k])
-                else:
-                    losses[k].append((step, means[k]))
+            drop_non_finite(bad)
             if not t.active:
                 break
+            for k in t.active:
+                losses[k].append((step, means[k]))
             log.info("step %d/%d loss %s", step, config.steps, " ".join(f"{means[k]:.5f}" for k in t.active))
+        if checkpoint_dir and config.checkpoint_every and step % config.checkpoint_every == 0:
+            # as train.run, a checkpoint never carries a poisoned adapter on: such subjects are dropped first
+            drop_non_finite(tracker.first_bad_step.tolist())
+            if not t.active:
+                break
+            info = {
+                "fingerprint": fingerprint,
+                "losses": losses,
+                "failed": {str(k): v for k, v in failed.items()},
+                "pending_loss_sum": tracker.sum.tolist(),  # float32 values, exact as JSON floats
+                "pending_loss_count": tracker.count,
+                "first_bad_step": tracker.first_bad_step.tolist(),
+            }
+            snap = checkpoint.snapshot(step, _named_params(t), t.optimizer, info, generators=t.generators)
+            checkpoint.save_checkpoint(checkpoint_dir, snap)
+            checkpoint.prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    s_per_step = (time.perf_counter() - loop_started) / max(step, 1)
+    s_per_step = (time.perf_counter() - loop_started) / max(step - start_step, 1)
     t.router.index = None
 
     # --- export: each surviving adapter back into peft's layers, written as a single LoRA run writes it ---
@@ -492,14 +558,49 @@ def run_packed(
                 s.peft_layer.lora_A[lora.ADAPTER_NAME].weight.copy_(s.grouped.lora_A[k])
                 s.peft_layer.lora_B[lora.ADAPTER_NAME].weight.copy_(s.grouped.lora_B[k])
         result = _export(
-            subject, k, t, config, base_model, base_digest, losses[k], inputs[k], started, s_per_step
+            subject,
+            k,
+            t,
+            config,
+            base_model,
+            base_digest,
+            losses[k],
+            inputs[k],
+            started,
+            s_per_step,
+            resumed_from,
         )
         results.append(PackedResult(name=subject.name, ok=True, model_uri=result.model_uri, train=result))
+    if checkpoint_dir:
+        storage.delete_prefix(checkpoint_dir)  # every output is written: nothing left to resume
     return results
 
 
+def _named_params(t: PackedTrainer) -> dict[str, torch.nn.Parameter]:
+    """The K-adapter tensors by their name in the UNet (`...to_q.lora_A`, [K, r, in]), in optimizer order."""
+    names = {id(p): name for name, p in t.unet.named_parameters()}
+    return {names[id(p)]: p for p in t.params}
+
+
+def _pack_fingerprint(
+    config: TrainConfig,
+    base_digest: str,
+    subjects: list[PackedSubject],
+    inputs: list[tuple[list[str], list[str]]],
+) -> dict:
+    """train's resume fingerprint, per subject: the config fields that change a step, the base model, and each
+    subject's name, identifier, class noun and images, flattened so a mismatch names the subject and field."""
+    flat: dict = {"subjects": [s.name for s in subjects]}
+    for k, (subject, (instance, prior)) in enumerate(zip(subjects, inputs, strict=True)):
+        single = _fingerprint(config, base_digest, subject.identifier, subject.class_noun, instance, prior)
+        flat["config"] = single.pop("config")
+        flat["base_model_digest"] = single.pop("base_model_digest")
+        flat |= {f"subject {subject.name} ({k}) {key}": value for key, value in single.items()}
+    return flat
+
+
 def _export(
-    subject, k, t, config, base_model, base_digest, losses, inputs, started, s_per_step
+    subject, k, t, config, base_model, base_digest, losses, inputs, started, s_per_step, resumed_from
 ) -> TrainResult:
     """out/model (via a .partial folder, as train.run) and then out/train_summary.json for subject k."""
     out = str(subject.out)
@@ -534,7 +635,7 @@ def _export(
             base_model_digest=base_digest,
             model_uri=model_uri,
             mode=config.mode,
-            resumed_from=None,
+            resumed_from=resumed_from,
             num_instance_images=len(inputs[0]),
             num_prior_images=len(inputs[1]),
             device=str(t.speed.device),
@@ -550,11 +651,15 @@ def train_packed_subjects(
     config: TrainConfig,
     pack_size: int | None = None,
     allow_pickle: bool = False,
+    resume: bool = True,
+    work_dir: str | None = None,
 ) -> list[PackedResult]:
     """The batch entry point: train `subjects` (one base model) in packs of `pack_size` (None: as many as the
     device holds, `default_pack_size`); results in the order given. A subject's own failure, or a pack's, is
     returned as a failed result, never raised, so one bad subject never sinks the batch.
 
+    Each pack checkpoints into `pack_checkpoint_dir(pack, work_dir)` and, with resume (the default: a preempted
+    node's rerun), continues from its newest complete checkpoint there, or starts fresh when there is none.
     Full fine-tunes, text-encoder training and pack_size 1 run each subject alone through `train.run`.
     """
     from dreambooth_lib import train
@@ -570,7 +675,8 @@ def train_packed_subjects(
             try:
                 r = train.run(
                     base_model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, s.out,
-                    allow_pickle=allow_pickle, instance_images=s.instance_images, prior_images=s.prior_images,
+                    resume=resume, allow_pickle=allow_pickle, instance_images=s.instance_images,
+                    prior_images=s.prior_images,
                 )  # fmt: skip
                 results.append(PackedResult(name=s.name, ok=True, model_uri=r.model_uri, train=r))
             except Exception as err:  # the isolation boundary of one subject
@@ -579,11 +685,27 @@ def train_packed_subjects(
     for start in range(0, len(subjects), pack_size):
         pack = subjects[start : start + pack_size]
         try:
-            results += run_packed(base_model, pack, config, allow_pickle=allow_pickle)
+            results += run_packed(
+                base_model,
+                pack,
+                config,
+                allow_pickle=allow_pickle,
+                checkpoint_dir=pack_checkpoint_dir(pack, work_dir),
+                resume=resume,
+            )
         except Exception as err:  # a pack-wide failure (bad config, out of memory) fails its subjects only
             log.exception("pack %s failed", [s.name for s in pack])
             results += [_failure(s, err) for s in pack]
     return results
+
+
+def pack_checkpoint_dir(pack: list[PackedSubject], work_dir: str | None = None) -> str:
+    """`<work_dir>/.pack-<hash of the subjects' names, in order>`: the same pack finds its checkpoints again on a
+    rerun, another pack never does. work_dir defaults to the folder above the first subject's `out`."""
+    if work_dir is None:
+        work_dir = str(pack[0].out).rstrip("/").rsplit("/", 1)[0]
+    digest = hashlib.sha256("\n".join(s.name for s in pack).encode()).hexdigest()[:16]
+    return storage.join(work_dir, f".pack-{digest}")
 
 
 def _failure(subject: PackedSubject, err: Exception) -> PackedResult:

@@ -348,35 +348,13 @@ class LossTracker:
 
 
 def _snapshot(t: Trainer, step: int, info: dict[str, Any]) -> checkpoint.Checkpoint:
-    state = t.optimizer.state_dict()
-    if t.scaler is not None:
-        info = {**info, "grad_scaler": t.scaler.state_dict()}
-    return checkpoint.Checkpoint(
-        step=step,
-        weights={name: p.detach() for name, p in t.named_trainable.items()},
-        optimizer=state,
-        rng=checkpoint.capture_rng_state(t.generator),
-        info=info,
+    return checkpoint.snapshot(
+        step, t.named_trainable, t.optimizer, info, generator=t.generator, scaler=t.scaler
     )
 
 
 def _restore(t: Trainer, ckpt: checkpoint.Checkpoint) -> None:
-    missing = set(t.named_trainable) ^ set(ckpt.weights)
-    if missing:
-        raise TrainingError(
-            f"{ckpt.uri}: its weights do not match this model ({len(missing)} names differ, e.g. "
-            f"{sorted(missing)[0]}); resume with the same base model and mode, or use a new out folder"
-        )
-    with torch.no_grad():
-        for name, p in t.named_trainable.items():
-            p.copy_(ckpt.weights[name])
-    # hyperparameters come from this run's optimizer (the config was checked to agree), state from the checkpoint
-    t.optimizer.load_state_dict(
-        {"state": ckpt.optimizer["state"], "param_groups": t.optimizer.state_dict()["param_groups"]}
-    )
-    if t.scaler is not None and "grad_scaler" in ckpt.info:
-        t.scaler.load_state_dict(ckpt.info["grad_scaler"])
-    checkpoint.restore_rng_state(ckpt.rng, t.generator)
+    checkpoint.restore(ckpt, t.named_trainable, t.optimizer, generator=t.generator, scaler=t.scaler)
 
 
 def _fingerprint(
@@ -399,9 +377,10 @@ def _check_fingerprint(uri: str, saved: dict, current: dict) -> None:
         if current["config"].get(k) != v
     ]
     diffs += [
-        f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}"
-        for k in saved
-        if k != "config" and saved[k] != current[k]
+        f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+        # both sides' keys, in order: a packed run's subjects may differ in number
+        for k in dict.fromkeys([*saved, *current])
+        if k != "config" and saved.get(k) != current.get(k)
     ]
     if diffs:
         raise TrainingError(

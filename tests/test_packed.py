@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ import torch
 from conftest import make_subject_images
 from safetensors.torch import load_file
 
-from dreambooth_lib import models, packed, train
+from dreambooth_lib import checkpoint, models, packed, train
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.latents import LatentCache
 
 RES = 32  # 16x16 latents
@@ -213,7 +214,7 @@ def test_batch_entry_point_packs_and_isolates(tiny_model, data, tmp_path, monkey
     assert packed.default_pack_size("cpu") == 1
     packs = []
 
-    def fake_run_packed(base_model, pack, config, allow_pickle=False):
+    def fake_run_packed(base_model, pack, config, allow_pickle=False, checkpoint_dir=None, resume=False):
         packs.append([s.name for s in pack])
         if "c" in packs[-1]:
             raise MemoryError("CUDA out of memory")
@@ -254,3 +255,79 @@ def test_packed_step_reads_nothing_back_to_the_host(tiny_model, data, monkeypatc
     losses = packed.packed_step(t)
     monkeypatch.undo()
     assert reads == [] and losses.shape == (3,)
+
+
+# --- checkpoints and resume ---------------------------------------------------------------------------------------
+
+CKPT_CONFIG = CONFIG.model_copy(update={"checkpoint_every": 2, "keep_checkpoints": 1})
+
+
+class Preempted(BaseException):
+    """Stands for a SIGKILL/preemption: not an Exception, so no isolation boundary catches it."""
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_model, data, tmp_path_factory) -> Path:
+    """A pack of a, b (checkpoints every 2 steps) killed during step 5: its pack folder holds step 4."""
+    out = tmp_path_factory.mktemp("interrupted")
+    pack = subjects(data, out)[:2]
+    real_step, calls = packed.packed_step, []
+
+    def preempt_at_5(t):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Preempted
+        return real_step(t)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packed, "packed_step", preempt_at_5)
+        with pytest.raises(Preempted):
+            packed.train_packed_subjects(tiny_model, pack, CKPT_CONFIG, pack_size=2)
+    return out
+
+
+def test_preempted_pack_resumes_bit_identically(tiny_model, data, interrupted, tmp_path):
+    reference = packed.run_packed(tiny_model, subjects(data, tmp_path)[:2], CKPT_CONFIG)  # no checkpoints
+
+    out = tmp_path / "resumed"
+    shutil.copytree(interrupted, out)
+    pack = subjects(data, out)[:2]
+    ckpt_dir = packed.pack_checkpoint_dir(pack)
+    assert Path(ckpt_dir).parent == out and Path(ckpt_dir).name.startswith(
+        ".pack-"
+    )  # beside the subjects' outs
+    assert [step for step, _ in checkpoint.complete_checkpoints(ckpt_dir)] == [4]  # step 2 pruned after 4
+    assert not (out / "a").exists()  # nothing exported by the killed run
+    # an interrupted write of a later checkpoint (no manifest) is ignored, not resumed from
+    torn = Path(ckpt_dir) / checkpoint.checkpoint_dir_name(6)
+    torn.mkdir()
+    (torn / "weights.safetensors").write_bytes(b"torn")
+
+    results = packed.train_packed_subjects(tiny_model, pack, CKPT_CONFIG, pack_size=2)
+
+    assert all(r.ok for r in results), [r.error for r in results]
+    for r, want in zip(results, reference, strict=True):
+        assert r.train.resumed_from == 4 and want.train.resumed_from is None
+        assert r.train.losses == want.train.losses and [s for s, _ in r.train.losses] == [2, 4, 6]
+        got, ref = adapter(out / r.name), adapter(tmp_path / r.name)
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert not Path(ckpt_dir).exists()  # every output written: the pack's checkpoints are gone
+
+
+def test_resume_of_another_pack_config_or_subject_is_refused(tiny_model, data, interrupted, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(interrupted, out)
+    pack = subjects(data, out)[:2]
+    ckpt_dir = packed.pack_checkpoint_dir(pack)
+    changed_lr = CKPT_CONFIG.model_copy(update={"learning_rate": 3e-3})
+    with pytest.raises(
+        TrainingError, match=r"cannot resume.*config\.learning_rate: checkpoint 0\.01, now 0\.003"
+    ):
+        packed.run_packed(tiny_model, pack, changed_lr, checkpoint_dir=ckpt_dir, resume=True)
+    renamed = [pack[0], pack[1].model_copy(update={"identifier": "vyx"})]
+    with pytest.raises(TrainingError, match=r"subject b \(1\) identifier: checkpoint 'zwx', now 'vyx'"):
+        packed.run_packed(tiny_model, renamed, CKPT_CONFIG, checkpoint_dir=ckpt_dir, resume=True)
+    with pytest.raises(TrainingError, match="pass resume=True"):  # never silently overwritten
+        packed.run_packed(tiny_model, pack, CKPT_CONFIG, checkpoint_dir=ckpt_dir)
+    assert [step for step, _ in checkpoint.complete_checkpoints(ckpt_dir)] == [4]  # left as it was
