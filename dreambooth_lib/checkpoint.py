@@ -253,6 +253,20 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted((step, uri) for step, (uri, complete) in _step_dirs(root).items() if complete)
 
 
+def newest_to_resume(root: str, resume: bool, fresh_hint: str) -> str | None:
+    """The newest complete checkpoint under `root` (None if none). Without `resume`, finding one is an error:
+    a new run never mixes with, or overwrites, an earlier run's checkpoints."""
+    from dreambooth_lib.errors import TrainingError
+
+    newest = latest_checkpoint(root)
+    if newest and not resume:
+        raise TrainingError(
+            f"{root}: holds checkpoints of an earlier run ({newest}); pass resume=True (--resume) to continue it, "
+            f"or {fresh_hint}"
+        )
+    return newest
+
+
 def latest_checkpoint(root: str) -> str | None:
     done = complete_checkpoints(root)
     return done[-1][1] if done else None

@@ -60,6 +60,7 @@ from dreambooth_lib.train import (
     _fingerprint,
     _peak_memory_bytes,
     draw_batch,
+    load_base_for_training,
     make_optimizer,
     seed_everything,
     speed_options,
@@ -450,22 +451,13 @@ def run_packed(
         if len(set(values)) != len(values):
             raise ConfigError(f"packed subjects must have distinct {what}s; got {values}")
     inputs = [_subject_inputs(s, config) for s in subjects]
-    newest = checkpoint.latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
-    if newest and not resume:
-        raise TrainingError(
-            f"{checkpoint_dir}: holds checkpoints of an earlier run of this pack ({newest}); pass resume=True to "
-            "continue it, or delete that folder to start over"
-        )
-    device = torch.device(models.resolve_device(config.device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
+    newest = (
+        checkpoint.newest_to_resume(checkpoint_dir, resume, "delete that folder to start over")
+        if checkpoint_dir
+        else None
+    )
+    device, base_digest, pipe = load_base_for_training(base_model, config, allow_pickle)
     fingerprint = _pack_fingerprint(config, base_digest, subjects, inputs)
-    pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ConfigError(
-            "train supports Stable Diffusion 1.x/2.x pipelines (one text encoder); this base model has two"
-        )
     t = setup_packed(pipe, subjects, inputs, config, device)
 
     losses: list[list[tuple[int, float]]] = [[] for _ in subjects]

@@ -220,6 +220,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_base_for_training(base_model: str, config: TrainConfig, allow_pickle: bool):
+    """(device, base model digest, pipeline): the set-up single-subject and packed training share."""
+    device = torch.device(models.resolve_device(config.device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
+    pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ConfigError(
+            "train supports Stable Diffusion 1.x/2.x pipelines (one text encoder); this base model has two"
+        )
+    return device, base_digest, pipe
+
+
 def setup_training(
     pipe,
     instance_uris: list[str],
@@ -234,10 +248,6 @@ def setup_training(
 
     speed = speed_options(config, device)
     seed_everything(config.seed)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ConfigError(
-            "train supports Stable Diffusion 1.x/2.x pipelines (one text encoder); this base model has two"
-        )
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     use_prior = config.prior_loss_weight > 0 and len(prior_uris) > 0
 
@@ -434,18 +444,9 @@ def run(
                 f"{config.prior_loss_weight}; generate a prior set (`dreambooth prior`) or set prior_loss_weight: 0"
             )
     ckpt_root = storage.join(out, "checkpoints")
-    newest = checkpoint.latest_checkpoint(ckpt_root)
-    if newest and not resume:
-        raise TrainingError(
-            f"{out}: holds checkpoints of an earlier run ({newest}); pass resume=True (--resume) to continue it, "
-            "or train into an empty out folder"
-        )
-    device = torch.device(models.resolve_device(config.device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
+    newest = checkpoint.newest_to_resume(ckpt_root, resume, "train into an empty out folder")
+    device, base_digest, pipe = load_base_for_training(base_model, config, allow_pickle)
     fingerprint = _fingerprint(config, base_digest, identifier, class_noun, instance_uris, prior_uris)
-    pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
     t = setup_training(pipe, instance_uris, prior_uris, instance_prompt, class_prompt, config, device)
     losses: list[tuple[int, float]] = []
     tracker = LossTracker(device)
