@@ -234,14 +234,15 @@ def _sample(
     return [images[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def _load_pipe(uri: str, device: str, allow_pickle: bool, base_model: str | None):
-
+def _load_pipe(uri: str, device: str, allow_pickle: bool, base_model: str | None, compile: bool = False):
     from dreambooth_lib.models import load_pipeline, resolve_dtype
+    from dreambooth_lib.sampling import compile_for_sampling
 
     dtype = resolve_dtype("auto", device)
-    return load_pipeline(
+    pipe = load_pipeline(
         uri, allow_pickle=allow_pickle, torch_dtype=dtype, device=device, base_model=base_model
     )
+    return compile_for_sampling(pipe) if compile else pipe
 
 
 def _release(pipe: Any) -> None:
@@ -404,7 +405,7 @@ def run(
     times["load_evaluators"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    pipe = _load_pipe(model, device, allow_pickle, base_model)
+    pipe = _load_pipe(model, device, allow_pickle, base_model, config.compile)
     resolution = config.resolution or default_resolution(pipe)
     groups = _sample(pipe, prompts, config.images_per_prompt, config, resolution)
     pres_groups = (
@@ -421,7 +422,7 @@ def run(
     if config.gate.compare_to_base:
         tic = time.perf_counter()
         # the base model sees the same identifier prompts: how much of the subject the prompt alone gives
-        pipe = _load_pipe(compare_base, device, allow_pickle, None)
+        pipe = _load_pipe(compare_base, device, allow_pickle, None, config.compile)
         base_groups = _sample(pipe, prompts, config.images_per_prompt, config, resolution)
         _release(pipe)
         base_paths = [_save_group(out, f"{BASE_DIR}/{s}", g) for s, g in zip(slugs, base_groups, strict=True)]

@@ -224,6 +224,18 @@ def load_pipeline(
     return pipe
 
 
+# torch.compile's backend for every compiled module (training and sampling UNets). Tests swap in "aot_eager": the
+# same graph capture and call path, without the minutes of C++/Triton code generation inductor spends on a UNet.
+COMPILE_BACKEND = "inductor"
+
+
+def compile_module(module):
+    """`torch.compile(module)` with the project's backend; compiles lazily, at the first call."""
+    import torch
+
+    return torch.compile(module, backend=COMPILE_BACKEND)
+
+
 def resolve_dtype(dtype: str, device: str):
     """The torch dtype for inference: `auto` is fp16 on GPUs (half the memory and time), fp32 on CPUs (no fast
     fp16 kernels there)."""

@@ -293,6 +293,10 @@ def setup_packed(
     optimizer, on `device`. `inputs[k]` = (instance URIs, prior URIs) of subject k."""
     from diffusers import DDPMScheduler
 
+    if config.cuda_graph:
+        # a pack's batch shrinks when a subject drops out (non-finite loss): no static shapes to capture
+        log.info("train.cuda_graph applies to single-subject training; the packed step runs eagerly")
+        config = config.model_copy(update={"cuda_graph": False})
     speed = speed_options(config, device)
     # the same global-RNG state as train.setup_training when the adapters are made (encoding draws nothing)
     seed_everything(config.seed)
@@ -339,7 +343,7 @@ def setup_packed(
     params = [p for s in slots for p in (s.grouped.lora_A, s.grouped.lora_B)]
     return PackedTrainer(
         unet=unet,
-        unet_forward=torch.compile(unet) if speed.compile else unet,
+        unet_forward=models.compile_module(unet) if speed.compile else unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         router=router,
         slots=slots,

@@ -230,6 +230,8 @@ def run(
             torch_dtype=models.resolve_dtype(config.dtype, device),
             device=device,
         )
+        if config.compile:
+            sampling.compile_for_sampling(pipe)
         guidance_used = (
             sampling.default_guidance_scale(pipe) if config.guidance_scale is None else config.guidance_scale
         )

@@ -90,6 +90,7 @@ class SpeedOptions:
     fused_adam: bool
     adam_8bit: bool
     compile: bool
+    cuda_graph: bool  # the whole step as one CUDA graph (graphs.GraphedStep); resolved to False off CUDA
     gradient_checkpointing: bool
 
     @property
@@ -105,6 +106,9 @@ def speed_options(config: TrainConfig, device: str | torch.device) -> SpeedOptio
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
     else:
         dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+    cuda_graph = config.cuda_graph and cuda
+    if config.cuda_graph and not cuda:
+        log.warning("train.cuda_graph applies on CUDA devices only; on %s the step runs eagerly", device)
     return SpeedOptions(
         device=device,
         autocast_dtype=dtype,
@@ -112,6 +116,7 @@ def speed_options(config: TrainConfig, device: str | torch.device) -> SpeedOptio
         fused_adam=cuda and not config.use_8bit_adam,
         adam_8bit=config.use_8bit_adam,
         compile=config.compile,
+        cuda_graph=cuda_graph,
         gradient_checkpointing=config.gradient_checkpointing,
     )
 
@@ -127,6 +132,8 @@ def make_optimizer(param_groups: list[dict[str, Any]], config: TrainConfig, spee
             ) from None
         return bnb.optim.AdamW8bit(param_groups, weight_decay=config.adam_weight_decay)
     extra = {"fused": True} if speed.fused_adam else {"foreach": True}
+    if speed.cuda_graph:
+        extra["capturable"] = True  # the step counter lives on the device, so the update can be replayed
     return torch.optim.AdamW(param_groups, weight_decay=config.adam_weight_decay, **extra)
 
 
@@ -175,15 +182,41 @@ def draw_batch(
 
 def train_step(t: Trainer) -> torch.Tensor:
     """One optimizer step of Eq. 2 on fresh draws of subject and prior latents; returns the loss, on the device."""
-    device, bs = t.speed.device, t.batch_size
-    latents, noise, timesteps = draw_batch(
-        t.data, t.generator, bs, t.noise_scheduler.config.num_train_timesteps, device
+    return step_on_batch(t, *draw_step_batch(t))
+
+
+def draw_step_batch(t: Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's random draws (latents, noise, timesteps): the only part of a step that a CUDA graph leaves out,
+    so that a graphed run draws from `t.generator` exactly as an eager one does."""
+    return draw_batch(
+        t.data, t.generator, t.batch_size, t.noise_scheduler.config.num_train_timesteps, t.speed.device
     )
+
+
+def step_on_batch(
+    t: Trainer,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    zero_grad: bool = True,
+) -> torch.Tensor:
+    """Forward, Eq. 2, backward, clipping and the optimizer step on one drawn batch; returns the loss (device).
+
+    Capture-safe when `t.speed.cuda_graph` (graphs.GraphedStep captures this function with zero_grad=False: the
+    gradients a captured backward writes are the graph's static buffers, overwritten by every replay)."""
+    device, bs = t.speed.device, t.batch_size
     noisy = t.noise_scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(t.noise_scheduler, latents, noise, timesteps)
 
     dtype = t.speed.autocast_dtype
-    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.autocast(
+        device.type,
+        dtype=dtype or torch.bfloat16,
+        enabled=dtype is not None,
+        # the cast-weight cache would hold tensors made during capture and freed after it
+        cache_enabled=not t.speed.cuda_graph,
+    ):
         if t.text_encoder is not None:  # trained: two prompts through the encoder, shared by all rows
             embeds = t.text_encoder(t.data.input_ids)[0]
         else:
@@ -210,7 +243,8 @@ def train_step(t: Trainer) -> torch.Tensor:
         t.scaler.update()
     else:
         t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
+    if zero_grad:
+        t.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -303,7 +337,7 @@ def setup_training(
     rows = [0] * bs + ([1] * bs if use_prior else [])
     return Trainer(
         unet=unet,
-        unet_forward=torch.compile(unet) if speed.compile else unet,
+        unet_forward=models.compile_module(unet) if speed.compile else unet,
         text_encoder=text_encoder if train_te else None,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         data=data,
@@ -465,19 +499,23 @@ def run(
         tracker.count = ckpt.info["pending_loss_count"]
         log.info("resuming from %s (step %d)", newest, ckpt.step)
     log.info(
-        "training %s: %d subject + %d prior images, %s, %s, %d steps",
+        "training %s: %d subject + %d prior images, %s, %s%s, %d steps",
         config.mode,
         len(instance_uris),
         len(prior_uris),
         device,
         t.speed.precision,
+        ", CUDA graph" if t.speed.cuda_graph else "",
         config.steps,
     )
 
     # --- the loop: the step, logging, checkpointing ---
+    from dreambooth_lib import graphs
+
+    step_fn = graphs.make_step_fn(t)  # train_step, or the same step as one replayed CUDA graph
     loop_started = time.perf_counter()
     for step in range(start_step + 1, config.steps + 1):
-        loss = train_step(t)
+        loss = step_fn()
         tracker.add(loss, step)
         last = step == config.steps
         if step % config.log_every == 0 or last:
