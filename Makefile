@@ -38,7 +38,7 @@ bench: $(STAMP)
 
 # The issue-6 table on a GPU machine, in one call (writes $$OUT/bench.md).
 bench-gpu: $(STAMP)
-	bash scripts/gpu_bench.sh
+	PYTHON=$(BIN)/python bash scripts/gpu_bench.sh
 
 PIPELINE ?= pipelines/compiled/personalize.kfp.yaml
 submit: $(STAMP)

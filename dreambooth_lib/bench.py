@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_lib import models
+from dreambooth_lib import graphs, models
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.latents import load_image
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
@@ -302,22 +302,28 @@ def bench_prior(
     batch_size: int = 16,
     resolution: int | None = None,
     guidance_scale: float | None = None,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Images/s of class-prior sampling, two ways, same pipeline weights, same process, same sampler and steps:
     naive (fp32, one image per call, as a plain `pipe(prompt)` loop) and ours (prior.run's path: fp16 on CUDA,
     `batch_size` images per call through sampling.sample_images). On CPU both are fp32 (no fast fp16 kernels);
-    only the batching differs. One untimed warm-up call each. Classifier-free guidance is on in both."""
+    only the batching differs. One untimed warm-up call each. Classifier-free guidance is on in both.
+    compiled: a third way, "compiled": ours plus sampling.compile_for_sampling (torch.compile'd UNet,
+    channels-last on CUDA); its warm-up call, which compiles, is reported as `compile_s`."""
     from dreambooth_lib import sampling
 
     dev = torch.device(models.resolve_device(str(device)))
     resolution = resolution or sampling.default_resolution(base)
     figures: dict[str, Any] = {"steps": steps, "resolution": resolution, "batch_size": batch_size}
-    for label, dtype, n, bs in (
-        ("naive", torch.float32, naive_images, 1),
-        ("ours", models.resolve_dtype("auto", str(dev)), num_images, batch_size),
-    ):
+    ours_dtype = models.resolve_dtype("auto", str(dev))
+    ways = [("naive", torch.float32, naive_images, 1), ("ours", ours_dtype, num_images, batch_size)]
+    if compiled:
+        ways.append(("compiled", ours_dtype, num_images, batch_size))
+    for label, dtype, n, bs in ways:
         pipe = copy.deepcopy(base).to(dev, dtype)
         pipe.set_progress_bar_config(disable=True)
+        if label == "compiled":
+            sampling.compile_for_sampling(pipe)
         _reset_peak(dev)
 
         def sample(count: int, first_seed: int, pipe=pipe, bs=bs) -> None:
@@ -332,8 +338,10 @@ def bench_prior(
                 batch_size=bs,
             )
 
-        sample(bs, 10_000)  # warm-up: kernels, allocator, scheduler set-up
+        warm_started = time.perf_counter()
+        sample(bs, 10_000)  # warm-up: kernels, allocator, scheduler set-up (and compiling)
         _sync(dev)
+        warm_up_s = time.perf_counter() - warm_started
         started = time.perf_counter()
         sample(n, 0)
         _sync(dev)
@@ -344,9 +352,12 @@ def bench_prior(
             "dtype": str(dtype).removeprefix("torch."),
             "images_per_s": n / elapsed,
             "peak_memory_bytes": _peak(dev),
+            "warm_up_s": warm_up_s,
         }
         del pipe
     figures["speedup"] = figures["ours"]["images_per_s"] / figures["naive"]["images_per_s"]
+    if compiled:
+        figures["compiled"]["compile_s"] = figures["compiled"]["warm_up_s"]
     return figures
 
 
@@ -385,11 +396,13 @@ def bench_end_to_end(
     images_per_prompt: int = 4,
     sample_steps: int = 25,
     prior_batch_size: int = 16,
+    cuda_graph: bool = False,
     work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """One subject through `dreambooth run` (pipeline_run.run): ingest → identifier → `prior_images` priors →
     `train_steps` steps → evaluation (`eval_prompts` × `images_per_prompt` images). The DINO and CLIP evaluators
-    are tiny random models (nothing is downloaded): the real ViT-S/16 and CLIP B/32 cost a few seconds more."""
+    are tiny random models (nothing is downloaded): the real ViT-S/16 and CLIP B/32 cost a few seconds more.
+    cuda_graph: train with train.cuda_graph (CUDA only; ignored elsewhere, as in any run)."""
     from dreambooth_lib import evaluators, pipeline_run
     from dreambooth_lib.config import EvalConfig, IngestConfig, PriorConfig, RunConfig, Subject
 
@@ -413,6 +426,7 @@ def bench_end_to_end(
                 checkpoint_every=0,
                 log_every=max(train_steps // 10, 1),
                 device=str(dev),
+                cuda_graph=cuda_graph,
             ),
             eval=EvalConfig(
                 max_prompts=eval_prompts,
@@ -433,6 +447,7 @@ def bench_end_to_end(
         wall = time.perf_counter() - started
     return {
         "mode": mode,
+        "cuda_graph": cuda_graph and dev.type == "cuda",
         "prior_images": prior_images,
         "train_steps": train_steps,
         "eval_images": eval_prompts * images_per_prompt,
@@ -457,6 +472,8 @@ def bench_all(
     prior_batch_size: int | None = None,
     e2e_mode: str = "lora",
     e2e_counts: dict[str, int] | None = None,
+    cuda_graph: bool = True,
+    prior_compile: bool = False,
     out_markdown: str | None = None,
 ) -> dict[str, Any]:
     """Every speed figure for one model on one device, in one process, printed as one Markdown table:
@@ -467,8 +484,11 @@ def bench_all(
     resolution: None = the model's own (64 px tiny, 512 px SD-1.5). prior_images / prior_batch_size: None = 32 / 16
     on CUDA, 4 / 2 on CPU. e2e_counts: overrides of bench_end_to_end's counts (prior_images, train_steps,
     eval_prompts, images_per_prompt, sample_steps); on CPU the defaults are tiny (4 priors, 10 steps, 2 × 1 images).
-    out_markdown: also write the table there (local or gs://). Peak memory on CPU is the process's peak RSS,
-    which only grows; on CUDA each row's own max_memory_allocated.
+    cuda_graph: on CUDA, also time the full and LoRA steps as replayed CUDA graphs (train.cuda_graph), and run
+    the end-to-end subject with it. prior_compile: also time prior sampling with a torch.compile'd UNet (minutes
+    of compiling, reported in the row). out_markdown: also write the table there (local or gs://), after every
+    row, so a run cut off by a time limit still leaves what it measured. Peak memory on CPU is the process's peak
+    RSS, which only grows; on CUDA each row's own max_memory_allocated.
     """
     from dreambooth_lib import storage
     from dreambooth_lib.sampling import default_resolution
@@ -490,10 +510,14 @@ def bench_all(
         full = TrainConfig(mode="full", resolution=resolution, steps=steps, device=str(dev))
         lora_config = full.model_copy(update={"mode": "lora", "learning_rate": 1e-4})
 
-        def timed(label: str, step_fn_factory, subjects: int = 1) -> None:
+        def partial_table() -> None:
+            if out_markdown:
+                storage.write_text(out_markdown, render_bench_table(rows, f"model: {model_name} (partial)"))
+
+        def timed(label: str, step_fn_factory, subjects: int = 1, extra_warmup: int = 0) -> None:
             _reset_peak(dev)
             step_fn = step_fn_factory()
-            s, peak = _time_steps(step_fn, steps, warmup, dev)
+            s, peak = _time_steps(step_fn, steps, warmup + extra_warmup, dev)
             rows.append(
                 {
                     "row": label,
@@ -504,6 +528,7 @@ def bench_all(
             )
             print(f"  {label}: {s:.4f} s/step", flush=True)
             del step_fn
+            partial_table()
 
         pixels = (
             torch.stack([load_image(u, resolution) for u in instance_uris]),
@@ -521,10 +546,26 @@ def bench_all(
                 copy.deepcopy(base), instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}",
                 config, dev,
             )  # fmt: skip
+            if trainer.speed.cuda_graph:  # one eager warm-up step, then capture: the timed steps are replays
+                return graphs.GraphedStep(trainer, warmup=1)
             return lambda: train_step(trainer)
 
+        graphed = cuda and cuda_graph
         timed(label, lambda: ours(full))
-        timed(f"ours LoRA r{lora_config.lora_rank} ({precision})", lambda: ours(lora_config))
+        if graphed:
+            timed(
+                f"{label} + CUDA graph",
+                lambda: ours(full.model_copy(update={"cuda_graph": True})),
+                extra_warmup=1,
+            )
+        lora_label = f"ours LoRA r{lora_config.lora_rank} ({precision})"
+        timed(lora_label, lambda: ours(lora_config))
+        if graphed:
+            timed(
+                f"{lora_label} + CUDA graph",
+                lambda: ours(lora_config.model_copy(update={"cuda_graph": True})),
+                extra_warmup=1,
+            )
         for k in ks:
             folder = root / f"packed-{k}"
             timed(
@@ -542,20 +583,23 @@ def bench_all(
             steps=prior_steps if cuda else min(prior_steps, 4),
             batch_size=prior_batch_size or (16 if cuda else 2),
             resolution=resolution,
+            compiled=prior_compile,
         )
-        for label in ("naive", "ours"):
+        for label in ("naive", "ours", "compiled")[: 3 if prior_compile else 2]:
             p = prior[label]
+            how = "torch.compile, " if label == "compiled" else ""
+            compile_note = f"; {p['compile_s']:.0f} s to compile" if label == "compiled" else ""
             rows.append(
                 {
-                    "row": f"prior sampling, {label} ({p['dtype']}, batch {p['batch_size']}, {prior['steps']} steps)",
+                    "row": f"prior sampling, {label} ({how}{p['dtype']}, batch {p['batch_size']}, "
+                    f"{prior['steps']} steps{compile_note})",
                     "images_per_s": p["images_per_s"],
                     "peak_memory_bytes": p["peak_memory_bytes"],
                 }
             )
+        partial_table()
 
         end_to_end = None
-        if e2e and out_markdown:  # the rows so far, in case the long end-to-end run is cut off
-            storage.write_text(out_markdown, render_bench_table(rows, f"model: {model_name} (partial)"))
         if e2e:
             counts = (
                 {}
@@ -575,11 +619,18 @@ def bench_all(
             del base
             gc.collect()
             end_to_end = bench_end_to_end(
-                model_uri, dev, resolution=resolution, mode=e2e_mode, work_dir=tmp, **counts
+                model_uri,
+                dev,
+                resolution=resolution,
+                mode=e2e_mode,
+                cuda_graph=graphed,
+                work_dir=tmp,
+                **counts,
             )
             rows.append(
                 {
-                    "row": f"one subject end to end ({e2e_mode}: {end_to_end['prior_images']} priors, "
+                    "row": f"one subject end to end ({e2e_mode}{' + CUDA graph' if graphed else ''}: "
+                    f"{end_to_end['prior_images']} priors, "
                     f"{end_to_end['train_steps']} steps, {end_to_end['eval_images']} eval images)",
                     "wall_time_s": end_to_end["wall_time_s"],
                     "peak_memory_bytes": end_to_end["peak_memory_bytes"],

@@ -79,3 +79,18 @@ def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, monkeyp
     tracker.add(train.train_step(t), 1)  # what the loop does between log steps
     monkeypatch.undo()
     assert reads == []
+
+
+def test_bench_prior_times_a_compiled_unet_too(tiny_model, monkeypatch):
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")  # dynamo's tracing without inductor's codegen
+    torch._dynamo.reset()
+    try:
+        p = bench.bench_prior(
+            models.load_pipeline(tiny_model), "cpu", num_images=2, naive_images=1, steps=2, batch_size=2,
+            resolution=32, compiled=True,
+        )  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    assert set(p) >= {"naive", "ours", "compiled"}
+    assert p["compiled"]["images_per_s"] > 0 and p["compiled"]["compile_s"] == p["compiled"]["warm_up_s"] > 0
+    assert p["compiled"]["batch_size"] == p["ours"]["batch_size"] == 2
