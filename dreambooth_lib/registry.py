@@ -17,8 +17,16 @@ replaces the file atomically. The claimed entry has status "pending"; only then 
 version's folder, which no one else can claim; a second read-modify-write marks the entry "ready". Readers
 (`list_models`, `show`) see only "ready" entries, so a listed version always has all its files;
 `used_identifiers` also counts "pending" ones, whose identifiers are taken. If writing fails the entry is
-marked "failed" and its partial folder removed; a crashed writer leaves a "pending" entry. Either way the
-number is never handed out again, so a version folder is written once.
+marked "failed" and its partial folder removed. A crashed writer (a preempted pod, a SIGKILL) leaves a "pending"
+entry: every claim carries a lease (`lease_expires`, PENDING_LEASE_S after the claim), and the next registration
+marks pending entries whose lease has passed "abandoned" and deletes their partial folders; an expired claim no
+longer holds its identifier, and its writer, should it still be alive, can no longer publish it (publishing
+requires the entry to still be "pending"). Either way the number is never handed out again, so a version folder
+is written once.
+
+Registering is idempotent: the same weights (by content digest) with the same identifier, base model, metrics,
+gate and lineage for the same subject return the version already published instead of a copy, so a retried task
+does not duplicate it.
 
 Backends. `Registry` does the validation, the files and the card; a `RegistryBackend` does the bookkeeping
 (entries, atomic claims, status changes). `FileRegistryBackend` keeps index.json beside the files. Another
@@ -74,7 +82,11 @@ RETRY_BASE_S = 0.02
 RETRY_CAP_S = 2.0
 RETRY_ATTEMPTS = 40
 
-Status = Literal["pending", "ready", "failed"]
+# How long a claimed version may stay "pending" before another writer retires it: far above the minutes that
+# copying even a full fp32 SD UNet takes, far below "forever" (a crashed writer's identifier is free again after).
+PENDING_LEASE_S = 3600
+
+Status = Literal["pending", "ready", "failed", "abandoned"]
 T = TypeVar("T")
 
 
@@ -107,6 +119,31 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _parse_time(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _lease_expired(entry: dict, now: datetime | None = None) -> bool:
+    """A pending entry whose writer is presumed dead: past its lease (or, for entries written before leases,
+    PENDING_LEASE_S after it was created). Entries with unreadable times are never presumed dead."""
+    if entry.get("status") != "pending":
+        return False
+    expires = _parse_time(entry.get("lease_expires"))
+    if expires is None:
+        created = _parse_time(entry.get("created"))
+        if created is None:
+            return False
+        expires = datetime.fromtimestamp(created.timestamp() + PENDING_LEASE_S, timezone.utc)
+    return (now or datetime.now(timezone.utc)) >= expires
+
+
+def _holds_identifier(entry: dict) -> bool:
+    return entry.get("status") == "ready" or (entry.get("status") == "pending" and not _lease_expired(entry))
+
+
 def _identifier_key(entry: dict) -> str:
     """Identifiers are unique per base model: its content digest, or its URI when no digest was recorded."""
     return entry.get("base_model_digest") or entry["base_model"]
@@ -130,9 +167,17 @@ class RegistryBackend(ABC):
         number, record the entry as "pending" and return it (with version, uri, created)."""
 
     @abstractmethod
-    def set_status(self, subject: str, version: int, status: Status, updates: dict | None = None) -> dict:
-        """Change a claimed entry's status ("ready" publishes it, "failed" retires its number), merging
-        `updates` into it; returns it."""
+    def set_status(
+        self,
+        subject: str,
+        version: int,
+        status: Status,
+        updates: dict | None = None,
+        expect: Status | None = None,
+    ) -> dict:
+        """Change a claimed entry's status ("ready" publishes it, "failed"/"abandoned" retire its number),
+        merging `updates` into it; returns it. With `expect`, atomically: only if the entry's status is still
+        `expect`, else raise PreconditionFailed and change nothing."""
 
     @abstractmethod
     def version_uri(self, subject: str, version: int) -> str:
@@ -142,9 +187,10 @@ class RegistryBackend(ABC):
 class FileRegistryBackend(RegistryBackend):
     """index.json under the root, updated by conditional writes (GCS generations) or under an flock."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, pending_lease_s: float = PENDING_LEASE_S):
         self.root = str(root).rstrip("/") if storage.is_gcs(root) else str(root)
         self.index_uri = storage.join(self.root, INDEX_NAME)
+        self.pending_lease_s = pending_lease_s
 
     def version_uri(self, subject: str, version: int) -> str:
         return storage.join(self.root, subject, str(version))
@@ -208,15 +254,29 @@ class FileRegistryBackend(RegistryBackend):
                 "status": "pending",
             }
             entry["created"] = _now()
+            entry["lease_expires"] = datetime.fromtimestamp(
+                time.time() + self.pending_lease_s, timezone.utc
+            ).isoformat(timespec="seconds")
             entries.append(entry)
             return entry
 
         return self._update(allocate)
 
-    def set_status(self, subject: str, version: int, status: Status, updates: dict | None = None) -> dict:
+    def set_status(
+        self,
+        subject: str,
+        version: int,
+        status: Status,
+        updates: dict | None = None,
+        expect: Status | None = None,
+    ) -> dict:
         def mark(entries: list[dict]) -> dict:
             for e in entries:
                 if e["subject"] == subject and e["version"] == version:
+                    if expect is not None and e.get("status") != expect:
+                        raise PreconditionFailed(
+                            f"{self.index_uri}: {subject} v{version} is {e.get('status')!r}, not {expect!r}"
+                        )
                     e.update(updates or {})
                     e["status"] = status
                     e[f"{status}_at"] = _now()
@@ -294,9 +354,24 @@ class Registry:
         return {
             e["identifier"]
             for e in self.backend.entries()
-            if e.get("status") in ("pending", "ready")
-            and (base_model_digest is None or _identifier_key(e) == base_model_digest)
+            if _holds_identifier(e) and (base_model_digest is None or _identifier_key(e) == base_model_digest)
         }
+
+    def retire_abandoned(self) -> list[dict]:
+        """Mark pending entries whose lease has passed "abandoned" and delete their partial folders; returns
+        them. `register` runs this first; it is safe to run any time (a live writer's claim is in its lease)."""
+        retired = []
+        for e in self.backend.entries():
+            if not _lease_expired(e):
+                continue
+            try:
+                retired.append(
+                    self.backend.set_status(e["subject"], e["version"], "abandoned", expect="pending")
+                )
+            except PreconditionFailed:
+                continue  # published, failed or retired by someone else meanwhile
+            storage.delete_prefix(e["uri"])
+        return retired
 
     # writing
 
@@ -347,7 +422,7 @@ class Registry:
                 if (
                     e["identifier"] == identifier
                     and e["subject"] != subject
-                    and e.get("status") in ("pending", "ready")
+                    and _holds_identifier(e)
                     and _identifier_key(e) == key
                 ):
                     raise DreamboothError(
@@ -356,8 +431,30 @@ class Registry:
                         f"(`dreambooth identifier --registry {self.root}` excludes the used ones)"
                     )
 
+        self.retire_abandoned()
         check_identifier(self.backend.entries())  # fail fast, before reading the weights; re-checked in claim
         model_digest = storage.digest_prefix(model_dir)
+        # what makes two registrations the same one: the weights and everything recorded about them
+        registration_digest = _json_digest(
+            {
+                "model": model_digest,
+                "identifier": identifier,
+                "base_model": [base_model, base_model_digest],
+                "metrics": metrics,
+                "reference": reference,
+                "gate": gate,
+                "lineage": lineage,
+                "train_config": train_config,
+                "data_manifest": data_manifest,
+            }
+        )
+        for e in self.backend.entries():  # the same registration again (a retried task): the version it made
+            if (
+                e.get("status") == "ready"
+                and e["subject"] == subject
+                and e.get("registration_digest") == registration_digest
+            ):
+                return RegisteredModel.model_validate(e)
         summary = {k: (metrics or {}).get(k) for k, _, _ in METRICS} if metrics is not None else None
         draft = {
             "subject": subject,
@@ -366,6 +463,7 @@ class Registry:
             "base_model": base_model,
             "base_model_digest": base_model_digest,
             "mode": mode,
+            "registration_digest": registration_digest,
             "metrics": summary,
             "gate_passed": None if gate is None else bool(gate.get("passed")),
         }
@@ -425,11 +523,19 @@ class Registry:
                 model_digest=model_digest,
             )
             storage.write_text(entry["card_uri"], card)
-            entry = self.backend.set_status(subject, entry["version"], "ready", files)
+            try:
+                entry = self.backend.set_status(subject, entry["version"], "ready", files, expect="pending")
+            except PreconditionFailed:
+                raise StorageError(
+                    f"{uri}: this registration outlived its claim's lease (lease_expires in {INDEX_NAME}) and "
+                    "another writer retired it (status 'abandoned'); register again"
+                ) from None
         except BaseException:
             # Retire the number and remove the partial folder; the claim itself stays as a record.
             try:
-                self.backend.set_status(subject, entry["version"], "failed")
+                self.backend.set_status(subject, entry["version"], "failed", expect="pending")
+            except PreconditionFailed:
+                pass  # already retired by another writer
             finally:
                 storage.delete_prefix(uri)
             raise

@@ -15,7 +15,7 @@ from PIL import Image
 
 import dreambooth_lib
 from dreambooth_lib import registry, storage
-from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed, StorageError
+from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed, PreconditionFailed, StorageError
 from dreambooth_lib.registry import RegistryBackend, open_registry, register_backend, register_from_dirs
 
 WRITERS = 16
@@ -254,6 +254,93 @@ def test_a_failed_write_retires_its_version_and_readers_never_see_a_pending_one(
     assert _register(root, fake_model(tmp_path / "m2", "2")).version == 2  # number 1 is never reused
 
 
+def _register_then_hang(root: str, model_dir: str) -> None:
+    """A writer that claims a version, starts copying, and never finishes (killed with SIGKILL by the test)."""
+    import time as _time
+
+    real_copy = registry.storage.copy_prefix
+
+    def copy_then_hang(src, dst):
+        real_copy(src, dst)
+        print("copied", flush=True)
+        _time.sleep(600)
+
+    registry.storage.copy_prefix = copy_then_hang
+    _register(root, model_dir, subject="cat", identifier="zwx", class_noun="cat")
+
+
+def test_a_crashed_writer_is_retired_after_its_lease(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "reg")
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[3]]; import test_registry as t; "
+        "t._register_then_hang(sys.argv[1], sys.argv[2])"
+    )
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            root,
+            fake_model(tmp_path / "cat-model", "c"),
+            str(Path(__file__).parent),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "copied"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    [claim] = _index(root)
+    assert claim["status"] == "pending" and Path(root, "cat", "1", "model").is_dir()  # what a crash leaves
+
+    # within the lease the claim holds its identifier: the writer may still be alive
+    with pytest.raises(DreamboothError, match="'zwx' is already used by subject 'cat'"):
+        _register(root, fake_model(tmp_path / "dog-model", "d"))
+    assert open_registry(root).used_identifiers() == {"zwx"}
+
+    # an hour later (the lease moved into the past): the next registration retires it and takes the identifier
+    entries = _index(root)
+    entries[0]["lease_expires"] = "2000-01-01T00:00:00+00:00"
+    storage.write_json(storage.join(root, "index.json"), entries)
+    dog = _register(root, fake_model(tmp_path / "dog-model", "d"))
+    assert (dog.subject, dog.version, dog.identifier) == ("dog", 1, "zwx")
+    assert [(e["subject"], e["version"], e["status"]) for e in _index(root)] == [
+        ("cat", 1, "abandoned"),
+        ("dog", 1, "ready"),
+    ]
+    assert not Path(root, "cat", "1").exists()  # the partial folder is gone
+    # the number stays retired: cat's next registration is v2
+    assert _register(root, fake_model(tmp_path / "cat2", "c2"), subject="cat", identifier="qxv").version == 2
+
+
+def test_a_writer_past_its_lease_cannot_publish(tmp_path):
+    root = str(tmp_path / "reg")
+    backend = registry.FileRegistryBackend(root, pending_lease_s=-1)  # every claim born expired
+    entry = backend.claim({"subject": "dog", "identifier": "zwx", "base_model": "b"}, lambda entries: None)
+    retired = registry.Registry(backend).retire_abandoned()
+    assert [(e["version"], e["status"]) for e in retired] == [(1, "abandoned")]
+    with pytest.raises(PreconditionFailed, match="'abandoned', not 'pending'"):
+        backend.set_status("dog", entry["version"], "ready", expect="pending")
+    assert _index(root)[0]["status"] == "abandoned"
+
+
+def test_registering_the_same_weights_again_returns_the_published_version(tmp_path):
+    root = str(tmp_path / "reg")
+    model = fake_model(tmp_path / "m", "1")
+    first = _register(root, model)
+    again = _register(root, model)  # e.g. the register task retried after publishing
+    assert again == first and len(_index(root)) == 1
+    assert _register(root, fake_model(tmp_path / "m2", "2")).version == 2  # other weights: a new version
+    assert _register(root, model, metrics=None).version == 3  # same weights, another record: a new version
+
+
 # --- concurrency --------------------------------------------------------------------------------------------
 
 
@@ -452,9 +539,11 @@ class MemoryBackend(RegistryBackend):
             self._entries.append(entry)
             return dict(entry)
 
-    def set_status(self, subject, version, status, updates=None):
+    def set_status(self, subject, version, status, updates=None, expect=None):
         with self._lock:
             [entry] = [e for e in self._entries if (e["subject"], e["version"]) == (subject, version)]
+            if expect is not None and entry["status"] != expect:
+                raise PreconditionFailed(f"{subject} v{version} is {entry['status']}")
             entry.update(updates or {}, status=status)
             return dict(entry)
 
