@@ -410,7 +410,7 @@ def train_pack(
                  train_config.train_text_encoder)  # fmt: skip
         return []
     size = pack_size or packed.default_pack_size(
-        train_config.device, train_config.resolution, train_config.batch_size
+        train_config.device, train_config.resolution, train_config.batch_size, base_model=base_model
     )
     if size < 2 or len(configs) < 2:
         log.info("packing off: pack size %d, %d subjects", size, len(configs))

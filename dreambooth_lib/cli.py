@@ -85,15 +85,16 @@ def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the diffusers pipeline to")],
     seed: Annotated[int, typer.Option(help="weights are deterministic in the seed")] = 0,
     evaluators: Annotated[bool, typer.Option(help="also write tiny DINO, CLIP and LPIPS evaluators")] = False,
+    sdxl: Annotated[bool, typer.Option(help="an SDXL-shaped pipeline (two text encoders) instead")] = False,
     as_json: JsonOpt = False,
 ):
-    """Write a tiny random-weight SD-1.x pipeline with the real CLIP vocabulary (tests, demos; no download).
+    """Write a tiny random-weight SD-1.x (or SDXL) pipeline with the real CLIP vocabulary (tests, demos; no download).
 
     Example: dreambooth tiny-model /tmp/tiny --seed 0
     """
-    from dreambooth_lib.models import build_tiny_model
+    from dreambooth_lib.models import build_tiny_model, build_tiny_sdxl_model
 
-    out = build_tiny_model(out_dir, seed=seed)
+    out = (build_tiny_sdxl_model if sdxl else build_tiny_model)(out_dir, seed=seed)
     result: dict[str, Any] = {"model": str(out)}
     if evaluators:
         from dreambooth_lib import evaluators as ev

@@ -48,6 +48,8 @@ class TrainingData:
     prior: LatentCache | None  # None: no prior-preservation term
     input_ids: torch.Tensor  # [2, L]: row 0 the instance prompt, row 1 the class prompt
     prompt_embeds: torch.Tensor  # [2, L, D]: the frozen text encoder's output for those rows
+    # SDXL's extra UNet conditioning per prompt row: {"text_embeds": [2, D2] pooled, "time_ids": [2, 6]}; None on SD 1.x/2.x
+    added_cond: dict[str, torch.Tensor] | None = None
 
 
 def list_png(folder: str) -> list[str]:
@@ -109,3 +111,26 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: str | to
         return_tensors="pt",
     ).input_ids.to(device)
     return input_ids, text_encoder(input_ids)[0].float()
+
+
+@torch.no_grad()
+def encode_conditioning(
+    pipe, prompts: list[str], device: str | torch.device, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(input_ids, prompt embeddings, SDXL's added conditioning or None) of the prompts, as the pipeline itself
+    conditions its UNet at sampling time. SD 1.x/2.x: the text encoder's last hidden states. SDXL: the
+    pipeline's own `encode_prompt` (both encoders' penultimate states concatenated, the second's pooled
+    projection) and the size/crop ids of a square, uncropped `resolution` image: (R, R, 0, 0, R, R)."""
+    from dreambooth_lib.models import is_sdxl
+
+    input_ids, embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)
+    if not is_sdxl(pipe):
+        return input_ids, embeds, None
+    pipe.text_encoder_2.to(device).eval()
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompts, device=torch.device(device), num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    pipe.text_encoder_2.to("cpu")
+    size = [resolution, resolution, 0, 0, resolution, resolution]
+    time_ids = torch.tensor([size] * len(prompts), device=device, dtype=torch.float32)
+    return input_ids, embeds.float(), {"text_embeds": pooled.float(), "time_ids": time_ids}

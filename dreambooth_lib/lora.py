@@ -63,11 +63,14 @@ def lora_state_dict(module, adapter_name: str = ADAPTER_NAME) -> dict:
     }
 
 
-def save_lora_model(out_dir: str | Path, unet, text_encoder, marker: dict[str, Any]) -> Path:
-    """Write pytorch_lora_weights.safetensors (the format `pipe.load_lora_weights` reads) and dreambooth_lora.json."""
+def save_lora_model(
+    out_dir: str | Path, unet, text_encoder, marker: dict[str, Any], sdxl: bool = False
+) -> Path:
+    """Write pytorch_lora_weights.safetensors (the format `pipe.load_lora_weights` reads) and dreambooth_lora.json.
+    sdxl: written by StableDiffusionXLPipeline's writer (the UNet adapter's keys are the same either way)."""
     import json
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -85,8 +88,7 @@ def save_lora_model(out_dir: str | Path, unet, text_encoder, marker: dict[str, A
             get_peft_model_state_dict(text_encoder)
         )
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(
-        str(out), weight_name=LORA_WEIGHTS_NAME, safe_serialization=True, **kwargs
-    )
+    writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    writer.save_lora_weights(str(out), weight_name=LORA_WEIGHTS_NAME, safe_serialization=True, **kwargs)
     (out / LORA_MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
     return out

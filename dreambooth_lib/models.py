@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -345,3 +346,132 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) 
         os.replace(tok_dir / name, out / "tokenizer" / name)
     storage.delete_prefix(str(tok_dir))
     return out
+
+
+def is_sdxl(pipe) -> bool:
+    """An SDXL-shaped pipeline: two text encoders, and a UNet conditioned on pooled text and size/crop ids."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def sdxl_pipeline_from_parts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2):
+    """An SDXL pipeline around the given modules, with SDXL's training noise schedule and no watermarker."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny SDXL-shaped pipeline (random weights, the real CLIP vocabulary in both tokenizers), a few MB.
+
+    Shapes follow diffusers' SDXL test components: a UNet with `addition_embed_type="text_time"` (pooled text
+    embeddings + 6 size/crop ids), cross-attention over both encoders' hidden states concatenated (32 + 32), a
+    CLIPTextModel and a CLIPTextModelWithProjection.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids × 8 + the pooled text embedding
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,  # SDXL's VAE scale
+    )
+    vocab, _ = clip_bpe_vocab_and_merges()
+    text_config = CLIPTextConfig(
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    pipe = sdxl_pipeline_from_parts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # slow-tokenizer files too, for transformers 4 readers
+        for folder in ("tokenizer", "tokenizer_2"):
+            shutil.copyfile(tok_dir / name, out / folder / name)
+    storage.delete_prefix(str(tok_dir))
+    return out
+
+
+SD15_UNET_PARAMETERS = (
+    859_520_964  # Stable Diffusion 1.5's UNet: the unit of the memory estimates (packed.py)
+)
+
+
+def unet_parameter_count(uri: str, allow_pickle: bool = False) -> int:
+    """Parameters of a diffusers model's UNet, read from its safetensors headers (no weights loaded); 0 when
+    there are none (a pickled UNet). SD 1.5: ~0.86 B; SDXL: ~2.6 B."""
+    import struct
+
+    local = resolve_model_dir(uri, allow_pickle=allow_pickle)
+    if is_lora_dir(local):
+        local = resolve_model_dir(read_lora_marker(local)["base_model"], allow_pickle=allow_pickle)
+    total = 0
+    for f in sorted((local / "unet").glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                total += n
+    return total

@@ -50,7 +50,7 @@ from pydantic import BaseModel
 from dreambooth_lib import checkpoint, lora, models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, DreamboothError, TrainingError
-from dreambooth_lib.latents import LatentCache, TrainingData, encode_images, encode_prompts, list_png
+from dreambooth_lib.latents import LatentCache, TrainingData, encode_conditioning, encode_images, list_png
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
 from dreambooth_lib.train import (
     SUMMARY_NAME,
@@ -104,15 +104,20 @@ def default_pack_size(
     resolution: int = 512,
     batch_size: int = 1,
     max_pack: int = MAX_PACK_SIZE,
+    base_model: str | None = None,
 ) -> int:
     """Subjects to pack on `device`: 1 on CPU (nothing is gained: the CPU is busy with one), else as many as the
-    free CUDA memory holds by the per-subject estimate above (activations scale with pixels and rows)."""
+    free CUDA memory holds by the per-subject estimate above (activations scale with pixels and rows, and both
+    terms with the UNet's size relative to SD 1.5's, read from `base_model`'s safetensors headers: SDXL ~3x)."""
     device = torch.device(models.resolve_device(str(device)))
     if device.type != "cuda":
         return 1
+    scale = 1.0
+    if base_model is not None:
+        scale = max(1.0, models.unet_parameter_count(base_model) / models.SD15_UNET_PARAMETERS)
     free, _ = torch.cuda.mem_get_info(device)
-    per_subject = PACKED_SUBJECT_BYTES_512 * (resolution / 512) ** 2 * batch_size
-    fits = int((0.9 * free - PACKED_FIXED_BYTES) // per_subject)
+    per_subject = PACKED_SUBJECT_BYTES_512 * (resolution / 512) ** 2 * batch_size * scale
+    fits = int((0.9 * free - PACKED_FIXED_BYTES * scale) // per_subject)
     return max(1, min(max_pack, fits))
 
 
@@ -202,12 +207,16 @@ class PackedTrainer:
     data: list[TrainingData]  # per subject
     generators: list[torch.Generator]  # per subject, each seeded as a single run's
     prompt_embeds: torch.Tensor  # [2K, L, D]: subject k's instance prompt at 2k, its class prompt at 2k+1
+    added_cond: (
+        dict[str, torch.Tensor] | None
+    )  # SDXL: pooled embeddings and size/crop ids, same rows; else None
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]  # every lora_A / lora_B, each [K, ...]
     speed: SpeedOptions
     batch_size: int
     prior_loss_weight: float
     max_grad_norm: float | None
+    sdxl: bool = False
     active: list[int] = field(default_factory=list)  # subjects still in the batch
     _layout: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
@@ -246,7 +255,10 @@ def packed_step(t: PackedTrainer) -> torch.Tensor:
 
     dtype = t.speed.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        pred = t.unet_forward(noisy, timesteps, t.prompt_embeds[prompt_rows], return_dict=False)[0]
+        extra = {}
+        if t.added_cond is not None:
+            extra["added_cond_kwargs"] = {k: v[prompt_rows] for k, v in t.added_cond.items()}
+        pred = t.unet_forward(noisy, timesteps, t.prompt_embeds[prompt_rows], return_dict=False, **extra)[0]
     prior = t.prior_loss_weight > 0
     rows = bs * (2 if prior else 1)
     subject_losses = []
@@ -314,21 +326,23 @@ def setup_packed(
             )
         return caches[key]
 
-    data, embeds = [], []
+    data, embeds, added = [], [], []
     for subject, (instance_uris, prior_uris) in zip(subjects, inputs, strict=True):
-        input_ids, prompt_embeds = encode_prompts(
-            pipe.tokenizer,
-            text_encoder,
+        input_ids, prompt_embeds, added_cond = encode_conditioning(
+            pipe,
             [f"a {subject.identifier} {subject.class_noun}", f"a {subject.class_noun}"],
             speed.device,
+            config.resolution,
         )
         embeds.append(prompt_embeds)
+        added.append(added_cond)
         data.append(
             TrainingData(
                 instance=encoded(instance_uris),
                 prior=encoded(prior_uris) if use_prior else None,
                 input_ids=input_ids,
                 prompt_embeds=prompt_embeds,
+                added_cond=added_cond,
             )
         )
     vae.to("cpu")
@@ -350,6 +364,8 @@ def setup_packed(
         data=data,
         generators=[torch.Generator(device=speed.device).manual_seed(config.seed) for _ in subjects],
         prompt_embeds=torch.cat(embeds),
+        added_cond={k: torch.cat([a[k] for a in added]) for k in added[0]} if added[0] is not None else None,
+        sdxl=models.is_sdxl(pipe),
         optimizer=make_optimizer([{"params": params, "lr": config.learning_rate}], config, speed),
         params=params,
         speed=speed,
@@ -612,7 +628,7 @@ def _export(
     with storage.local_dir_for_writing(out) as stage:
         partial = Path(stage) / "model.partial"
         storage.delete_prefix(str(partial))
-        lora.save_lora_model(partial, t.unet, None, marker)
+        lora.save_lora_model(partial, t.unet, None, marker, sdxl=t.sdxl)
         storage.delete_prefix(str(Path(stage) / "model"))
         storage.rename_prefix(str(partial), str(Path(stage) / "model"))
         result = TrainResult(
@@ -661,7 +677,9 @@ def train_packed_subjects(
     from dreambooth_lib import train
 
     if pack_size is None:
-        pack_size = default_pack_size(config.device, config.resolution, config.batch_size)
+        pack_size = default_pack_size(
+            config.device, config.resolution, config.batch_size, base_model=base_model
+        )
     if pack_size < 1:
         raise ConfigError(f"pack_size must be at least 1, got {pack_size}")
     alone = pack_size == 1 or config.mode != "lora" or config.train_text_encoder

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from dreambooth_lib import checkpoint, lora, models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
-from dreambooth_lib.latents import TrainingData, encode_images, encode_prompts, list_png
+from dreambooth_lib.latents import TrainingData, encode_conditioning, encode_images, list_png
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,10 @@ def step_on_batch(
             embeds = t.text_encoder(t.data.input_ids)[0]
         else:
             embeds = t.data.prompt_embeds
-        pred = t.unet_forward(noisy, timesteps, embeds[t.prompt_rows], return_dict=False)[0]
+        extra = {}
+        if t.data.added_cond is not None:  # SDXL: pooled text embeddings and size/crop ids, per row
+            extra["added_cond_kwargs"] = {k: v[t.prompt_rows] for k, v in t.data.added_cond.items()}
+        pred = t.unet_forward(noisy, timesteps, embeds[t.prompt_rows], return_dict=False, **extra)[0]
     prior = t.data.prior is not None
     loss = dreambooth_loss(
         pred[:bs],
@@ -261,9 +264,10 @@ def load_base_for_training(base_model: str, config: TrainConfig, allow_pickle: b
         torch.cuda.reset_peak_memory_stats(device)
     base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
     pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ConfigError(
-            "train supports Stable Diffusion 1.x/2.x pipelines (one text encoder); this base model has two"
+            f"{base_model}: a {type(pipe).__name__} has no UNet/VAE; train supports Stable Diffusion 1.x/2.x "
+            "and SDXL pipelines"
         )
     return device, base_digest, pipe
 
@@ -289,8 +293,13 @@ def setup_training(
     vae.to(speed.device).eval()
     text_encoder.to(speed.device).eval()
     flips = config.random_flip
-    input_ids, prompt_embeds = encode_prompts(
-        pipe.tokenizer, text_encoder, [instance_prompt, class_prompt], speed.device
+    if config.train_text_encoder and models.is_sdxl(pipe):
+        raise ConfigError(
+            "train.train_text_encoder: SDXL text-encoder training is not supported; train the UNet (full or "
+            "LoRA) with train_text_encoder: false"
+        )
+    input_ids, prompt_embeds, added_cond = encode_conditioning(
+        pipe, [instance_prompt, class_prompt], speed.device, config.resolution
     )
     data = TrainingData(
         instance=encode_images(vae, instance_uris, config.resolution, speed.device, with_flips=flips),
@@ -299,6 +308,7 @@ def setup_training(
         else None,
         input_ids=input_ids,
         prompt_embeds=prompt_embeds,
+        added_cond=added_cond,
     )
     vae.to("cpu")
     train_te = config.train_text_encoder
@@ -592,7 +602,7 @@ def _export_model(
     text_encoder = t.text_encoder  # None when it was not trained
     if config.mode == "lora":
         marker |= {"rank": config.lora_rank, "alpha": lora.lora_alpha(config.lora_rank, config.lora_alpha)}
-        lora.save_lora_model(folder, t.unet, text_encoder, marker)
+        lora.save_lora_model(folder, t.unet, text_encoder, marker, sdxl=models.is_sdxl(pipe))
         return
     pipe.unet = t.unet.to("cpu").eval()
     if text_encoder is not None:
@@ -600,11 +610,14 @@ def _export_model(
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # save_pretrained writes only the tokenizer files of the installed transformers; keep the base's others
     # (vocab.json, merges.txt) so older readers load the model too
-    base_tokenizer = models.resolve_model_dir(base_model, allow_pickle=True) / "tokenizer"
-    for f in storage.list_files(str(base_tokenizer), recursive=False):
-        target = folder / "tokenizer" / storage.basename(f)
-        if not target.exists():
-            storage.copy(f, str(target))
+    for name in ("tokenizer", "tokenizer_2"):
+        base_tokenizer = models.resolve_model_dir(base_model, allow_pickle=True) / name
+        if not base_tokenizer.is_dir():
+            continue
+        for f in storage.list_files(str(base_tokenizer), recursive=False):
+            target = folder / name / storage.basename(f)
+            if not target.exists():
+                storage.copy(f, str(target))
     marker |= {
         "mode": "full",
         "instance_prompt": f"a {identifier} {class_noun}",

@@ -1,0 +1,186 @@
+"""SDXL base models: the same method (Eq. 2, cached latents, full or LoRA, packed LoRA) on a tiny SDXL pipeline.
+
+SDXL conditions its UNet on more than the token embeddings: both text encoders' hidden states concatenated, the
+second encoder's pooled projection, and six size/crop ids. Training must hand the UNet exactly what the
+pipeline hands it when sampling, or the identifier is learnt under conditions sampling never reproduces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_subject_images
+from safetensors.torch import load_file
+
+from dreambooth_lib import evaluators, models, packed, pipeline_run, train
+from dreambooth_lib.config import (
+    EvalConfig,
+    IdentifierConfig,
+    IngestConfig,
+    PriorConfig,
+    RunConfig,
+    Subject,
+    TrainConfig,
+)
+from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.latents import encode_conditioning
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory) -> str:
+    return str(models.build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sdxl-data")
+    make_subject_images(root / "a", n=3, size=RES, color=(220, 30, 30), seed=10)
+    make_subject_images(root / "b", n=2, size=RES, color=(30, 200, 30), seed=11)
+    make_subject_images(root / "prior", n=3, size=RES, color=(30, 30, 220), seed=1)
+    return root
+
+
+def _config(**overrides) -> TrainConfig:
+    base = dict(steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
+    """Prompt embeddings, pooled embeddings and time ids equal what StableDiffusionXLPipeline passes its UNet."""
+    pipe = models.load_pipeline(sdxl_model)
+    assert models.is_sdxl(pipe)
+    _, embeds, added = encode_conditioning(pipe, ["a sks dog", "a dog"], "cpu", RES)
+
+    seen = {}
+
+    def capture(module, args, kwargs):
+        if "encoder_hidden_states" in kwargs and "embeds" not in seen:
+            seen["embeds"] = kwargs["encoder_hidden_states"]
+            seen["added"] = kwargs["added_cond_kwargs"]
+
+    pipe.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    pipe(["a sks dog", "a dog"], num_inference_steps=1, guidance_scale=1.0, height=RES, width=RES)
+    torch.testing.assert_close(embeds, seen["embeds"].float())
+    torch.testing.assert_close(added["text_embeds"], seen["added"]["text_embeds"].float())
+    torch.testing.assert_close(added["time_ids"], seen["added"]["time_ids"].float())
+    assert added["time_ids"][0].tolist() == [RES, RES, 0, 0, RES, RES]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, data, tmp_path, mode):
+    config = _config(mode=mode, learning_rate=1e-2 if mode == "lora" else 1e-3)
+    result = train.run(
+        sdxl_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "out")
+    )
+    assert result.mode == mode and [s for s, _ in result.losses] == [2, 4]
+    assert all(np.isfinite(v) for _, v in result.losses)
+    tuned = models.load_pipeline(result.model_uri)
+    assert type(tuned).__name__ == "StableDiffusionXLPipeline"
+    base = models.load_pipeline(sdxl_model)
+    # the fine-tuned UNet differs from the base (LoRA: the adapter is loaded and non-zero)
+    x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    _, embeds, added = encode_conditioning(base, ["a sks square"], "cpu", RES)
+    with torch.no_grad():
+        kwargs = dict(encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
+        before = base.unet(x, torch.tensor([500]), **kwargs)[0]
+        after = tuned.unet(x, torch.tensor([500]), **kwargs)[0]
+    assert (after - before).abs().max() > 1e-4
+    if mode == "full":
+        assert (Path(result.model_uri) / "tokenizer_2" / "vocab.json").is_file()
+    else:
+        weights = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME)
+        assert weights and all(k.startswith("unet.") for k in weights)
+
+
+def test_sdxl_text_encoder_training_is_refused_by_name(sdxl_model, data, tmp_path):
+    with pytest.raises(ConfigError, match="SDXL text-encoder training is not supported"):
+        train.run(
+            sdxl_model, str(data / "a"), str(data / "prior"), "sks", "square",
+            _config(train_text_encoder=True), str(tmp_path / "out"),
+        )  # fmt: skip
+
+
+def test_packed_sdxl_subjects_equal_their_single_runs(sdxl_model, data, tmp_path):
+    config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
+    subjects = [
+        packed.PackedSubject(
+            name=name,
+            instance_dir=str(data / name),
+            prior_dir=str(data / "prior"),
+            identifier=ident,
+            class_noun="square",
+            out=str(tmp_path / "packed" / name),
+        )  # fmt: skip
+        for name, ident in (("a", "sks"), ("b", "zwx"))
+    ]
+    results = packed.run_packed(sdxl_model, subjects, config)
+    assert all(r.ok for r in results)
+    for s in subjects:
+        single = tmp_path / "single" / s.name
+        train.run(sdxl_model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, str(single))
+        got = load_file(Path(s.out) / "model" / models.LORA_WEIGHTS_NAME)
+        want = load_file(single / "model" / models.LORA_WEIGHTS_NAME)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4)
+        assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k or ".up." in k)
+
+
+def test_sdxl_runs_end_to_end(sdxl_model, tmp_path):
+    """`dreambooth run` on an SDXL base: ingest, identifier, prior, LoRA training, evaluation, registration."""
+    photos = make_subject_images(tmp_path / "photos", n=3, size=64)
+    config = RunConfig(
+        base_model=sdxl_model,
+        subject=Subject(name="red-square", class_noun="square", images=str(photos)),
+        run_dir=str(tmp_path / "run"),
+        ingest=IngestConfig(resolution=RES, min_side=32),
+        identifier=IdentifierConfig(),
+        prior=PriorConfig(num_images=2, steps=2, batch_size=2, device="cpu"),
+        train=_config(mode="lora", steps=2, learning_rate=1e-2),
+        eval=EvalConfig(
+            max_prompts=1,
+            images_per_prompt=2,
+            pres_images=2,
+            steps=2,
+            batch_size=2,
+            device="cpu",
+            dino_model=str(evaluators.build_tiny_dino(tmp_path / "dino")),
+            clip_model=str(evaluators.build_tiny_clip(tmp_path / "clip")),
+        ),  # fmt: skip
+        registry={"uri": str(tmp_path / "registry")},
+        samples_per_prompt=0,
+    )
+    result = pipeline_run.run(config)
+    assert result.registered is not None and result.registered["version"] == 1
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["metrics"]["dino"] is not None and metrics["metrics"]["clip_t"] is not None
+    pipe = models.load_pipeline(result.registered["model_uri"])
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+
+
+def test_unet_size_is_read_from_the_safetensors_headers(sdxl_model, tiny_model):
+    for uri in (sdxl_model, tiny_model):
+        unet = models.load_pipeline(uri).unet
+        assert models.unet_parameter_count(uri) == sum(p.numel() for p in unet.parameters())
+
+
+def test_pack_size_shrinks_with_the_unet(monkeypatch, sdxl_model):
+    """On an 80 GiB GPU: SD-1.5-sized UNets pack 16 (the cap) at 512 px; one 3x larger (SDXL) packs fewer."""
+    monkeypatch.setattr(models, "resolve_device", lambda device="auto": "cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    sd15 = packed.default_pack_size("cuda", 512)
+    monkeypatch.setattr(
+        models, "unet_parameter_count", lambda uri, allow_pickle=False: 3 * models.SD15_UNET_PARAMETERS
+    )
+    sdxl = packed.default_pack_size("cuda", 512, base_model=sdxl_model)
+    # (0.9 * 80 - 6 * 3) GiB / (4 * 3) GiB per subject = 4
+    assert (sd15, sdxl) == (16, 4)
+    assert (
+        packed.default_pack_size("cuda", 1024, base_model=sdxl_model) == 1
+    )  # 48 GiB per subject: one at a time
