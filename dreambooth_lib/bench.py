@@ -551,21 +551,12 @@ def bench_all(
             return lambda: train_step(trainer)
 
         graphed = cuda and cuda_graph
-        timed(label, lambda: ours(full))
-        if graphed:
-            timed(
-                f"{label} + CUDA graph",
-                lambda: ours(full.model_copy(update={"cuda_graph": True})),
-                extra_warmup=1,
-            )
         lora_label = f"ours LoRA r{lora_config.lora_rank} ({precision})"
-        timed(lora_label, lambda: ours(lora_config))
-        if graphed:
-            timed(
-                f"{lora_label} + CUDA graph",
-                lambda: ours(lora_config.model_copy(update={"cuda_graph": True})),
-                extra_warmup=1,
-            )
+        for row_label, config in ((label, full), (lora_label, lora_config)):
+            timed(row_label, lambda config=config: ours(config))
+            if graphed:
+                graph_config = config.model_copy(update={"cuda_graph": True})
+                timed(f"{row_label} + CUDA graph", lambda c=graph_config: ours(c), extra_warmup=1)
         for k in ks:
             folder = root / f"packed-{k}"
             timed(
