@@ -240,6 +240,9 @@ def train(
     seed: int = 0,
     mixed_precision: str = "auto",
     compile: bool = False,
+    cuda_graph: Annotated[
+        bool, typer.Option(help="CUDA: replay the whole step as one CUDA graph (bf16/fp32 only)")
+    ] = False,
     gradient_checkpointing: bool = False,
     use_8bit_adam: bool = False,
     checkpoint_every: int = 250,
@@ -277,6 +280,7 @@ def train(
             seed=seed,
             mixed_precision=mixed_precision,
             compile=compile,
+            cuda_graph=cuda_graph,
             gradient_checkpointing=gradient_checkpointing,
             use_8bit_adam=use_8bit_adam,
             checkpoint_every=checkpoint_every,
@@ -504,6 +508,12 @@ def bench_all(
     steps: int = 10,
     ks: Annotated[str, typer.Option(help="packed subject counts, comma-separated")] = "1,4,8,16",
     e2e: Annotated[bool, typer.Option(help="also one subject end to end")] = False,
+    cuda_graph: Annotated[
+        bool, typer.Option(help="on CUDA, also time full/LoRA steps as CUDA graphs (and the e2e run)")
+    ] = True,
+    prior_compile: Annotated[
+        bool, typer.Option(help="also time prior sampling with a torch.compile'd UNet (minutes)")
+    ] = False,
     out: Annotated[str | None, typer.Option(help="write the table as Markdown here")] = None,
     as_json: JsonOpt = False,
 ):
@@ -521,6 +531,8 @@ def bench_all(
         steps=steps,
         ks=tuple(int(k) for k in ks.split(",") if k.strip()),
         e2e=e2e,
+        cuda_graph=cuda_graph,
+        prior_compile=prior_compile,
         out_markdown=out,
     )
     if as_json:

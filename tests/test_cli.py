@@ -87,3 +87,25 @@ def test_every_preset_loads(preset):
     assert cfg.train.resolution == cfg.ingest.resolution
     text = preset.read_text()
     assert text.startswith("#") and "dreambooth run --config" in text  # opens with the command that runs it
+
+
+def test_train_refuses_a_cuda_graph_with_fp16_in_one_line(tmp_path):
+    result = runner.invoke(
+        app,
+        ["train", "--model", str(tmp_path / "m"), "--instance-dir", str(tmp_path), "--prior-dir", str(tmp_path),
+         "--identifier", "zwx", "--class-noun", "dog", "--out", str(tmp_path / "out"),
+         "--cuda-graph", "--mixed-precision", "fp16"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "cuda_graph: true cannot be combined with mixed_precision: fp16" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_tiny_sdxl_model_has_two_text_encoders_and_an_identifier(tmp_path):
+    result = runner.invoke(app, ["tiny-model", str(tmp_path / "xl"), "--sdxl", "--json"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and "text_encoder_2" in index
+    out = runner.invoke(app, ["identifier", "--model", str(tmp_path / "xl"), "--class-noun", "dog", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["token_id"] >= 40000
