@@ -50,6 +50,7 @@ class TrainingData:
     prompt_embeds: torch.Tensor  # [2, L, D]: the frozen text encoder's output for those rows
     # SDXL's extra UNet conditioning per prompt row: {"text_embeds": [2, D2] pooled, "time_ids": [2, 6]}; None on SD 1.x/2.x
     added_cond: dict[str, torch.Tensor] | None = None
+    input_ids_2: torch.Tensor | None = None  # SDXL: the same prompts through the second tokenizer
 
 
 def list_png(folder: str) -> list[str]:
@@ -103,21 +104,26 @@ def encode_images(
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: str | torch.device):
     """(input_ids [P, L], embeddings [P, L, D]) of the prompts, padded to the tokenizer's max length as in SD."""
-    input_ids = tokenizer(
+    input_ids = _token_ids(tokenizer, prompts, device)
+    return input_ids, text_encoder(input_ids)[0].float()
+
+
+def _token_ids(tokenizer, prompts: list[str], device: str | torch.device) -> torch.Tensor:
+    return tokenizer(
         prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device)
-    return input_ids, text_encoder(input_ids)[0].float()
 
 
 @torch.no_grad()
 def encode_conditioning(
     pipe, prompts: list[str], device: str | torch.device, resolution: int
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
-    """(input_ids, prompt embeddings, SDXL's added conditioning or None) of the prompts, as the pipeline itself
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
+    """(input_ids, prompt embeddings, SDXL's added conditioning or None, SDXL's second tokenizer's input_ids or
+    None) of the prompts, as the pipeline itself
     conditions its UNet at sampling time. SD 1.x/2.x: the text encoder's last hidden states. SDXL: the
     pipeline's own `encode_prompt` (both encoders' penultimate states concatenated, the second's pooled
     projection) and the size/crop ids of a square, uncropped `resolution` image: (R, R, 0, 0, R, R)."""
@@ -125,7 +131,8 @@ def encode_conditioning(
 
     input_ids, embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, device)
     if not is_sdxl(pipe):
-        return input_ids, embeds, None
+        return input_ids, embeds, None, None
+    input_ids_2 = _token_ids(pipe.tokenizer_2, prompts, device)
     pipe.text_encoder_2.to(device).eval()
     embeds, _, pooled, _ = pipe.encode_prompt(
         prompts, device=torch.device(device), num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -133,4 +140,16 @@ def encode_conditioning(
     pipe.text_encoder_2.to("cpu")
     size = [resolution, resolution, 0, 0, resolution, resolution]
     time_ids = torch.tensor([size] * len(prompts), device=device, dtype=torch.float32)
-    return input_ids, embeds.float(), {"text_embeds": pooled.float(), "time_ids": time_ids}
+    return input_ids, embeds.float(), {"text_embeds": pooled.float(), "time_ids": time_ids}, input_ids_2
+
+
+def sdxl_text_conditioning(
+    text_encoder, text_encoder_2, input_ids: torch.Tensor, input_ids_2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embeddings, pooled embeddings) through SDXL's two encoders, differentiably: what the pipeline's
+    `encode_prompt` computes (each encoder's penultimate hidden states, concatenated; the second encoder's
+    projected pooled output), for training the text encoders."""
+    first = text_encoder(input_ids, output_hidden_states=True)
+    second = text_encoder_2(input_ids_2, output_hidden_states=True)
+    embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    return embeds, second[0]

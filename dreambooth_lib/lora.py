@@ -39,19 +39,24 @@ def add_lora_adapters(unet, text_encoder, rank: int, alpha: float | None) -> Non
         )
     )
     if text_encoder is not None:
-        # peft directly, not transformers' `add_adapter`: transformers 5 refuses peft < 0.22 there, and the
-        # adapter is the same LoRA layers either way.
-        from peft import inject_adapter_in_model
+        add_text_encoder_adapter(text_encoder, rank, alpha)
 
-        text_encoder.requires_grad_(False)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=lora_alpha(rank, alpha),
-            init_lora_weights="gaussian",
-            target_modules=TEXT_ENCODER_TARGET_MODULES,
-        )
-        inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER_NAME)
-        text_encoder._dreambooth_lora_config = config
+
+def add_text_encoder_adapter(text_encoder, rank: int, alpha: float | None) -> None:
+    """Freeze a CLIP text encoder and add trainable LoRA adapters to its attention projections."""
+    # peft directly, not transformers' `add_adapter`: transformers 5 refuses peft < 0.22 there, and the
+    # adapter is the same LoRA layers either way.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    text_encoder.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha(rank, alpha),
+        init_lora_weights="gaussian",
+        target_modules=TEXT_ENCODER_TARGET_MODULES,
+    )
+    inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER_NAME)
+    text_encoder._dreambooth_lora_config = config
 
 
 def lora_state_dict(module, adapter_name: str = ADAPTER_NAME) -> dict:
@@ -64,7 +69,12 @@ def lora_state_dict(module, adapter_name: str = ADAPTER_NAME) -> dict:
 
 
 def save_lora_model(
-    out_dir: str | Path, unet, text_encoder, marker: dict[str, Any], sdxl: bool = False
+    out_dir: str | Path,
+    unet,
+    text_encoder,
+    marker: dict[str, Any],
+    sdxl: bool = False,
+    text_encoder_2=None,
 ) -> Path:
     """Write pytorch_lora_weights.safetensors (the format `pipe.load_lora_weights` reads) and dreambooth_lora.json.
     sdxl: written by StableDiffusionXLPipeline's writer (the UNet adapter's keys are the same either way)."""
@@ -88,6 +98,11 @@ def save_lora_model(
             get_peft_model_state_dict(text_encoder)
         )
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    if text_encoder_2 is not None:
+        kwargs["text_encoder_2_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(text_encoder_2)
+        )
+        kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2.peft_config["default"].to_dict()
     writer = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     writer.save_lora_weights(str(out), weight_name=LORA_WEIGHTS_NAME, safe_serialization=True, **kwargs)
     (out / LORA_MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")

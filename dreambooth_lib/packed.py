@@ -328,7 +328,7 @@ def setup_packed(
 
     data, embeds, added = [], [], []
     for subject, (instance_uris, prior_uris) in zip(subjects, inputs, strict=True):
-        input_ids, prompt_embeds, added_cond = encode_conditioning(
+        input_ids, prompt_embeds, added_cond, _ = encode_conditioning(
             pipe,
             [f"a {subject.identifier} {subject.class_noun}", f"a {subject.class_noun}"],
             speed.device,

@@ -26,7 +26,13 @@ from pydantic import BaseModel
 from dreambooth_lib import checkpoint, lora, models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
-from dreambooth_lib.latents import TrainingData, encode_conditioning, encode_images, list_png
+from dreambooth_lib.latents import (
+    TrainingData,
+    encode_conditioning,
+    encode_images,
+    list_png,
+    sdxl_text_conditioning,
+)
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
 
 log = logging.getLogger(__name__)
@@ -147,11 +153,12 @@ class Trainer:
     unet: torch.nn.Module  # the module whose weights are saved
     unet_forward: Any  # the same module, maybe torch.compile'd
     text_encoder: torch.nn.Module | None  # only when trained; otherwise its embeddings are cached in `data`
+    text_encoder_2: torch.nn.Module | None  # SDXL's second encoder, when the text encoders are trained
     noise_scheduler: Any
     data: TrainingData
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
-    named_trainable: dict[str, torch.nn.Parameter]  # "unet.<name>" / "text_encoder.<name>" -> parameter
+    named_trainable: dict[str, torch.nn.Parameter]  # "unet.<name>" / "text_encoder[_2].<name>" -> parameter
     generator: torch.Generator  # noise, timesteps, latent draws and sample order: the run's only randomness
     speed: SpeedOptions
     scaler: Any  # torch.amp.GradScaler for fp16, else None
@@ -217,13 +224,19 @@ def step_on_batch(
         # the cast-weight cache would hold tensors made during capture and freed after it
         cache_enabled=not t.speed.cuda_graph,
     ):
-        if t.text_encoder is not None:  # trained: two prompts through the encoder, shared by all rows
+        embeds, added = t.data.prompt_embeds, t.data.added_cond
+        if (
+            t.text_encoder_2 is not None
+        ):  # SDXL, trained: both encoders, and the pooled embedding from the second
+            embeds, pooled = sdxl_text_conditioning(
+                t.text_encoder, t.text_encoder_2, t.data.input_ids, t.data.input_ids_2
+            )
+            added = {**added, "text_embeds": pooled}
+        elif t.text_encoder is not None:  # trained: two prompts through the encoder, shared by all rows
             embeds = t.text_encoder(t.data.input_ids)[0]
-        else:
-            embeds = t.data.prompt_embeds
         extra = {}
-        if t.data.added_cond is not None:  # SDXL: pooled text embeddings and size/crop ids, per row
-            extra["added_cond_kwargs"] = {k: v[t.prompt_rows] for k, v in t.data.added_cond.items()}
+        if added is not None:  # SDXL: pooled text embeddings and size/crop ids, per row
+            extra["added_cond_kwargs"] = {k: v[t.prompt_rows] for k, v in added.items()}
         pred = t.unet_forward(noisy, timesteps, embeds[t.prompt_rows], return_dict=False, **extra)[0]
     prior = t.data.prior is not None
     loss = dreambooth_loss(
@@ -293,12 +306,7 @@ def setup_training(
     vae.to(speed.device).eval()
     text_encoder.to(speed.device).eval()
     flips = config.random_flip
-    if config.train_text_encoder and models.is_sdxl(pipe):
-        raise ConfigError(
-            "train.train_text_encoder: SDXL text-encoder training is not supported; train the UNet (full or "
-            "LoRA) with train_text_encoder: false"
-        )
-    input_ids, prompt_embeds, added_cond = encode_conditioning(
+    input_ids, prompt_embeds, added_cond, input_ids_2 = encode_conditioning(
         pipe, [instance_prompt, class_prompt], speed.device, config.resolution
     )
     data = TrainingData(
@@ -309,27 +317,34 @@ def setup_training(
         input_ids=input_ids,
         prompt_embeds=prompt_embeds,
         added_cond=added_cond,
+        input_ids_2=input_ids_2,
     )
     vae.to("cpu")
     train_te = config.train_text_encoder
+    # SDXL's second encoder is trained alongside the first (diffusers' SDXL recipe); the first stays in `text_encoder`
+    encoders = [text_encoder] + ([pipe.text_encoder_2] if models.is_sdxl(pipe) else [])
 
     # The trainable parameters: every UNet weight, or LoRA adapters; the text encoder's when asked.
     if config.mode == "lora":
-        lora.add_lora_adapters(unet, text_encoder if train_te else None, config.lora_rank, config.lora_alpha)
+        lora.add_lora_adapters(unet, None, config.lora_rank, config.lora_alpha)
+        for encoder in encoders if train_te else []:
+            lora.add_text_encoder_adapter(encoder, config.lora_rank, config.lora_alpha)
     else:
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(train_te)
-    if not train_te:
-        text_encoder.requires_grad_(False).to("cpu")
+        for encoder in encoders:
+            encoder.requires_grad_(train_te)
     unet.to(speed.device).train()
     trained = {"unet": unet}
-    if train_te:
-        text_encoder.train()
-        trained["text_encoder"] = text_encoder
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), encoders, strict=False):
+        if train_te:
+            encoder.to(speed.device).train()
+            trained[name] = encoder
+        else:
+            encoder.requires_grad_(False).to("cpu")
     if speed.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_te:
-            text_encoder.gradient_checkpointing_enable()
+        for encoder in encoders if train_te else []:
+            encoder.gradient_checkpointing_enable()
     named_trainable = {
         f"{prefix}.{name}": p
         for prefix, module in trained.items()
@@ -340,7 +355,7 @@ def setup_training(
     if train_te:
         te_lr = config.text_encoder_learning_rate or config.learning_rate
         param_groups.append(
-            {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr}
+            {"params": [p for e in encoders for p in e.parameters() if p.requires_grad], "lr": te_lr}
         )
 
     bs = config.batch_size
@@ -349,6 +364,7 @@ def setup_training(
         unet=unet,
         unet_forward=models.compile_module(unet) if speed.compile else unet,
         text_encoder=text_encoder if train_te else None,
+        text_encoder_2=encoders[1] if train_te and len(encoders) > 1 else None,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         data=data,
         optimizer=make_optimizer(param_groups, config, speed),
@@ -602,11 +618,15 @@ def _export_model(
     text_encoder = t.text_encoder  # None when it was not trained
     if config.mode == "lora":
         marker |= {"rank": config.lora_rank, "alpha": lora.lora_alpha(config.lora_rank, config.lora_alpha)}
-        lora.save_lora_model(folder, t.unet, text_encoder, marker, sdxl=models.is_sdxl(pipe))
+        lora.save_lora_model(
+            folder, t.unet, text_encoder, marker, sdxl=models.is_sdxl(pipe), text_encoder_2=t.text_encoder_2
+        )
         return
     pipe.unet = t.unet.to("cpu").eval()
     if text_encoder is not None:
         pipe.text_encoder = text_encoder.to("cpu").eval()
+    if t.text_encoder_2 is not None:
+        pipe.text_encoder_2 = t.text_encoder_2.to("cpu").eval()
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # save_pretrained writes only the tokenizer files of the installed transformers; keep the base's others
     # (vocab.json, merges.txt) so older readers load the model too

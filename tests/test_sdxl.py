@@ -26,8 +26,7 @@ from dreambooth_lib.config import (
     Subject,
     TrainConfig,
 )
-from dreambooth_lib.errors import ConfigError
-from dreambooth_lib.latents import encode_conditioning
+from dreambooth_lib.latents import encode_conditioning, sdxl_text_conditioning
 
 RES = 32
 
@@ -55,7 +54,7 @@ def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
     """Prompt embeddings, pooled embeddings and time ids equal what StableDiffusionXLPipeline passes its UNet."""
     pipe = models.load_pipeline(sdxl_model)
     assert models.is_sdxl(pipe)
-    _, embeds, added = encode_conditioning(pipe, ["a sks dog", "a dog"], "cpu", RES)
+    _, embeds, added, _ = encode_conditioning(pipe, ["a sks dog", "a dog"], "cpu", RES)
 
     seen = {}
 
@@ -85,7 +84,7 @@ def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, data, tmp
     base = models.load_pipeline(sdxl_model)
     # the fine-tuned UNet differs from the base (LoRA: the adapter is loaded and non-zero)
     x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
-    _, embeds, added = encode_conditioning(base, ["a sks square"], "cpu", RES)
+    _, embeds, added, _ = encode_conditioning(base, ["a sks square"], "cpu", RES)
     with torch.no_grad():
         kwargs = dict(encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
         before = base.unet(x, torch.tensor([500]), **kwargs)[0]
@@ -98,12 +97,33 @@ def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, data, tmp
         assert weights and all(k.startswith("unet.") for k in weights)
 
 
-def test_sdxl_text_encoder_training_is_refused_by_name(sdxl_model, data, tmp_path):
-    with pytest.raises(ConfigError, match="SDXL text-encoder training is not supported"):
-        train.run(
-            sdxl_model, str(data / "a"), str(data / "prior"), "sks", "square",
-            _config(train_text_encoder=True), str(tmp_path / "out"),
-        )  # fmt: skip
+def test_trainable_text_path_equals_the_pipelines_encoding(sdxl_model):
+    """The differentiable two-encoder path (used when the text encoders train) gives what encode_prompt gives."""
+    pipe = models.load_pipeline(sdxl_model)
+    ids, embeds, added, ids_2 = encode_conditioning(pipe, ["a sks dog", "a dog"], "cpu", RES)
+    with torch.no_grad():
+        trained_embeds, pooled = sdxl_text_conditioning(pipe.text_encoder, pipe.text_encoder_2, ids, ids_2)
+    torch.testing.assert_close(trained_embeds.float(), embeds)
+    torch.testing.assert_close(pooled.float(), added["text_embeds"])
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, data, tmp_path, mode):
+    config = _config(mode=mode, train_text_encoder=True, learning_rate=1e-2 if mode == "lora" else 1e-3)
+    result = train.run(
+        sdxl_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "out")
+    )
+    assert all(np.isfinite(v) for _, v in result.losses)
+    base, tuned = models.load_pipeline(sdxl_model), models.load_pipeline(result.model_uri)
+    ids, _, _, ids_2 = encode_conditioning(base, ["a sks square"], "cpu", RES)
+    with torch.no_grad():
+        for name, tokens in (("text_encoder", ids), ("text_encoder_2", ids_2)):
+            before = getattr(base, name)(tokens, output_hidden_states=True).hidden_states[-2]
+            after = getattr(tuned, name)(tokens, output_hidden_states=True).hidden_states[-2]
+            assert (after - before).abs().max() > 1e-5, f"{name} did not change"
+    if mode == "lora":
+        keys = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME).keys()
+        assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
 
 
 def test_packed_sdxl_subjects_equal_their_single_runs(sdxl_model, data, tmp_path):
