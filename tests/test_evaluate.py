@@ -260,3 +260,26 @@ def test_lora_artifact_is_compared_to_the_base_its_marker_names(setup, tiny_mode
     assert result.digests["base_model"] == model_digest(tiny_model)
     assert result.base["metrics"]["dino"] == pytest.approx(result.metrics["dino"], abs=1e-6)
     assert result.gate.passed and result.gate.checks[0]["name"] == "dino_vs_base"
+
+
+def test_compiled_sampling_gives_the_same_metrics(setup, tiny_model, tmp_path, evaluated, monkeypatch):
+    """eval.compile changes how fast the images come, not which: same metrics as the eager evaluation."""
+    import torch
+
+    from dreambooth_lib import models
+
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")  # dynamo's tracing without inductor's codegen
+    torch._dynamo.reset()
+    try:
+        compiled = evaluate.run(
+            tiny_model, setup["real"], "sks", "dog", True, _config(setup, compile=True), str(tmp_path / "e"),
+            subject_name="red-square", prior_images=[],
+        )  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    eager, _ = evaluated
+    for name, value in eager.metrics.items():
+        if value is None:
+            assert compiled.metrics[name] is None
+        else:
+            assert compiled.metrics[name] == pytest.approx(value, abs=1e-3), name
