@@ -302,7 +302,24 @@ def _score_groups(
     return per_prompt, overall
 
 
-def _render_report(out: str, result: EvalResult, prior_images: list[str] | None) -> None:
+def training_summary_of(model: str) -> dict | None:
+    """The train_summary.json beside a trained model folder (`train` writes out/model and out/train_summary.json),
+    or None for any other model (a base model, a copied artifact)."""
+    from dreambooth_lib.train import SUMMARY_NAME
+
+    model = str(model).rstrip("/")
+    if "/" not in model or storage.basename(model) != "model":
+        return None
+    uri = storage.join(model.rsplit("/", 1)[0], SUMMARY_NAME)
+    try:
+        return storage.read_json(uri) if storage.exists(uri) else None
+    except Exception:  # an unreadable summary only costs the report its loss curve
+        return None
+
+
+def _render_report(
+    out: str, result: EvalResult, prior_images: list[str] | None, training: dict | None
+) -> None:
     from dreambooth_lib.report import render_report
 
     def uris(rel_paths: list[str]) -> list[str]:
@@ -324,6 +341,7 @@ def _render_report(out: str, result: EvalResult, prior_images: list[str] | None)
         metrics=dict(result.metrics),
         reference=result.reference,
         gate=result.gate.model_dump(mode="json"),
+        training=training,
         extra={
             "per_prompt": [p.model_dump(mode="json") for p in result.per_prompt],
             "base": result.base,
@@ -501,7 +519,7 @@ def run(
         wall_time_s=0.0,
         step_times_s={k: round(v, 3) for k, v in times.items()},
     )
-    _render_report(out, result, prior_images)
+    _render_report(out, result, prior_images, training_summary_of(model))
     result.wall_time_s = round(time.perf_counter() - t0, 3)
     # metrics.json last: its presence means the evaluation is complete (register reads it)
     storage.write_json(result.metrics_json, result.model_dump(mode="json"))

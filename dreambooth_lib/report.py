@@ -5,7 +5,8 @@ CSS is inline, and a Content-Security-Policy forbids any other source, so the pa
 Kubeflow UI's iframe, attached to an e-mail, or offline. Every piece of text is HTML-escaped (subject names,
 prompts and gate reasons come from users). Elements that tests and readers look for have stable ids and
 classes: `#inputs`, `#prior`, `table.grid#grid`, `table#metrics` (rows `#metric-<key>`), `#gate` (class
-`passed` / `failed`).
+`passed` / `failed`), and when the training summary is known `#training` (an inline SVG loss curve,
+`polyline#loss-curve`, one point per logged step, and `table#training-facts`).
 """
 
 from __future__ import annotations
@@ -108,6 +109,62 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+LOSS_PLOT_W, LOSS_PLOT_H, LOSS_PLOT_PAD = 480, 160, 36
+
+
+def _training_section(training: dict) -> str:
+    """The loss curve (mean loss between log steps, as train.run records it) as inline SVG, and the run's facts."""
+    losses = [(int(s), float(v)) for s, v in training.get("losses") or [] if v == v]  # NaN dropped
+    parts = ['<h2>Training</h2><div id="training">']
+    if losses:
+        steps, values = [s for s, _ in losses], [v for _, v in losses]
+        s0, s1 = min(steps), max(steps)
+        lo, hi = min(values), max(values)
+        w, h, pad = LOSS_PLOT_W, LOSS_PLOT_H, LOSS_PLOT_PAD
+
+        def x(step: int) -> float:
+            return pad + (w - 2 * pad) * ((step - s0) / (s1 - s0) if s1 > s0 else 0.5)
+
+        def y(value: float) -> float:
+            return h - pad + (pad * 2 - h) * ((value - lo) / (hi - lo) if hi > lo else 0.5)
+
+        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in losses)
+        parts.append(
+            f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="training loss">'
+            f'<rect x="{pad}" y="{pad / 2}" width="{w - 2 * pad}" height="{h - 1.5 * pad}" fill="none" stroke="#ddd"/>'
+            f'<polyline id="loss-curve" fill="none" stroke="#1a73e8" stroke-width="2" points="{points}"/>'
+            f'<text x="{pad - 4}" y="{y(hi) + 4:.1f}" text-anchor="end" font-size="10">{hi:.4g}</text>'
+            f'<text x="{pad - 4}" y="{y(lo) + 4:.1f}" text-anchor="end" font-size="10">{lo:.4g}</text>'
+            f'<text x="{x(s0):.1f}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{s0}</text>'
+            f'<text x="{x(s1):.1f}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{s1}</text>'
+            f'<text x="{w / 2}" y="{h - 4}" text-anchor="middle" font-size="10">step (mean loss since the '
+            "previous point)</text></svg>"
+        )
+    facts = [
+        ("mode", training.get("mode")),
+        ("steps", training.get("steps")),
+        ("precision", training.get("precision")),
+        ("device", training.get("device")),
+        ("s/step", f"{training['s_per_step']:.3f}" if training.get("s_per_step") is not None else None),
+        (
+            "wall time s",
+            f"{training['wall_time_s']:.1f}" if training.get("wall_time_s") is not None else None,
+        ),
+        (
+            "peak memory GiB",
+            f"{training['peak_memory_bytes'] / 2**30:.2f}" if training.get("peak_memory_bytes") else None,
+        ),
+        ("resumed from step", training.get("resumed_from")),
+        (
+            "subject / prior images",
+            f"{training.get('num_instance_images')} / {training.get('num_prior_images')}",
+        ),
+    ]
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in facts if v is not None)
+    parts.append(f'<table id="training-facts">{rows}</table></div>')
+    return "".join(parts)
+
+
 def _metrics_table(metrics: dict, reference: dict) -> str:
     head = (
         "<tr><th>metric</th><th>better</th><th>this model</th><th>real images (ceiling)</th>"
@@ -177,12 +234,13 @@ def render_report(
     reference: dict,
     gate: dict,
     extra: dict | None = None,
+    training: dict | None = None,
 ) -> str:
     """Write report.html for one model to `out_html` (local or gs://) and return that URI.
 
     `grid` rows are (prompt, sample image URIs); `metrics` keys dino/clip_i/clip_t/pres/div (None: not
     computed); `reference` keys dino/clip_i (real images against each other); `gate` is
-    {"passed": bool, "reasons": [...]}.
+    {"passed": bool, "reasons": [...]}; `training`: the model's train_summary.json (loss curve and facts), if known.
     Image URIs may be local paths or gs:// objects.
     """
     prompt = f"a {identifier} {class_noun}"
@@ -205,6 +263,7 @@ def render_report(
         "CLIP-T: prompt fidelity; PRES: subject leaking into plain class prompts; DIV: diversity (LPIPS). "
         "Real images (ceiling): the real photos scored against each other. Paper values: Ruiz et al. 2023, "
         "Table 1.</p>",
+        _training_section(training) if training else "",
         f'<h2>Input images ({len(input_images)})</h2><div id="inputs" class="strip">',
         *(_img(uri, f"input {i}") for i, uri in enumerate(input_images)),
         "</div>",

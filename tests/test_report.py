@@ -252,3 +252,36 @@ def test_report_renders_in_chromium(chrome, tmp_path, images):
     assert chrome.save_screenshot(str(shot))
     with Image.open(shot) as img:
         assert img.size[0] > 600 and img.size[1] > 600
+
+
+TRAINING = {
+    "losses": [[10, 0.5], [20, 0.3], [30, float("nan")], [40, 0.2]],
+    "steps": 40,
+    "mode": "lora",
+    "precision": "bf16",
+    "s_per_step": 0.1234,
+    "wall_time_s": 12.0,
+    "peak_memory_bytes": 3 * 2**30,
+    "num_instance_images": 4,
+    "num_prior_images": 200,
+}
+
+
+def test_training_section_plots_the_logged_losses(tmp_path, images):
+    page = Path(_render(str(tmp_path / "r.html"), images, training=TRAINING)).read_text()
+    points = re.search(r'<polyline id="loss-curve"[^>]* points="([^"]+)"', page).group(1).split()
+    assert len(points) == 3  # the NaN log point is left out, not drawn at an invented height
+    ys = [float(p.split(",")[1]) for p in points]
+    assert ys[0] < ys[1] < ys[2]  # SVG y grows downwards: the highest loss is drawn highest
+    for fact in ("<th>mode</th><td>lora</td>", "<th>s/step</th><td>0.123</td>", "<td>4 / 200</td>"):
+        assert fact in page
+    assert 'id="training"' not in Path(_render(str(tmp_path / "n.html"), images)).read_text()
+
+
+def test_loss_curve_renders_in_chromium(chrome, tmp_path, images):
+    out = Path(_render(str(tmp_path / "report.html"), images, training=TRAINING))
+    chrome.get(out.as_uri())
+    box = chrome.execute_script(
+        "const b = document.getElementById('loss-curve').getBBox(); return [b.width, b.height];"
+    )
+    assert box[0] > 300 and box[1] > 50, box  # drawn, at the plot's size (CSP lets inline SVG through)

@@ -1,6 +1,7 @@
 """`dreambooth run` end to end on the tiny model: every artifact of the run directory, local and on gs://."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -78,6 +79,11 @@ def test_run_writes_every_artifact_and_registers(tiny_model, tiny_evaluators, su
     for key in ("dino", "clip_i", "clip_t", "pres", "div"):
         assert isinstance(metrics["metrics"][key], float)
     assert (tmp_path / "run" / "eval" / "report.html").stat().st_size > 1000
+    # the report shows the training run beside the metrics: one loss point per logged step
+    page = (tmp_path / "run" / "eval" / "report.html").read_text()
+    curve = re.search(r'<polyline id="loss-curve"[^>]* points="([^"]+)"', page)
+    assert curve and len(curve.group(1).split()) == len(summary["losses"])
+    assert 'id="training-facts"' in page and f"<th>steps</th><td>{summary['steps']}</td>" in page
     assert out["registered"]["version"] == 1
     listed = runner.invoke(app, ["models", "list", "--registry", registry, "--json"])
     entries = json.loads(listed.stdout)
