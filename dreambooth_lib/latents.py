@@ -48,7 +48,8 @@ class TrainingData:
     prior: LatentCache | None  # None: no prior-preservation term
     input_ids: torch.Tensor  # [2, L]: row 0 the instance prompt, row 1 the class prompt
     prompt_embeds: torch.Tensor  # [2, L, D]: the frozen text encoder's output for those rows
-    # SDXL's extra UNet conditioning per prompt row: {"text_embeds": [2, D2] pooled, "time_ids": [2, 6]}; None on SD 1.x/2.x
+    # SDXL's extra UNet conditioning per prompt row: {"text_embeds": [2, D2] pooled, "time_ids": [2, 6]};
+    # None on SD 1.x/2.x
     added_cond: dict[str, torch.Tensor] | None = None
     input_ids_2: torch.Tensor | None = None  # SDXL: the same prompts through the second tokenizer
 
@@ -123,9 +124,8 @@ def encode_conditioning(
     pipe, prompts: list[str], device: str | torch.device, resolution: int
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
     """(input_ids, prompt embeddings, SDXL's added conditioning or None, SDXL's second tokenizer's input_ids or
-    None) of the prompts, as the pipeline itself
-    conditions its UNet at sampling time. SD 1.x/2.x: the text encoder's last hidden states. SDXL: the
-    pipeline's own `encode_prompt` (both encoders' penultimate states concatenated, the second's pooled
+    None) of the prompts, as the pipeline itself conditions its UNet at sampling time. SD 1.x/2.x: the text
+    encoder's last hidden states. SDXL: the pipeline's own `encode_prompt` (both encoders' penultimate states concatenated, the second's pooled
     projection) and the size/crop ids of a square, uncropped `resolution` image: (R, R, 0, 0, R, R)."""
     from dreambooth_lib.models import is_sdxl
 

@@ -207,9 +207,8 @@ class PackedTrainer:
     data: list[TrainingData]  # per subject
     generators: list[torch.Generator]  # per subject, each seeded as a single run's
     prompt_embeds: torch.Tensor  # [2K, L, D]: subject k's instance prompt at 2k, its class prompt at 2k+1
-    added_cond: (
-        dict[str, torch.Tensor] | None
-    )  # SDXL: pooled embeddings and size/crop ids, same rows; else None
+    # SDXL: pooled embeddings and size/crop ids, in the rows of prompt_embeds; None on SD 1.x/2.x
+    added_cond: dict[str, torch.Tensor] | None
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]  # every lora_A / lora_B, each [K, ...]
     speed: SpeedOptions

@@ -225,9 +225,8 @@ def step_on_batch(
         cache_enabled=not t.speed.cuda_graph,
     ):
         embeds, added = t.data.prompt_embeds, t.data.added_cond
-        if (
-            t.text_encoder_2 is not None
-        ):  # SDXL, trained: both encoders, and the pooled embedding from the second
+        # trained SDXL encoders: both encoders' states, and the pooled embedding from the second
+        if t.text_encoder_2 is not None:
             embeds, pooled = sdxl_text_conditioning(
                 t.text_encoder, t.text_encoder_2, t.data.input_ids, t.data.input_ids_2
             )
