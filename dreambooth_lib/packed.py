@@ -41,7 +41,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +52,6 @@ from dreambooth_lib.errors import ConfigError, DreamboothError, TrainingError
 from dreambooth_lib.latents import LatentCache, TrainingData, encode_conditioning, encode_images, list_png
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
 from dreambooth_lib.train import (
-    SUMMARY_NAME,
     SpeedOptions,
     TrainResult,
     _check_fingerprint,
@@ -62,6 +60,7 @@ from dreambooth_lib.train import (
     draw_batch,
     load_base_for_training,
     make_optimizer,
+    publish,
     seed_everything,
     speed_options,
 )
@@ -614,8 +613,6 @@ def _export(
     subject, k, t, config, base_model, base_digest, losses, inputs, started, s_per_step, resumed_from
 ) -> TrainResult:
     """out/model (via a .partial folder, as train.run) and then out/train_summary.json for subject k."""
-    out = str(subject.out)
-    model_uri = storage.join(out, "model")
     marker = {
         "base_model": base_model,
         "base_model_digest": base_digest,
@@ -624,36 +621,28 @@ def _export(
         "rank": config.lora_rank,
         "alpha": lora.lora_alpha(config.lora_rank, config.lora_alpha),
     }
-    with storage.local_dir_for_writing(out) as stage:
-        partial = Path(stage) / "model.partial"
-        storage.delete_prefix(str(partial))
-        lora.save_lora_model(partial, t.unet, None, marker, sdxl=t.sdxl)
-        storage.delete_prefix(str(Path(stage) / "model"))
-        storage.rename_prefix(str(partial), str(Path(stage) / "model"))
-        result = TrainResult(
-            steps=config.steps,
-            losses=losses,
-            final_loss=losses[-1][1] if losses else float("nan"),
-            wall_time_s=time.perf_counter() - started,
-            s_per_step=s_per_step,
-            peak_memory_bytes=_peak_memory_bytes(t.speed.device),
-            config=config,
-            identifier=subject.identifier,
-            class_noun=subject.class_noun,
-            instance_prompt=f"a {subject.identifier} {subject.class_noun}",
-            class_prompt=f"a {subject.class_noun}",
-            base_model=base_model,
-            base_model_digest=base_digest,
-            model_uri=model_uri,
-            mode=config.mode,
-            resumed_from=resumed_from,
-            num_instance_images=len(inputs[0]),
-            num_prior_images=len(inputs[1]),
-            device=str(t.speed.device),
-            precision=t.speed.precision,
-        )
-        storage.write_json(Path(stage) / SUMMARY_NAME, result.model_dump(mode="json"))
-    return result
+    return publish(
+        str(subject.out),
+        lambda folder: lora.save_lora_model(folder, t.unet, None, marker, sdxl=t.sdxl),
+        started,
+        steps=config.steps,
+        losses=losses,
+        s_per_step=s_per_step,
+        peak_memory_bytes=_peak_memory_bytes(t.speed.device),
+        config=config,
+        identifier=subject.identifier,
+        class_noun=subject.class_noun,
+        instance_prompt=f"a {subject.identifier} {subject.class_noun}",
+        class_prompt=f"a {subject.class_noun}",
+        base_model=base_model,
+        base_model_digest=base_digest,
+        mode=config.mode,
+        resumed_from=resumed_from,
+        num_instance_images=len(inputs[0]),
+        num_prior_images=len(inputs[1]),
+        device=str(t.speed.device),
+        precision=t.speed.precision,
+    )
 
 
 def train_packed_subjects(

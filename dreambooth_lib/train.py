@@ -15,6 +15,7 @@ import logging
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -564,43 +565,60 @@ def run(
     tracker.raise_if_not_finite()
 
     # --- export: out/model, then the summary (last: its presence means the run finished) ---
-    model_uri = storage.join(out, "model")
-    with storage.local_dir_for_writing(out) as stage:
-        partial = Path(stage) / "model.partial"
-        storage.delete_prefix(str(partial))
-        _export_model(partial, pipe, t, config, base_model, base_digest, identifier, class_noun)
-        storage.delete_prefix(str(Path(stage) / "model"))
-        storage.rename_prefix(str(partial), str(Path(stage) / "model"))
-        result = TrainResult(
-            steps=config.steps,
-            losses=losses,
-            final_loss=losses[-1][1] if losses else float("nan"),
-            wall_time_s=time.perf_counter() - started,
-            s_per_step=s_per_step,
-            peak_memory_bytes=_peak_memory_bytes(device),
-            config=config,
-            identifier=identifier,
-            class_noun=class_noun,
-            instance_prompt=instance_prompt,
-            class_prompt=class_prompt,
-            base_model=base_model,
-            base_model_digest=base_digest,
-            model_uri=model_uri,
-            mode=config.mode,
-            resumed_from=resumed_from,
-            num_instance_images=len(instance_uris),
-            num_prior_images=len(prior_uris),
-            device=str(device),
-            precision=t.speed.precision,
-        )
-        storage.write_json(Path(stage) / SUMMARY_NAME, result.model_dump(mode="json"))
+    result = publish(
+        out,
+        lambda folder: _export_model(
+            folder, pipe, t, config, base_model, base_digest, identifier, class_noun
+        ),
+        started,
+        steps=config.steps,
+        losses=losses,
+        s_per_step=s_per_step,
+        peak_memory_bytes=_peak_memory_bytes(device),
+        config=config,
+        identifier=identifier,
+        class_noun=class_noun,
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        base_model=base_model,
+        base_model_digest=base_digest,
+        mode=config.mode,
+        resumed_from=resumed_from,
+        num_instance_images=len(instance_uris),
+        num_prior_images=len(prior_uris),
+        device=str(device),
+        precision=t.speed.precision,
+    )
     log.info(
         "trained %d steps in %.1f s (%.3f s/step); model at %s",
         steps_run,
         result.wall_time_s,
         s_per_step,
-        model_uri,
+        result.model_uri,
     )
+    return result
+
+
+def publish(out: str, write_model: Callable[[Path], None], started: float, **fields: Any) -> TrainResult:
+    """Publish a finished run, the one way single and packed training both do it: the model is written into
+    out/model.partial by `write_model`, renamed to out/model, and out/train_summary.json comes last (its
+    presence means the run finished). `fields` are TrainResult's, less what is known only here (model_uri,
+    final_loss, wall_time_s since `started`)."""
+    model_uri = storage.join(out, "model")
+    with storage.local_dir_for_writing(out) as stage:
+        partial = Path(stage) / "model.partial"
+        storage.delete_prefix(str(partial))
+        write_model(partial)
+        storage.delete_prefix(str(Path(stage) / "model"))
+        storage.rename_prefix(str(partial), str(Path(stage) / "model"))
+        losses = fields["losses"]
+        result = TrainResult(
+            model_uri=model_uri,
+            final_loss=losses[-1][1] if losses else float("nan"),
+            wall_time_s=time.perf_counter() - started,
+            **fields,
+        )
+        storage.write_json(Path(stage) / SUMMARY_NAME, result.model_dump(mode="json"))
     return result
 
 
