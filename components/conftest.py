@@ -81,7 +81,22 @@ def ingested(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained(ingested, tiny_model_dir, tmp_path_factory):
+def no_prior(tiny_model_dir, tmp_path_factory):
+    """The class-prior component's output Dataset with prior preservation off (0 images)."""
+    from kfp.dsl import Dataset
+
+    from components.prior.component import make_prior_set
+
+    out = artifact(Dataset, tmp_path_factory.mktemp("no-prior") / "prior_set")
+    make_prior_set.python_func(
+        base_model=tiny_model_dir, base_model_digest="md", class_noun="square", resolution=64, prior_size=0,
+        prior_root="", prior_set=out,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(ingested, no_prior, tiny_model_dir, tmp_path_factory):
     """The fine-tune component's output Model: 2 steps on the tiny model, no prior."""
     from kfp.dsl import Model
 
@@ -90,14 +105,15 @@ def trained(ingested, tiny_model_dir, tmp_path_factory):
     out = artifact(Model, tmp_path_factory.mktemp("trained") / "model")
     fine_tune.python_func(
         base_model=tiny_model_dir, base_model_digest="md", instance_images=ingested, instance_digest="id",
-        prior_uri="", prior_key="", identifier="zwx", class_noun="square", resolution=64, steps=2,
-        prior_loss_weight=0.0, mode="full", trained_model=out, train_options=TINY_TRAIN,
+        prior_set=no_prior, checkpoint_root=str(tmp_path_factory.mktemp("checkpoints")), identifier="zwx",
+        class_noun="square", resolution=64, steps=2, prior_loss_weight=0.0, mode="full", trained_model=out,
+        train_options=TINY_TRAIN,
     )  # fmt: skip
     return out
 
 
 @pytest.fixture(scope="session")
-def evaluated(trained, ingested, tiny_model_dir, tiny_evaluators, tmp_path_factory):
+def evaluated(trained, ingested, no_prior, tiny_model_dir, tiny_evaluators, tmp_path_factory):
     """The evaluate component's outputs (metrics, report, evaluation) and its return value."""
     from kfp.dsl import HTML, Artifact, Metrics
 
@@ -111,7 +127,7 @@ def evaluated(trained, ingested, tiny_model_dir, tiny_evaluators, tmp_path_facto
     }
     verdict = evaluate_model.python_func(
         trained_model=trained, instance_images=ingested, base_model=tiny_model_dir, identifier="zwx",
-        class_noun="square", live=False, resolution=64, prior_uri="", eval_prompts=["a {0} {1}", "a {0} {1} on grass"],
+        class_noun="square", live=False, resolution=64, prior_set=no_prior, eval_prompts=["a {0} {1}", "a {0} {1} on grass"],
         gate_thresholds={"min_clip_t": -1.0}, eval_options={**TINY_EVAL, **tiny_evaluators}, subject_name="red",
         **outs,
     )  # fmt: skip

@@ -335,7 +335,8 @@ def run_subject(
     )
     try:
         config = subject_config(subject, base_model, run_dir, run_options, registry_uri, allow_pickle)
-        result = pipeline_run.run(config, reuse_training=True)
+        # resume: a rerun of this task (a preempted pod) continues from the run's checkpoints in the durable run dir
+        result = pipeline_run.run(config, resume=True, reuse_training=True)
         _fill_from_result(status, result.model_dump(mode="json"))
         status.packed = result.reused_training or None
         status.status = "registered" if result.registered else "trained"

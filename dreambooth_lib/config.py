@@ -128,6 +128,9 @@ class TrainConfig(_Strict):
     adam_weight_decay: float = Field(1e-2, ge=0)
     checkpoint_every: int = Field(250, ge=0, description="0: no intermediate checkpoints")
     keep_checkpoints: int = Field(1, ge=1)
+    keep_checkpoints_on_success: bool = Field(
+        False, description="keep the run's checkpoints after the model is exported (default: delete them)"
+    )
     log_every: int = Field(10, ge=1)
     device: str = "auto"
 

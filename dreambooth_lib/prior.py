@@ -280,3 +280,60 @@ def run(
         seed=config.seed,
         wall_time_s=round(time.perf_counter() - t0, 3),
     )
+
+
+# --- the prior set as a task's artifact ------------------------------------------------------------------------------
+# On Kubeflow each task is its own pod: the launcher stages in only declared input artifacts, so the prior set
+# travels as a Dataset artifact, never as a path string. The artifact holds a reference record and, when the set
+# was sampled into the artifact itself, the images; a shared set (prior.root, a durable gs:// cache named by the
+# pipeline) is referenced by its URI and read from there.
+
+ARTIFACT_RECORD_NAME = "prior_set_ref.json"
+
+
+class PriorSetRef(BaseModel):
+    """What a consumer of a prior-set artifact needs: the images' URIs (in the consumer's own view) and the key."""
+
+    key: str
+    uri: str  # the folder holding the images; "" for an empty set
+    images: list[str]
+
+
+def write_artifact(artifact_dir: str, result: PriorResult) -> None:
+    """Record `result` in the prior task's output artifact; the images are named relative to the artifact when the
+    set lives inside it (the consumer's local path differs from the producer's), else by their durable URI."""
+    inside = bool(result.uri) and _is_inside(result.uri, artifact_dir)
+    record = {
+        "key": result.key,
+        "num_images": result.num_images,
+        "class_prompt": result.class_prompt,
+        "model_digest": result.model_digest,
+        # relative to the artifact, or the shared set's URI; "" when prior preservation is off
+        "set": _relative(result.uri, artifact_dir) if inside else result.uri,
+        "inside_artifact": inside,
+    }
+    storage.write_json(storage.join(artifact_dir, ARTIFACT_RECORD_NAME), record)
+
+
+def open_artifact(artifact_dir: str) -> PriorSetRef:
+    """The prior set a declared input artifact refers to, with every image checked to exist where it is read."""
+    record_uri = storage.join(artifact_dir, ARTIFACT_RECORD_NAME)
+    if not storage.exists(record_uri):
+        raise StorageError(
+            f"{record_uri}: missing; the prior_set input must be the output artifact of the class-prior step "
+            "(make_prior_set)"
+        )
+    record = storage.read_json(record_uri)
+    if not record["set"]:
+        return PriorSetRef(key=record["key"], uri="", images=[])
+    set_uri = storage.join(artifact_dir, record["set"]) if record["inside_artifact"] else record["set"]
+    images = load_prior_images(set_uri, record["num_images"])
+    return PriorSetRef(key=record["key"], uri=set_uri, images=images)
+
+
+def _is_inside(uri: str, folder: str) -> bool:
+    return uri.rstrip("/").startswith(folder.rstrip("/") + "/")
+
+
+def _relative(uri: str, folder: str) -> str:
+    return uri.rstrip("/")[len(folder.rstrip("/")) + 1 :]

@@ -11,6 +11,8 @@ back (`.item()`, a device sync) only every `log_every` steps, and non-finite los
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import resource
@@ -78,6 +80,9 @@ class TrainResult(BaseModel):
     model_uri: str
     mode: str
     resumed_from: int | None  # the checkpoint step this call continued from
+    checkpoint_dir: (
+        str  # where this run's checkpoints live (keyed by its content); deleted after success unless kept
+    )
     num_instance_images: int
     num_prior_images: int
     device: str
@@ -440,6 +445,21 @@ def _fingerprint(
     }
 
 
+def checkpoint_key(fingerprint: dict, instance_uris: list[str], prior_key: str | None, prior_uris) -> str:
+    """The content key of a run's checkpoints: its fingerprint (config, base digest, identifier, class) plus the
+    bytes of the subject photos and the prior set (its content-addressed key, or its bytes when none is known).
+    A retried or resubmitted task with the same content finds its checkpoints; any other run never does."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode())
+    for uri in instance_uris:
+        digest.update(hashlib.sha256(storage.read_bytes(uri)).digest())
+    if prior_key:
+        digest.update(f"prior:{prior_key}:{len(prior_uris)}".encode())
+    else:
+        for uri in prior_uris:
+            digest.update(hashlib.sha256(storage.read_bytes(uri)).digest())
+    return "train-" + digest.hexdigest()[:20]
+
+
 def _check_fingerprint(uri: str, saved: dict, current: dict) -> None:
     diffs = [
         f"config.{k}: checkpoint {v!r}, now {current['config'].get(k)!r}"
@@ -480,8 +500,15 @@ def run(
     allow_pickle: bool = False,
     instance_images: list[str] | None = None,
     prior_images: list[str] | None = None,
+    checkpoint_root: str | None = None,
+    prior_key: str | None = None,
 ) -> TrainResult:
-    """Fine-tune `base_model` on the subject (instance_dir) with prior preservation (prior_dir); write out/model."""
+    """Fine-tune `base_model` on the subject (instance_dir) with prior preservation (prior_dir); write out/model.
+
+    Checkpoints go to `<checkpoint_root>/<checkpoint_key>/` (default root: out/checkpoints), so the output folder
+    holds the model and its summary only and a retried task on an empty disk resumes from a durable root; they
+    are deleted once the model is published unless `keep_checkpoints_on_success`. `prior_key`, the prior set's
+    content key, spares hashing its images for that key."""
     started = time.perf_counter()
     out = str(out)
     instance_prompt, class_prompt = f"a {identifier} {class_noun}", f"a {class_noun}"
@@ -503,10 +530,13 @@ def run(
                 f"prior_dir {prior_dir!r}: no class-prior images, but train.prior_loss_weight is "
                 f"{config.prior_loss_weight}; generate a prior set (`dreambooth prior`) or set prior_loss_weight: 0"
             )
-    ckpt_root = storage.join(out, "checkpoints")
-    newest = checkpoint.newest_to_resume(ckpt_root, resume, "train into an empty out folder")
     device, base_digest, pipe = load_base_for_training(base_model, config, allow_pickle)
     fingerprint = _fingerprint(config, base_digest, identifier, class_noun, instance_uris, prior_uris)
+    ckpt_root = storage.join(
+        checkpoint_root or storage.join(out, "checkpoints"),
+        checkpoint_key(fingerprint, instance_uris, prior_key, prior_uris),
+    )
+    newest = checkpoint.newest_to_resume(ckpt_root, resume, "delete that folder to start over")
     t = setup_training(pipe, instance_uris, prior_uris, instance_prompt, class_prompt, config, device)
     losses: list[tuple[int, float]] = []
     tracker = LossTracker(device)
@@ -584,11 +614,14 @@ def run(
         base_model_digest=base_digest,
         mode=config.mode,
         resumed_from=resumed_from,
+        checkpoint_dir=ckpt_root,
         num_instance_images=len(instance_uris),
         num_prior_images=len(prior_uris),
         device=str(device),
         precision=t.speed.precision,
     )
+    if not config.keep_checkpoints_on_success:
+        storage.delete_prefix(ckpt_root)  # the model is published: nothing is left to resume
     log.info(
         "trained %d steps in %.1f s (%.3f s/step); model at %s",
         steps_run,

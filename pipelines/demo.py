@@ -103,6 +103,7 @@ def run_personalize(out: Path, paths: dict[str, str], subject_dir: Path, registr
         subject_name="red-square",
         class_noun="square",
         registry_uri=str(registry),
+        checkpoint_root=str(out / "checkpoints"),
         ingest_options=steps["ingest"],
         train_options=steps["train"],
         eval_options=steps["eval"],

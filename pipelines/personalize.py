@@ -3,6 +3,11 @@
 Built by a factory because placement (accelerators, node pools, the target: KFP or Vertex) is fixed at compile
 time; `personalize` is the pipeline for the default placement (GKE). Caching keys on content: an uncached
 fingerprint task digests the base model and the photos, and those digests are inputs of every cached step.
+
+Nothing crosses tasks but declared artifacts (on Kubeflow each task is its own pod with its own disk): the prior
+set is an input artifact of fine-tune and evaluate. The two durable locations a run may name explicitly are
+`prior_root` (a class-prior cache shared across runs) and `checkpoint_root` (where fine-tune checkpoints, keyed by
+content, so a retried pod resumes); on a cluster both should be gs:// prefixes.
 """
 
 from typing import NamedTuple
@@ -46,6 +51,7 @@ def build_personalize(placement: Placement):
         prior_loss_weight: float = 1.0,
         prior_size: int = 200,
         prior_root: str = "",
+        checkpoint_root: str = "",
         mode: str = "full",
         eval_prompts: list = [],  # noqa: B006 - KFP reads the literal default into the spec
         gate_thresholds: dict = {},  # noqa: B006
@@ -98,8 +104,8 @@ def build_personalize(placement: Placement):
             base_model_digest=fingerprint.outputs["base_model_digest"],
             instance_images=ingest.outputs["instance_images"],
             instance_digest=ingest.outputs["digest"],
-            prior_uri=prior.outputs["prior_uri"],
-            prior_key=prior.outputs["prior_key"],
+            prior_set=prior.outputs["prior_set"],
+            checkpoint_root=checkpoint_root,
             identifier=chosen.outputs["identifier"],
             class_noun=class_noun,
             resolution=resolution,
@@ -119,7 +125,7 @@ def build_personalize(placement: Placement):
             class_noun=class_noun,
             live=live,
             resolution=resolution,
-            prior_uri=prior.outputs["prior_uri"],
+            prior_set=prior.outputs["prior_set"],
             eval_prompts=eval_prompts,
             gate_thresholds=gate_thresholds,
             eval_options=eval_options,

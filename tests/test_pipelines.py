@@ -87,7 +87,12 @@ def test_personalize_dag_shape_and_content_keys():
     train_inputs = tasks["fine-tune"].inputs.parameters
     assert train_inputs["base_model_digest"].task_output_parameter.producer_task == "fingerprint-inputs"
     assert train_inputs["instance_digest"].task_output_parameter.producer_task == "ingest-images"
-    assert train_inputs["prior_key"].task_output_parameter.producer_task == "make-prior-set"
+    # nothing crosses tasks but declared artifacts: the prior set is an input artifact of fine-tune and evaluate
+    for consumer in ("fine-tune", "evaluate-model"):
+        prior_input = tasks[consumer].inputs.artifacts["prior_set"].task_output_artifact
+        assert (prior_input.producer_task, prior_input.output_artifact_key) == ("make-prior-set", "prior_set")
+    assert not any("prior_uri" in t.inputs.parameters for t in tasks.values())
+    assert train_inputs["checkpoint_root"].component_input_parameter == "checkpoint_root"
     assert tasks["ingest-images"].inputs.parameters[
         "images_digest"
     ].task_output_parameter.output_parameter_key == ("images_digest")
@@ -104,6 +109,7 @@ def test_personalize_dag_shape_and_content_keys():
         "prior_loss_weight",
         "prior_size",
         "mode",
+        "checkpoint_root",
     } <= set(params)
     assert {"eval_prompts", "gate_thresholds", "registry_uri"} <= set(params)
 

@@ -24,6 +24,7 @@ CONFIG = TrainConfig(
     steps=12,
     checkpoint_every=3,
     keep_checkpoints=2,
+    keep_checkpoints_on_success=True,  # the tests look at them after the run
     log_every=1,
     resolution=RES,
     learning_rate=1e-3,
@@ -59,7 +60,8 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkilled_run_resumes_bit_identically(tiny_model, data_dirs, uninterrupted, tmp_path):
     ref_out, ref = uninterrupted
-    assert sorted(p.name for p in (ref_out / "checkpoints").iterdir()) == ["step-0000009", "step-0000012"]
+    assert sorted(p.name for p in Path(ref.checkpoint_dir).iterdir()) == ["step-0000009", "step-0000012"]
+    assert Path(ref.checkpoint_dir).parent == ref_out / "checkpoints"  # the default root, keyed by content
 
     kill_at = random.randint(4, 11)  # any step after the first checkpoint (step 3) is complete
     out = tmp_path / "train"
@@ -95,30 +97,45 @@ def test_sigkilled_run_resumes_bit_identically(tiny_model, data_dirs, uninterrup
 def test_checkpoint_without_manifest_is_ignored(tiny_model, data_dirs, tmp_path):
     out = tmp_path / "train"
     config = CONFIG.model_copy(update={"steps": 6, "log_every": 3})
-    train.run(tiny_model, *data_dirs, "sks", "square", config, str(out))
-    torn = out / "checkpoints" / "step-0000009"  # an interrupted write: files but no manifest
+    ckpt_dir = Path(train.run(tiny_model, *data_dirs, "sks", "square", config, str(out)).checkpoint_dir)
+    torn = ckpt_dir / "step-0000009"  # an interrupted write: files but no manifest
     torn.mkdir()
     (torn / "weights.safetensors").write_bytes(b"half a file")
-    assert checkpoint.latest_checkpoint(str(out / "checkpoints")).endswith("step-0000006")
+    assert checkpoint.latest_checkpoint(str(ckpt_dir)).endswith("step-0000006")
 
     result = train.run(
         tiny_model, *data_dirs, "sks", "square", config.model_copy(update={"steps": 9}), str(out), resume=True
     )
     assert result.resumed_from == 6 and [s for s, _ in result.losses] == [3, 6, 9]
-    assert (out / "checkpoints" / "step-0000009" / checkpoint.MANIFEST_NAME).exists()
+    assert result.checkpoint_dir == str(ckpt_dir)
+    assert (ckpt_dir / "step-0000009" / checkpoint.MANIFEST_NAME).exists()
 
 
-def test_resume_refuses_a_different_config_and_fresh_starts_refuse_old_checkpoints(
-    tiny_model, data_dirs, uninterrupted
+def test_a_different_run_never_resumes_these_checkpoints_and_a_fresh_start_refuses_them(
+    tiny_model, data_dirs, uninterrupted, tmp_path
 ):
-    ref_out, _ = uninterrupted
-    changed = CONFIG.model_copy(update={"learning_rate": 2e-3, "steps": 15})
-    with pytest.raises(TrainingError, match=r"cannot resume.*learning_rate"):
-        train.run(tiny_model, *data_dirs, "sks", "square", changed, str(ref_out), resume=True)
-    with pytest.raises(TrainingError, match=r"identifier"):
-        train.run(tiny_model, *data_dirs, "xyz", "square", CONFIG, str(ref_out), resume=True)
+    ref_out, ref = uninterrupted
+    short = {"steps": 2, "checkpoint_every": 0}
+    for changed, identifier in (
+        (CONFIG.model_copy(update={"learning_rate": 2e-3, **short}), "sks"),
+        (CONFIG.model_copy(update=short), "xyz"),
+    ):
+        other = train.run(tiny_model, *data_dirs, identifier, "square", changed, str(tmp_path / identifier),
+                          resume=True, checkpoint_root=str(ref_out / "checkpoints"))  # fmt: skip
+        assert other.resumed_from is None and other.checkpoint_dir != ref.checkpoint_dir
+    assert sorted(p.name for p in Path(ref.checkpoint_dir).iterdir()) == ["step-0000009", "step-0000012"]
     with pytest.raises(TrainingError, match="resume=True"):
         train.run(tiny_model, *data_dirs, "sks", "square", CONFIG, str(ref_out))
+
+
+def test_checkpoints_live_under_the_root_and_are_deleted_after_success(tiny_model, data_dirs, tmp_path):
+    config = CONFIG.model_copy(
+        update={"steps": 4, "checkpoint_every": 2, "keep_checkpoints_on_success": False}
+    )
+    out, root = tmp_path / "artifact", tmp_path / "durable"
+    result = train.run(tiny_model, *data_dirs, "sks", "square", config, str(out), checkpoint_root=str(root))
+    assert sorted(p.name for p in out.iterdir()) == ["model", "train_summary.json"]  # no checkpoint bytes
+    assert Path(result.checkpoint_dir).parent == root and not Path(result.checkpoint_dir).exists()
 
 
 def test_resume_without_checkpoints_starts_fresh(tiny_model, data_dirs, tmp_path):

@@ -18,7 +18,7 @@ def evaluate_model(
     class_noun: str,
     live: bool,
     resolution: int,
-    prior_uri: str,
+    prior_set: Input[Dataset],
     metrics: Output[Metrics],
     report: Output[HTML],
     evaluation: Output[Artifact],
@@ -33,7 +33,7 @@ def evaluate_model(
     `eval_prompts` (templates with {0}=identifier, {1}=class noun; empty: the paper's 25 for the subject kind)
     and `gate_thresholds` (GateConfig fields, e.g. {"min_dino": 0.5}) override `eval_options` (EvalConfig).
     """
-    from dreambooth_lib import evaluate, storage
+    from dreambooth_lib import evaluate, prior, storage
     from dreambooth_lib.config import EvalConfig, parse_config
 
     values = dict(eval_options)
@@ -43,7 +43,7 @@ def evaluate_model(
     values["gate"] = {**values.get("gate", {}), **gate_thresholds}
     config = parse_config(EvalConfig, values, "eval_options")
     # PRES compares with class images; the prior set already holds them, so none are sampled again.
-    prior_images = [f for f in storage.list_files(prior_uri) if f.endswith(".png")][:8] if prior_uri else None
+    prior_images = prior.open_artifact(prior_set.path).images[:8]
     result = evaluate.run(
         storage.join(trained_model.path, "model"),
         instance_images.path,

@@ -19,14 +19,15 @@ def make_prior_set(
     prior_set: Output[Dataset],
     prior_options: dict = {},  # noqa: B006 - KFP reads the literal default into the spec
     allow_pickle: bool = False,
-) -> NamedTuple("PriorOutputs", prior_uri=str, prior_key=str, num_images=int):
+) -> NamedTuple("PriorOutputs", prior_key=str, num_images=int):
     """Sample `prior_size` 'a [class]' images, or reuse the set under `prior_root` made with the same settings.
 
-    With `prior_root` empty the set is written into this task's own artifact; a shared root (gs://.../priors)
-    lets every subject of the class, in this run and later ones, reuse one set. `prior_size` 0 disables the
-    prior (the library then returns an empty `prior_uri`). `base_model_digest` only keys the cache on the model's content.
+    Consumers take `prior_set` as an input artifact. With `prior_root` empty the images are written into it; a
+    shared root (a durable gs://.../priors the pipeline names) lets every subject of the class, in this run and
+    later ones, reuse one set, and the artifact then records that set's URI. `prior_size` 0 disables the prior
+    (an empty set). `base_model_digest` only keys the cache on the model's content.
     """
-    from dreambooth_lib import prior, storage
+    from dreambooth_lib import prior
     from dreambooth_lib.config import PriorConfig, parse_config
 
     config = parse_config(PriorConfig, {**prior_options, "num_images": prior_size}, "prior_options")
@@ -39,18 +40,16 @@ def make_prior_set(
         resolution=config.resolution or resolution,
         allow_pickle=allow_pickle,
     )
-    record = result.model_dump(mode="json")
-    if root != prior_set.path or not result.uri:  # the images live elsewhere (or nowhere): record where
-        storage.write_json(storage.join(prior_set.path, "prior_set.json"), record)
+    prior.write_artifact(prior_set.path, result)
     prior_set.metadata.update(
         {
-            "uri": result.uri,
+            "shared_set": "" if root == prior_set.path else result.uri,
             "key": result.key,
             "class_noun": class_noun,
             "num_images": len(result.images),
-            "generated": record.get("generated"),
-            "reused": record.get("reused"),
-            "model_digest": record.get("model_digest"),
+            "generated": result.generated,
+            "reused": result.reused,
+            "model_digest": result.model_digest,
         }
     )
-    return (result.uri, result.key, len(result.images))
+    return (result.key, len(result.images))

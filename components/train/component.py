@@ -14,8 +14,8 @@ def fine_tune(
     base_model_digest: str,
     instance_images: Input[Dataset],
     instance_digest: str,
-    prior_uri: str,
-    prior_key: str,
+    prior_set: Input[Dataset],
+    checkpoint_root: str,
     identifier: str,
     class_noun: str,
     resolution: int,
@@ -28,11 +28,17 @@ def fine_tune(
 ) -> NamedTuple("TrainOutputs", model_uri=str):
     """Train on the ingested photos with 'a [V] [class]' (+ λ × the prior set with 'a [class]') into trained_model.
 
-    The artifact holds `model/` (a diffusers folder, or a LoRA folder with mode='lora'), `train_summary.json`
-    and `checkpoints/`. `base_model_digest`, `instance_digest` and `prior_key` key the cache on content.
-    `train_options` holds any other TrainConfig field (learning_rate, lora_rank, mixed_precision, ...).
+    The artifact holds `model/` (a diffusers folder, or a LoRA folder with mode='lora') and `train_summary.json`
+    only. Checkpoints go to `checkpoint_root` (a durable gs:// prefix on a cluster), keyed by the run's content,
+    so a retried pod on an empty disk resumes from its newest complete one; they are deleted after success
+    unless train_options {"keep_checkpoints_on_success": true}. Empty: a scratch folder of this pod (no resume
+    after preemption). `base_model_digest` and `instance_digest` key KFP's cache on content. `train_options` holds
+    any other TrainConfig field (learning_rate, lora_rank, mixed_precision, ...).
     """
-    from dreambooth_lib import train
+    import logging
+    import tempfile
+
+    from dreambooth_lib import prior, train
     from dreambooth_lib.config import TrainConfig, parse_config
 
     values = {
@@ -43,18 +49,27 @@ def fine_tune(
         "resolution": resolution,
     }
     config = parse_config(TrainConfig, values, "train_options")
+    prior_ref = prior.open_artifact(prior_set.path)
+    if not checkpoint_root:
+        logging.getLogger(__name__).warning(
+            "checkpoint_root is empty: checkpoints stay on this pod's disk and a retried task starts over; "
+            "set the pipeline parameter checkpoint_root to a gs:// prefix"
+        )
     result = train.run(
         base_model,
         instance_images.path,
-        prior_uri or None,
+        prior_ref.uri or None,
         identifier,
         class_noun,
         config,
         trained_model.path,
-        # A retried task (preempted GPU node) writes to the same artifact: continue from its newest complete
-        # checkpoint; with none, training starts fresh.
+        # A retried task (a preempted GPU node) finds this run's checkpoints under the durable root by content
+        # and continues from the newest complete one; with none, training starts fresh.
         resume=True,
         allow_pickle=allow_pickle,
+        prior_images=prior_ref.images,
+        checkpoint_root=checkpoint_root or tempfile.mkdtemp(prefix="checkpoints-"),
+        prior_key=prior_ref.key or None,
     )
     summary = result.model_dump(mode="json")
     trained_model.metadata.update(
@@ -71,7 +86,7 @@ def fine_tune(
             "base_model": base_model,
             "base_model_digest": base_model_digest,
             "instance_digest": instance_digest,
-            "prior_key": prior_key,
+            "prior_key": prior_ref.key,
         }
     )
     return (result.model_uri,)

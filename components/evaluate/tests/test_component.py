@@ -16,7 +16,9 @@ def test_metrics_report_and_gate(evaluated):
     assert outs["evaluation"].metadata["identifier"] == "zwx"
 
 
-def test_a_failed_gate_is_reported_not_raised(trained, ingested, tiny_model_dir, tiny_evaluators, tmp_path):
+def test_a_failed_gate_is_reported_not_raised(
+    trained, ingested, no_prior, tiny_model_dir, tiny_evaluators, tmp_path
+):
     from kfp.dsl import HTML, Artifact, Metrics
 
     from components.conftest import TINY_EVAL, artifact
@@ -24,7 +26,7 @@ def test_a_failed_gate_is_reported_not_raised(trained, ingested, tiny_model_dir,
 
     passed, reasons = evaluate_model.python_func(
         trained_model=trained, instance_images=ingested, base_model=tiny_model_dir, identifier="zwx",
-        class_noun="square", live=False, resolution=64, prior_uri="", gate_thresholds={"min_dino": 0.999},
+        class_noun="square", live=False, resolution=64, prior_set=no_prior, gate_thresholds={"min_dino": 0.999},
         eval_options={**TINY_EVAL, "max_prompts": 1, "images_per_prompt": 1, "pres_images": 0, **tiny_evaluators},
         metrics=artifact(Metrics, tmp_path / "m"), report=artifact(HTML, tmp_path / "r"),
         evaluation=artifact(Artifact, tmp_path / "e"),

@@ -1,24 +1,30 @@
 """make_prior_set: a set in the task's own artifact, or found again in a shared root; 0 images turns it off."""
 
-import json
 from pathlib import Path
 
+import pytest
 from kfp.dsl import Dataset
 
 from components.conftest import artifact
 from components.prior.component import make_prior_set
+from dreambooth_lib import prior
 
 OPTIONS = {"steps": 2, "batch_size": 2}
 
 
 def test_own_artifact_then_shared_cache(tiny_model_dir, tmp_path):
     own = artifact(Dataset, tmp_path / "own")
-    uri, key, n = make_prior_set.python_func(
+    key, n = make_prior_set.python_func(
         base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=2,
         prior_root="", prior_set=own, prior_options=OPTIONS,
     )  # fmt: skip
-    assert n == 2 and uri.startswith(str(tmp_path / "own")) and len(list(Path(uri).glob("*.png"))) == 2
-    assert own.metadata["key"] == key and own.metadata["generated"] == 2
+    assert n == 2 and own.metadata["key"] == key and own.metadata["generated"] == 2
+    # a consumer reads the set where the launcher staged the artifact for it, not where the producer wrote it
+    moved = tmp_path / "staged-in"
+    (tmp_path / "own").rename(moved)
+    ref = prior.open_artifact(str(moved))
+    assert ref.key == key and [Path(u).parent.parent for u in ref.images] == [moved, moved]
+    assert all(Path(u).is_file() for u in ref.images)
     shared = str(tmp_path / "priors")
     for i in range(2):  # the second subject of the class finds the set made by the first
         out = artifact(Dataset, tmp_path / f"s{i}")
@@ -26,13 +32,23 @@ def test_own_artifact_then_shared_cache(tiny_model_dir, tmp_path):
             base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=2,
             prior_root=shared, prior_set=out, prior_options=OPTIONS,
         )  # fmt: skip
-        assert again[1] == key and out.metadata["reused"] == 2 * i
-        assert json.loads((tmp_path / f"s{i}" / "prior_set.json").read_text())["uri"] == again[0]
+        assert again[0] == key and out.metadata["reused"] == 2 * i
+        ref = prior.open_artifact(out.path)  # the artifact names the shared set's durable URI
+        assert ref.uri == str(Path(shared) / key) and len(ref.images) == 2
+        assert not list(Path(out.path).glob("*.png"))
 
 
 def test_zero_images_disables(tiny_model_dir, tmp_path):
-    uri, _, n = make_prior_set.python_func(
+    out = artifact(Dataset, tmp_path / "p")
+    _, n = make_prior_set.python_func(
         base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=0,
-        prior_root="", prior_set=artifact(Dataset, tmp_path / "p"),
+        prior_root="", prior_set=out,
     )  # fmt: skip
-    assert (uri, n) == ("", 0)
+    assert n == 0 and prior.open_artifact(out.path).images == []
+
+
+def test_an_artifact_that_is_not_a_prior_set_is_refused(tmp_path):
+    from dreambooth_lib.errors import StorageError
+
+    with pytest.raises(StorageError, match="make_prior_set"):
+        prior.open_artifact(str(tmp_path))

@@ -13,6 +13,8 @@ from components.train.component import fine_tune
 def test_writes_model_and_lineage(trained):
     root = Path(trained.path)
     assert (root / "model" / "model_index.json").exists()
+    # the Model artifact holds the model and its summary only: checkpoints live under checkpoint_root
+    assert sorted(p.name for p in root.iterdir()) == ["model", "train_summary.json"]
     summary = json.loads((root / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["identifier"] == "zwx"
     meta = trained.metadata
@@ -21,12 +23,38 @@ def test_writes_model_and_lineage(trained):
     assert meta["model_uri"] == str(root / "model")
 
 
-def test_named_params_override_options(ingested, tiny_model_dir, tmp_path):
+def test_named_params_override_options(ingested, no_prior, tiny_model_dir, tmp_path):
     from dreambooth_lib.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mode"):
         fine_tune.python_func(
             base_model=tiny_model_dir, base_model_digest="", instance_images=ingested, instance_digest="",
-            prior_uri="", prior_key="", identifier="zwx", class_noun="square", resolution=64, steps=1,
+            prior_set=no_prior, checkpoint_root="", identifier="zwx", class_noun="square", resolution=64, steps=1,
             prior_loss_weight=0.0, mode="qlora", trained_model=artifact(Model, tmp_path / "m"),
         )  # fmt: skip
+
+
+def test_a_retried_task_resumes_from_the_checkpoint_root(ingested, no_prior, tiny_model_dir, tmp_path):
+    """A retried pod gets a new, empty Model artifact; the durable checkpoint root is what it resumes from."""
+    root = str(tmp_path / "durable")
+    options = {
+        "learning_rate": 1e-4,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "keep_checkpoints_on_success": True,
+    }
+
+    def attempt(name: str, steps: int) -> Model:
+        out = artifact(Model, tmp_path / name / "model")
+        fine_tune.python_func(
+            base_model=tiny_model_dir, base_model_digest="md", instance_images=ingested, instance_digest="id",
+            prior_set=no_prior, checkpoint_root=root, identifier="zwx", class_noun="square", resolution=64,
+            steps=steps, prior_loss_weight=0.0, mode="lora", trained_model=out, train_options=options,
+        )  # fmt: skip
+        return out
+
+    first = attempt("first", 2)
+    assert first.metadata["resumed_from"] is None
+    again = attempt("retry", 4)  # steps may grow: the same run's content key
+    assert again.metadata["resumed_from"] == 2
+    assert again.metadata["checkpoint_dir"].startswith(root)
