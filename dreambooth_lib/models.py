@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -32,8 +33,28 @@ LORA_MARKER_NAME = "dreambooth_lora.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _writable(path: Path) -> bool:
+    """Whether this process can create `path` (its nearest existing ancestor is a writable folder)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+    return False
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DREAMBOOTH_CACHE", Path.home() / ".cache" / "dreambooth"))
+    """Where gs:// models are cached: DREAMBOOTH_CACHE, else $XDG_CACHE_HOME/dreambooth, else ~/.cache/dreambooth.
+    A container run as an arbitrary uid (Kubernetes runAsUser, OpenShift) often has HOME unset, '/' or read-only:
+    then a per-uid folder in the temp dir, so loading still works (the cache just does not outlive the pod)."""
+    if os.environ.get("DREAMBOOTH_CACHE"):
+        return Path(os.environ["DREAMBOOTH_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "dreambooth"
+    home = os.environ.get("HOME", "")  # not Path.home(): a uid with no passwd entry makes that raise
+    if home and Path(home) != Path("/"):
+        cache = Path(home) / ".cache" / "dreambooth"
+        if _writable(cache):
+            return cache
+    return Path(tempfile.gettempdir()) / f"dreambooth-cache-{os.getuid()}"
 
 
 # --- the real CLIP BPE vocabulary ------------------------------------------------------------------------------

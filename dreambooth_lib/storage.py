@@ -207,6 +207,24 @@ def relative(uri: str, prefix: str) -> str:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
+def _current_umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere it can only be read by setting it, which
+    briefly changes it for every thread, so that fallback is the exception."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(fd_or_path: int | str) -> None:
+    """Give a mkstemp file (always 0600) the mode a plain open() would: 0666 minus the umask (0644 by default),
+    so another uid (a container user, a shared registry on NFS) can read what this step wrote."""
+    os.chmod(fd_or_path, 0o666 & ~_current_umask())
+
+
 def write_bytes(uri: str | Path, data: bytes, *, if_generation_match: int | None = None) -> None:
     """Write atomically. On GCS, `if_generation_match` (0 = must not exist) raises PreconditionFailed on a race."""
     uri = str(uri)
@@ -223,6 +241,7 @@ def write_bytes(uri: str | Path, data: bytes, *, if_generation_match: int | None
             raise PreconditionFailed(f"{uri}: changed by another writer since it was read")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
+        _publish_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -254,6 +273,7 @@ def upload_file(local_path: str | Path, uri: str) -> None:
     os.close(fd)
     try:
         shutil.copyfile(local_path, tmp)
+        _publish_mode(tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -276,6 +296,7 @@ def download_file(uri: str, local_path: str | Path) -> None:
                 shutil.copyfile(uri, tmp)
             except FileNotFoundError:
                 raise StorageError(f"{uri}: file not found") from None
+        _publish_mode(tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
