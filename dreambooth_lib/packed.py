@@ -579,6 +579,7 @@ def run_packed(
             started,
             s_per_step,
             resumed_from,
+            checkpoint_dir or "",
         )
         results.append(PackedResult(name=subject.name, ok=True, model_uri=result.model_uri, train=result))
     if checkpoint_dir:
@@ -610,7 +611,18 @@ def _pack_fingerprint(
 
 
 def _export(
-    subject, k, t, config, base_model, base_digest, losses, inputs, started, s_per_step, resumed_from
+    subject,
+    k,
+    t,
+    config,
+    base_model,
+    base_digest,
+    losses,
+    inputs,
+    started,
+    s_per_step,
+    resumed_from,
+    checkpoint_dir,
 ) -> TrainResult:
     """out/model (via a .partial folder, as train.run) and then out/train_summary.json for subject k."""
     marker = {
@@ -638,6 +650,7 @@ def _export(
         base_model_digest=base_digest,
         mode=config.mode,
         resumed_from=resumed_from,
+        checkpoint_dir=checkpoint_dir,  # the pack's, deleted once every subject's output is written
         num_instance_images=len(inputs[0]),
         num_prior_images=len(inputs[1]),
         device=str(t.speed.device),
