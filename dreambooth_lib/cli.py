@@ -539,15 +539,73 @@ def bench_all(
         typer.echo(json.dumps(result, default=str))
 
 
+# --- Kubeflow Pipelines: submit, schedule, upload ----------------------------------------------------------------
+
+KfpHostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        envvar="KF_PIPELINES_ENDPOINT",
+        help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline (default $KF_PIPELINES_ENDPOINT)",
+    ),
+]
+KfpTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--existing-token",
+        envvar="KFP_EXISTING_TOKEN",
+        help="bearer token for the KFP API (default $KFP_EXISTING_TOKEN, the variable the kfp CLI reads too)",
+    ),
+]
+KfpTokenFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token-file",
+        help="file holding the bearer token, re-read on every request (default $KF_PIPELINES_SA_TOKEN_PATH, "
+        "else Kubeflow's in-pod token path when it exists, as kfp.Client reads it)",
+    ),
+]
+KfpCookiesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cookies", help="Cookie header for an authenticating proxy, e.g. 'authservice_session=...'"
+    ),
+]
+KfpNamespaceOpt = Annotated[
+    str | None, typer.Option(help="Kubeflow profile namespace (multi-user deployments), e.g. kubeflow-user")
+]
+KfpRootOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="pipeline root for this run's artifacts (gs://, s3:// or minio://); default: the cluster's"
+    ),
+]
+KfpServiceAccountOpt = Annotated[
+    str | None, typer.Option(help="Kubernetes service account the run's pods use (default: the profile's)")
+]
+ParamsOpt = Annotated[str | None, typer.Option(help="YAML/JSON file of pipeline parameters")]
+
+
+def _kfp_auth(existing_token: str | None, token_file: str | None, cookies: str | None):
+    from dreambooth_lib.submit import KfpAuth
+
+    return KfpAuth(existing_token=existing_token, token_file=token_file, cookies=cookies)
+
+
 @app.command()
 @user_errors
 def submit(
     pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML (pipelines/compiled/...)")],
-    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")],
-    params: Annotated[str | None, typer.Option(help="YAML/JSON file of pipeline parameters")] = None,
+    host: KfpHostOpt = None,
+    params: ParamsOpt = None,
     experiment: str | None = None,
     run_name: str | None = None,
-    namespace: str | None = None,
+    namespace: KfpNamespaceOpt = None,
+    pipeline_root: KfpRootOpt = None,
+    service_account: KfpServiceAccountOpt = None,
+    existing_token: KfpTokenOpt = None,
+    token_file: KfpTokenFileOpt = None,
+    cookies: KfpCookiesOpt = None,
     as_json: JsonOpt = False,
 ):
     """Submit a compiled pipeline as a run on Kubeflow Pipelines (parameters sent typed).
@@ -558,7 +616,15 @@ def submit(
 
     values = kfp_submit.load_params(params, pipeline) if params else {}
     result = kfp_submit.submit_run(
-        pipeline, host=host, params=values, experiment=experiment, run_name=run_name, namespace=namespace
+        pipeline,
+        host=host,
+        params=values,
+        experiment=experiment,
+        run_name=run_name,
+        namespace=namespace,
+        pipeline_root=pipeline_root,
+        service_account=service_account,
+        auth=_kfp_auth(existing_token, token_file, cookies),
     )
     _emit(result, as_json, f"submitted run {result}")
 
@@ -567,13 +633,18 @@ def submit(
 @user_errors
 def schedule(
     pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML")],
-    host: Annotated[str, typer.Option(help="KFP API endpoint")],
     cron: Annotated[str, typer.Option(help="6-field cron: 'SEC MIN HOUR DOM MON DOW', e.g. '0 0 2 * * *'")],
-    params: Annotated[str | None, typer.Option(help="YAML/JSON file of pipeline parameters")] = None,
+    host: KfpHostOpt = None,
+    params: ParamsOpt = None,
     experiment: str | None = None,
     job_name: str | None = None,
     max_concurrency: int = 1,
-    namespace: str | None = None,
+    namespace: KfpNamespaceOpt = None,
+    pipeline_root: KfpRootOpt = None,
+    service_account: KfpServiceAccountOpt = None,
+    existing_token: KfpTokenOpt = None,
+    token_file: KfpTokenFileOpt = None,
+    cookies: KfpCookiesOpt = None,
     as_json: JsonOpt = False,
 ):
     """Create an enabled recurring run (parameters sent typed, unlike `kfp recurring-run create`).
@@ -593,8 +664,47 @@ def schedule(
         job_name=job_name,
         max_concurrency=max_concurrency,
         namespace=namespace,
+        pipeline_root=pipeline_root,
+        service_account=service_account,
+        auth=_kfp_auth(existing_token, token_file, cookies),
     )
     _emit(result, as_json, f"scheduled recurring run {result}")
+
+
+@app.command()
+@user_errors
+def upload(
+    pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML")],
+    host: KfpHostOpt = None,
+    name: Annotated[
+        str | None, typer.Option(help="pipeline name in the UI (default: the compiled name)")
+    ] = None,
+    version_name: Annotated[
+        str | None, typer.Option(help="name of the new version (default: <package version>-<file digest>)")
+    ] = None,
+    description: str | None = None,
+    namespace: KfpNamespaceOpt = None,
+    existing_token: KfpTokenOpt = None,
+    token_file: KfpTokenFileOpt = None,
+    cookies: KfpCookiesOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Upload a compiled pipeline to the Pipelines UI; a pipeline of that name gets a new version instead.
+
+    Example: dreambooth upload pipelines/compiled/personalize.kfp.yaml --host $KFP_HOST
+    """
+    from dreambooth_lib import submit as kfp_submit
+
+    result = kfp_submit.upload_pipeline(
+        pipeline,
+        host=host,
+        name=name,
+        description=description,
+        namespace=namespace,
+        version_name=version_name,
+        auth=_kfp_auth(existing_token, token_file, cookies),
+    )
+    _emit(result, as_json, f"uploaded {result}")
 
 
 def main() -> None:  # pragma: no cover - console entry
