@@ -1,4 +1,6 @@
-"""The batch summary (run by the exit handler): a thin adapter over dreambooth_lib.batch.render_summary."""
+"""The batch's last word: the summary table (run by the exit handler, a thin adapter over
+dreambooth_lib.batch.render_summary) and the verdict (a task inside the handler, over dreambooth_lib.batch_verdict)
+that fails the run when no subject succeeded."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Output
@@ -19,7 +21,8 @@ def summarize_batch(
 
     An exit handler runs whatever happened before it, so it reads what the subjects wrote rather than their
     task outputs: a subject of the manifest without a record is reported as not finished (crashed, cancelled,
-    or the run failed before it started), with the run's own error when there is one.
+    or the run failed before it started), with the run's own error when there is one. It never fails on the
+    batch's outcome: `check_batch` does (see its docstring for why that is not this task's job).
     """
     from dreambooth_lib import batch, storage
 
@@ -40,3 +43,19 @@ def summarize_batch(
     )
     summary.metadata.update({"succeeded": sum(s.ok for s in statuses), "subjects": len(statuses)})
     print(markdown)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def check_batch(manifest_uri: str, batch_root: str, job_id: str) -> str:
+    """The batch's verdict (dreambooth_lib.batch_verdict), run inside the exit handler after every subject:
+    fails the run with BatchFailed, naming each subject's reason, when no subject succeeded; returns the line
+    'Batch <job>: k of n subjects succeeded' otherwise.
+
+    Not the summary's job: on KFP the exit handler is an Argo exit hook whose failure leaves the run's state
+    unchanged (and a failed task uploads no artifacts, so the summary table would be lost from the UI).
+    """
+    from dreambooth_lib import batch_verdict
+
+    line = batch_verdict.check_batch(batch_root, job_id, manifest_uri)
+    print(line)
+    return line
