@@ -1,12 +1,16 @@
 """Compile both pipelines for both targets into pipelines/compiled/ (`make compile`).
 
-    python -m pipelines.compile                          # KFP on GKE + Vertex AI, the default placements
+    python -m pipelines.compile                          # KFP on GKE (1x L4 nodes) + Vertex AI (1x L4)
+    python -m pipelines.compile --kfp-preset gke-a100 --vertex-preset vertex-a100 --model sdxl
     python -m pipelines.compile --kfp-preset onprem --placement my-cluster.yaml
+    python -m pipelines.compile --explain                # print the node shapes, pod sizes and step policy
     python -m pipelines.compile --check                  # exit 1 if the committed YAML is out of date
 
 Writes `<pipeline>.kfp.yaml` (KFP on Kubernetes: `nvidia.com/gpu`, node selectors, tolerations, secrets via
 kfp-kubernetes) and `<pipeline>.vertex.yaml` (Vertex AI: accelerator enum names, no Kubernetes config). The
 container images come from DREAMBOOTH_IMAGE_REGISTRY / DREAMBOOTH_IMAGE_TAG (default tag: the package version).
+Presets, node shapes and the per-step policy (timeouts, scratch disk, retries): pipelines/placement.py and
+docs/placement.md.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.placement import Placement, load_placement
+from pipelines.placement import PRESETS, Placement, describe, load_placement
 
 COMPILED_DIR = Path(__file__).resolve().parent / "compiled"
 PIPELINES = ("personalize", "batch_personalize")
@@ -64,26 +68,60 @@ def _placement_file(path: str | None) -> dict:
         return {}
     from dreambooth_lib import storage
     from dreambooth_lib.config import load_config_text
+    from dreambooth_lib.errors import ConfigError
 
-    return load_config_text(storage.read_text(path), path) or {}
+    data = load_config_text(storage.read_text(path), path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of placement sections (gpu:, cpu:, steps:, ...)")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(COMPILED_DIR))
-    parser.add_argument("--kfp-preset", default="gke", help="gke or onprem")
-    parser.add_argument("--vertex-preset", default="vertex")
-    parser.add_argument("--placement", help="YAML/JSON overrides for the KFP placement (gpu:, cpu:, ...)")
+    kfp_presets = [n for n, p in PRESETS.items() if p["target"] == "kfp"]
+    vertex_presets = [n for n, p in PRESETS.items() if p["target"] == "vertex"]
+    parser.add_argument("--kfp-preset", default="gke", help=f"one of {', '.join(kfp_presets)} (default gke)")
+    parser.add_argument(
+        "--vertex-preset", default="vertex", help=f"one of {', '.join(vertex_presets)} (default vertex)"
+    )
+    parser.add_argument(
+        "--placement", help="YAML/JSON overrides for the KFP placement (gpu:, cpu:, steps:, ...)"
+    )
     parser.add_argument("--vertex-placement", help="YAML/JSON overrides for the Vertex placement")
+    parser.add_argument(
+        "--model", choices=["sd15", "sdxl"], help="base-model family (sizes scratch disks and timeouts)"
+    )
+    parser.add_argument("--explain", action="store_true", help="print what the placements ask, write nothing")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing")
     args = parser.parse_args(argv)
-    from dreambooth_lib.errors import DreamboothError
+    from dreambooth_lib.errors import ConfigError, DreamboothError
 
     try:
-        kfp = load_placement(args.kfp_preset, _placement_file(args.placement))
-        vertex = load_placement(args.vertex_preset, _placement_file(args.vertex_placement))
+        kfp_overrides, vertex_overrides = (
+            _placement_file(args.placement),
+            _placement_file(args.vertex_placement),
+        )
+        if args.model:
+            kfp_overrides, vertex_overrides = (
+                {**kfp_overrides, "model": args.model},
+                {**vertex_overrides, "model": args.model},
+            )
+        if args.kfp_preset in PRESETS and PRESETS[args.kfp_preset]["target"] != "kfp":
+            raise ConfigError(
+                f"--kfp-preset {args.kfp_preset}: a Vertex preset; choose {', '.join(kfp_presets)}"
+            )
+        if args.vertex_preset in PRESETS and PRESETS[args.vertex_preset]["target"] != "vertex":
+            raise ConfigError(
+                f"--vertex-preset {args.vertex_preset}: a KFP preset; choose {', '.join(vertex_presets)}"
+            )
+        kfp = load_placement(args.kfp_preset, kfp_overrides)
+        vertex = load_placement(args.vertex_preset, vertex_overrides)
         if kfp.target != "kfp" or vertex.target != "vertex":
-            raise DreamboothError("--kfp-preset must target kfp and --vertex-preset vertex")
+            raise ConfigError("--placement must keep target: kfp and --vertex-placement target: vertex")
+        if args.explain:
+            print(describe(kfp), describe(vertex), sep="\n")
+            return 0
         if args.check:
             stale = stale_files(args.out, kfp, vertex)
             if stale:

@@ -128,7 +128,9 @@ def test_kfp_target_gpu_steps_on_the_gpu_pool(name):
         if exe_name in GPU_EXECUTORS:
             assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
             assert resources["accelerator"]["resourceCount"] == "1"
-            assert resources["resourceCpuLimit"] == "8" and resources["resourceMemoryLimit"] == "32G"
+            # the default shape, a g2-standard-8 (1x L4): requests within what it can allocate, and limits
+            assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == ("6", "8")
+            assert (resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == ("24Gi", "24Gi")
             assert k8s[exe_name]["nodeSelector"]["labels"] == {
                 "cloud.google.com/gke-accelerator": "nvidia-l4"
             }
@@ -141,7 +143,10 @@ def test_kfp_target_gpu_steps_on_the_gpu_pool(name):
             assert "tolerations" not in k8s.get(exe_name, {}), (
                 f"{exe_name}: a CPU step must not tolerate GPU taints"
             )
+            assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("1", "6Gi")
             assert container["image"] == cpu_image()
+        assert int(k8s[exe_name]["activeDeadlineSeconds"]) > 0, f"{exe_name}: every task has a deadline"
+        assert k8s[exe_name]["emptyDirMounts"][0]["mountPath"] == "/tmp", f"{exe_name}: a bounded /tmp"
 
 
 def _to_json(struct) -> str:
@@ -158,15 +163,24 @@ def test_vertex_target_uses_enum_names_and_no_kubernetes_config(name):
     gpu = {n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
     assert gpu == GPU_EXECUTORS & set(executors)
     for n in gpu:
-        assert executors[n]["container"]["resources"]["accelerator"]["resourceType"] == "NVIDIA_L4"
+        resources = executors[n]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "NVIDIA_L4"
+        # the limits choose the VM: a whole g2-standard-8; requests mean nothing on Vertex
+        assert (resources["resourceCpuLimit"], resources["resourceMemoryLimit"]) == ("8", "32G")
+        assert "resourceCpuRequest" not in resources
 
 
 def test_retries_on_steps_that_can_fail_transiently():
     spec, _, _ = _load("personalize.kfp.yaml")
     tasks = _tasks(spec)
-    for name in ("fingerprint-inputs", "ingest-images", "make-prior-set", "fine-tune", "evaluate-model"):
+    for name in ("make-prior-set", "fine-tune", "evaluate-model"):  # GPU pods: preemption
         policy = tasks[name].retry_policy
         assert policy.max_retry_count == 2 and policy.backoff_duration.seconds == 60, name
+    # deterministic refusals (a bad photo, a failed gate) fail once, with their message
+    for name in ("fingerprint-inputs", "ingest-images", "choose-identifier"):
+        assert not tasks[name].HasField("retry_policy"), name
+    (condition,) = [t for name, t in tasks.items() if name.startswith("condition")]
+    assert not _tasks(spec, condition.component_ref.name)["register-model"].HasField("retry_policy")
 
 
 def test_batch_loops_exit_handler_and_isolation():
@@ -191,6 +205,8 @@ def test_batch_loops_exit_handler_and_isolation():
     assert pack.inputs.parameters["pack_size"].component_input_parameter == "pipelinechannel--pack_size"
     assert spec.root.input_definitions.parameters["pack_size"].default_value.number_value == 0
     assert pack.retry_policy.max_retry_count == 2, "a GPU step retried like the others"
+    assert not summary.HasField("retry_policy") and not body["plan-batch"].HasField("retry_policy")
+    assert not body["list-classes"].HasField("retry_policy")
     assert set(_tasks(spec, body[classes_loop].component_ref.name)) == {"make-prior-set"}
     (subject_task,) = _tasks(spec, body[subjects_loop].component_ref.name).values()
     assert subject_task.component_ref.name == "comp-personalize-subject"
@@ -228,7 +244,11 @@ def test_placement_presets_and_mistakes(tmp_path):
         load_placement("vertex", {"gpu": {"node_selector": {"a": "b"}}})
     with pytest.raises(ConfigError, match="unknown; choose one of"):
         load_placement("aks")
-    onprem = load_placement("onprem", {"gpu": {"accelerator_count": 2}, "parallelism": 8})
+    with pytest.raises(ConfigError, match=r"accelerator_count 2 does not fit a onprem-gpu node \(1 GPU\)"):
+        load_placement("onprem", {"gpu": {"accelerator_count": 2}})
+    two_gpus = {"name": "two-gpus", "vcpus": 16, "memory_gib": 64, "gpus": 2}
+    two_gpus["node_selector"] = {"nvidia.com/gpu.present": "true"}
+    onprem = load_placement("onprem", {"gpu": {"node": two_gpus, "accelerator_count": 2}, "parallelism": 8})
     vertex = load_placement("vertex", {"gpu": {"accelerator_type": "NVIDIA_H100_80GB"}})
     written = compile_all(tmp_path, onprem, vertex)
     assert sorted(p.name for p in written) == sorted(p.name for p in COMPILED.glob("*.yaml"))
