@@ -13,7 +13,7 @@ from kfp import dsl
 from components.batch_classes.component import list_classes
 from components.batch_plan.component import plan_batch
 from components.batch_subject.component import personalize_subject
-from components.batch_summary.component import summarize_batch
+from components.batch_summary.component import check_batch, summarize_batch
 from components.batch_train_packed.component import train_packed_loras
 from components.prior.component import make_prior_set
 from pipelines.placement import Placement, load_placement, on_cpu, on_gpu
@@ -128,6 +128,12 @@ def build_batch_personalize(placement: Placement):
                 one.set_display_name("personalize subject").set_caching_options(False)  # writes the registry
                 # No retry: the task never fails on a subject's error; it records it.
                 on_gpu(one, placement, retry=False)
+
+            # The verdict fails the run when no subject succeeded. It is a task inside the handler because on KFP
+            # the exit task is an Argo exit hook, whose failure leaves the run's state unchanged.
+            verdict = check_batch(manifest_uri=manifest_uri, batch_root=batch_root, job_id=job_id).after(one)
+            verdict.set_display_name("batch verdict").set_caching_options(False)  # reads this run's records
+            on_cpu(verdict, placement)
 
     return batch_personalize
 
