@@ -202,6 +202,9 @@ def test_batch_loops_exit_handler_and_isolation():
     pack = body["train-packed-loras"]
     assert classes_loop in pack.dependent_tasks and "plan-batch" in pack.dependent_tasks
     assert "train-packed-loras" in body[subjects_loop].dependent_tasks
+    # the verdict, inside the handler, fails the run when no subject succeeded (an exit hook could not)
+    assert "check-batch" in body and subjects_loop in body["check-batch"].dependent_tasks
+    assert not body["check-batch"].HasField("retry_policy")
     assert pack.inputs.parameters["pack_size"].component_input_parameter == "pipelinechannel--pack_size"
     assert spec.root.input_definitions.parameters["pack_size"].default_value.number_value == 0
     assert pack.retry_policy.max_retry_count == 2, "a GPU step retried like the others"
