@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu lint format demo compile bench bench-gpu submit schedule images clean
+.PHONY: install test test-gpu test-containers lint format demo compile bench bench-gpu submit schedule images clean
 
 # The development environment installs the same pins as the container images (images/requirements.txt), so the
 # tests run exactly what the cluster runs.
@@ -23,6 +23,12 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# Both pipelines in containers built from images/, as a non-root uid with only the pipeline root shared: starts a
+# Docker engine if none answers (root), builds the CPU image (on a base made from Debian packages where no registry
+# answers). DREAMBOOTH_BUILD_CUDA=1 builds the CUDA image too; DREAMBOOTH_SKIP_CONTAINERS=1 skips when no engine.
+test-containers: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/containers/test_containers.sh
 
 # The main job on the embedded default: tiny model + synthetic subjects through kfp.local, end to end.
 demo: $(STAMP)
@@ -49,10 +55,14 @@ schedule: $(STAMP)
 	@test -n "$(KFP_HOST)" -a -n "$(CRON)" || { echo "usage: make schedule KFP_HOST=... CRON='0 0 2 * * *' [PIPELINE=...] [PARAMS=...]"; exit 2; }
 	$(BIN)/dreambooth schedule $(PIPELINE) --host $(KFP_HOST) --cron '$(CRON)' $(if $(PARAMS),--params $(PARAMS))
 
-# Needs a Docker engine (none on the development machines); tags exactly what the compiled YAML references.
+# Needs a Docker engine; tags exactly what the compiled YAML references. Build args, when set: PYTHON_IMAGE (the
+# base), TORCH_INDEX_URL (the CPU image's torch+cpu index), IMAGE_BUILD_FLAGS (e.g. --network host for an index on
+# 127.0.0.1). images/README.md has the details.
+IMAGE_BUILD_ARGS = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) $(IMAGE_BUILD_FLAGS)
 images: $(STAMP)
-	docker build -f images/Dockerfile.cpu  -t $$($(BIN)/python -m components.images cpu)  .
-	docker build -f images/Dockerfile.cuda -t $$($(BIN)/python -m components.images cuda) .
+	docker build $(IMAGE_BUILD_ARGS) $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) \
+	  -f images/Dockerfile.cpu -t $$($(BIN)/python -m components.images cpu) .
+	docker build $(IMAGE_BUILD_ARGS) -f images/Dockerfile.cuda -t $$($(BIN)/python -m components.images cuda) .
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
