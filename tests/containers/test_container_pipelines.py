@@ -165,25 +165,29 @@ def test_outputs_are_readable_by_another_uid(runs, images, run_in, pipeline_root
     assert "<html" in Path(p["report_html"]).read_text().lower()
 
 
+def _metric_sets(run: dict) -> dict[str, dict]:
+    sets = {"personalize": _numbers(run["personalize"]["metrics"])}
+    for name, subject in run["batch"]["subjects"].items():
+        sets[f"batch {name}"] = _numbers(subject["metrics"])
+    return sets
+
+
 def test_containers_give_the_subprocess_runners_metrics(runs, measure):
-    """Same inputs, same seeds, same torch build: the containers' numbers are the subprocess runs' numbers."""
-    docker_run, subprocess_run = runs["docker"][0], runs["subprocess"][0]
-    pairs = [("personalize", docker_run["personalize"]["metrics"], subprocess_run["personalize"]["metrics"])]
-    for name in docker_run["batch"]["subjects"]:
-        pairs.append(
-            (
-                f"batch {name}",
-                docker_run["batch"]["subjects"][name]["metrics"],
-                subprocess_run["batch"]["subjects"][name]["metrics"],
-            )
-        )
+    """Same inputs, same seeds, same torch build: every run's numbers, in containers or subprocesses, are the
+    first subprocess run's."""
+    reference = _metric_sets(runs["subprocess"][0])
     worst = 0.0
-    for label, in_container, in_subprocess in pairs:
-        a, b = _numbers(in_container), _numbers(in_subprocess)
-        assert set(a) == set(b), label
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), f"{label} {key}"
-            worst = max(worst, abs(a[key] - b[key]))
+    for name, rounds in runs.items():
+        for i, run in enumerate(rounds):
+            sets = _metric_sets(run)
+            assert set(sets) == set(reference), f"{name} round {i}"
+            for label, metrics in sets.items():
+                assert set(metrics) == set(reference[label]), f"{name} round {i}: {label}"
+                for key, value in metrics.items():
+                    expected = reference[label][key]
+                    assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), f"{name} {i} {label} {key}"
+                    worst = max(worst, abs(value - expected))
     measure(
-        f"metrics, containers vs subprocess: largest difference {worst:.3g} over {len(pairs)} metric sets"
+        f"metrics of {sum(map(len, runs.values()))} runs against the first subprocess run: largest difference "
+        f"{worst:.3g} over {len(reference)} metric sets each"
     )
