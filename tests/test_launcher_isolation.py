@@ -79,31 +79,22 @@ def on_gcs(gcs_bucket, tiny_model, tiny_evaluators, subject_dir) -> dict[str, st
 
 
 def tiny_arguments(uris: dict[str, str], **overrides) -> dict:
-    """The personalize parameters for the tiny model: 64 px, a few steps, 4 prior images, tiny evaluators."""
-    arguments = {
+    """The demo's personalize parameters for the tiny model (64 px, 4 prior images, tiny evaluators), 4 steps."""
+    from pipelines.demo import tiny_settings, tiny_step_options
+
+    options = tiny_step_options(uris)  # the evaluators by their gs:// URIs
+    return {
         "base_model": uris["base_model"],
         "images_uri": uris["images"],
         "subject_name": "red-square",
         "class_noun": "square",
-        "resolution": 64,
+        **tiny_settings(uris),
         "steps": 4,
-        "prior_size": 4,
-        "mode": "full",
-        "prior_options": {"steps": 4, "batch_size": 4},
-        "ingest_options": {"min_side": 64},
-        "train_options": {"learning_rate": 1e-4, "checkpoint_every": 0, "log_every": 2},
-        "eval_options": {
-            "max_prompts": 2,
-            "images_per_prompt": 2,
-            "pres_images": 2,
-            "steps": 4,
-            "dino_model": uris["dino"],
-            "clip_model": uris["clip"],
-            "lpips_weights": uris["lpips"],
-        },
+        "ingest_options": options["ingest"],
+        "train_options": options["train"],
+        "eval_options": options["eval"],
+        **overrides,
     }
-    arguments.update(overrides)
-    return arguments
 
 
 def assert_model_artifact_holds_the_model_only(store: ObjectStore, uri: str) -> None:
