@@ -154,6 +154,9 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
             resume=resume,
             allow_pickle=config.allow_pickle,
             prior_images=prior_result.images if prior_result else None,
+            prior_key=prior_result.key
+            if prior_result
+            else None,  # spares re-reading the set to key checkpoints
         )
 
     samples_dir = None
