@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_lib.synthetic import make_subject_images  # noqa: F401  (tests import it from here)
+from dreambooth_lib.synthetic import make_subject_images
 
 # One torch thread per test process: two processes with all threads each run ~10x slower on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

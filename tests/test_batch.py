@@ -236,7 +236,7 @@ def _pack_options(mode: str = "lora") -> dict:
 
 def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[batch.PlannedSubject]:
     """Two subjects with photos and one without, with identifiers the tokenizer keeps whole."""
-    from conftest import make_subject_images
+    from dreambooth_lib.synthetic import make_subject_images
 
     tokenizer = identifier.load_tokenizer(model)
     first = identifier.choose_identifier(tokenizer, "square", FAST_IDS).identifier

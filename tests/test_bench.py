@@ -7,10 +7,10 @@ import traceback
 
 import pytest
 import torch
-from conftest import make_subject_images
 
 from dreambooth_lib import bench, models, train
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.synthetic import make_subject_images
 
 
 def test_bench_all_prints_one_table_of_every_figure(tiny_model, tmp_path, capsys):

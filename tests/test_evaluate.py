@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_subject_images
 from PIL import Image
 
 from dreambooth_lib import evaluate, storage
@@ -15,6 +14,7 @@ from dreambooth_lib import metrics as M
 from dreambooth_lib.config import EvalConfig, GateConfig
 from dreambooth_lib.errors import ConfigError, IngestError, StorageError
 from dreambooth_lib.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
+from dreambooth_lib.synthetic import make_subject_images
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import make_subject_images
 from PIL import Image
 
 from dreambooth_lib import models, prior, sampling, train
 from dreambooth_lib.config import PriorConfig, TrainConfig, parse_config
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.latents import list_png
+from dreambooth_lib.synthetic import make_subject_images
 
 RES = 32
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_subject_images
 
 from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.latents import encode_images, list_png
 from dreambooth_lib.sampling import make_scheduler, sample_images
+from dreambooth_lib.synthetic import make_subject_images
 
 RES = 32
 SAMPLES = 16

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_subject_images
 from safetensors.torch import load_file
 
 from dreambooth_lib import checkpoint, models, packed, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.latents import LatentCache
+from dreambooth_lib.synthetic import make_subject_images
 
 RES = 32  # 16x16 latents
 NAMES = ("a", "b", "c")
@@ -79,9 +79,12 @@ def assert_same_adapter(packed_out: Path, single_out: Path) -> None:
     assert got.keys() == want.keys()
     moved = 0
     for key in want:
-        torch.testing.assert_close(
-            got[key], want[key], rtol=1e-3, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
-        )
+        # Relative to the tensor's norm: a pack batches K subjects into one matmul, so its float sums run in
+        # another order than a single run's, and how far single elements drift depends on the CPU's kernels
+        # (1 of 128 elements off by 1.6e-4 on one machine). A wrong pack (another subject's gradient, a missed
+        # clip) is off by tens of percent.
+        error = (got[key] - want[key]).norm() / want[key].norm().clamp_min(1e-12)
+        assert error < 2e-3, f"{key}: relative error {error:.2e}"
         if ".up." in key and want[key].abs().sum() > 0:
             moved += 1
     assert moved > 0  # the adapters trained (B starts at zero), so equality is not trivial

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_subject_images
 from safetensors.torch import load_file
 
 from dreambooth_lib import evaluators, models, packed, pipeline_run, train
@@ -27,6 +26,7 @@ from dreambooth_lib.config import (
     TrainConfig,
 )
 from dreambooth_lib.latents import encode_conditioning, sdxl_text_conditioning
+from dreambooth_lib.synthetic import make_subject_images
 
 RES = 32
 

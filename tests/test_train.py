@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_subject_images
 
 from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.latents import encode_images, list_png, load_image
 from dreambooth_lib.loss import diffusion_target, dreambooth_loss
+from dreambooth_lib.synthetic import make_subject_images
 
 RES = 32  # 16x16 latents: a tiny-model step in ~0.05 s
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_subject_images
 from safetensors.torch import load_file
 
 from dreambooth_lib import checkpoint, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import TrainingError
+from dreambooth_lib.synthetic import make_subject_images
 
 RES = 32
 WORKER = Path(__file__).with_name("_train_worker.py")
