@@ -14,14 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from dreambooth_lib.models import build_tiny_model
+    from dreambooth_lib.testing.tiny_models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_evaluators(tmp_path_factory) -> dict[str, str]:
-    from dreambooth_lib import evaluators
+    from dreambooth_lib.testing import evaluators
 
     root = tmp_path_factory.mktemp("evaluators")
     return {

@@ -92,12 +92,12 @@ def tiny_model(
 
     Example: dreambooth tiny-model /tmp/tiny --seed 0
     """
-    from dreambooth_lib.models import build_tiny_model, build_tiny_sdxl_model
+    from dreambooth_lib.testing.tiny_models import build_tiny_model, build_tiny_sdxl_model
 
     out = (build_tiny_sdxl_model if sdxl else build_tiny_model)(out_dir, seed=seed)
     result: dict[str, Any] = {"model": str(out)}
     if evaluators:
-        from dreambooth_lib import evaluators as ev
+        from dreambooth_lib.testing import evaluators as ev
 
         result["dino"] = str(ev.build_tiny_dino(out_dir / "evaluators" / "dino", seed=seed))
         result["clip"] = str(ev.build_tiny_clip(out_dir / "evaluators" / "clip", seed=seed))
@@ -407,9 +407,9 @@ def register(
 
     Example: dreambooth register --registry gs://bucket/registry --run-dir gs://bucket/runs/dog
     """
-    from dreambooth_lib import pipeline_run
+    from dreambooth_lib.runs import personalize
 
-    result = pipeline_run.register_run(run_dir, registry, subject=subject, require_gate=require_gate)
+    result = personalize.register_run(run_dir, registry, subject=subject, require_gate=require_gate)
     _emit(result, as_json, f"registered {result.subject} v{result.version} at {result.uri}")
 
 
@@ -429,9 +429,9 @@ def run(
     """
     import yaml
 
-    from dreambooth_lib import pipeline_run
     from dreambooth_lib.config import load_run_config
     from dreambooth_lib.errors import ConfigError
+    from dreambooth_lib.runs import personalize
 
     overrides = {}
     for item in set_ or []:
@@ -440,7 +440,7 @@ def run(
         key, value = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
     cfg = load_run_config(config, overrides)
-    result = pipeline_run.run(cfg, resume=resume)
+    result = personalize.run(cfg, resume=resume)
     _emit(result, as_json, result.summary())
 
 
@@ -491,7 +491,7 @@ def bench_train(
 
     Example: dreambooth bench train --sd15-shape --resolution 512 --steps 50
     """
-    from dreambooth_lib.bench import bench_train as bench
+    from benchmarks.train_speed import bench_train as bench
 
     result = bench(model=model, sd15_shape=sd15_shape, steps=steps, resolution=resolution, device=device)
     if as_json:
@@ -521,7 +521,7 @@ def bench_all(
 
     Example: dreambooth bench all --sd15-shape --resolution 512 --e2e --out bench.md
     """
-    from dreambooth_lib.bench import bench_all as bench
+    from benchmarks.train_speed import bench_all as bench
 
     result = bench(
         model=model,

@@ -14,8 +14,9 @@ import time
 
 from pydantic import BaseModel
 
-from dreambooth_lib import models, sampling, storage
+from dreambooth_lib import models, storage
 from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.models import sampling
 
 RESULT_NAME = "generate.json"
 SLUG_MAX_CHARS = 60

@@ -39,8 +39,8 @@ class IdentifierResult(BaseModel):
 
 @lru_cache(maxsize=1)
 def builtin_blocklist() -> frozenset[str]:
-    """Known strong-prior strings (data/identifier_blocklist.txt): 'sks' (a rifle), abbreviations, common words."""
-    text = resources.files("dreambooth_lib").joinpath("data/identifier_blocklist.txt").read_text()
+    """Known strong-prior strings (assets/identifier_blocklist.txt): 'sks' (a rifle), abbreviations, common words."""
+    text = resources.files("dreambooth_lib").joinpath("assets/identifier_blocklist.txt").read_text()
     words: set[str] = set()
     for line in text.splitlines():
         words.update(line.split("#", 1)[0].lower().split())
@@ -51,11 +51,11 @@ def load_tokenizer(model: str, allow_pickle: bool = False):
     """The (first) CLIP tokenizer of a diffusers model folder / gs:// prefix / hub id, or a tokenizer folder."""
     from transformers import AutoTokenizer, CLIPTokenizer
 
-    from dreambooth_lib.models import is_lora_dir, read_lora_marker, resolve_model_dir
+    from dreambooth_lib.models import is_lora_dir, lora_base_model, resolve_model_dir
 
     local = resolve_model_dir(model, allow_pickle=allow_pickle)
     if is_lora_dir(local):
-        local = resolve_model_dir(read_lora_marker(local)["base_model"], allow_pickle=allow_pickle)
+        local = resolve_model_dir(lora_base_model(local, model), allow_pickle=allow_pickle)
     folder = local / "tokenizer" if (local / "tokenizer").is_dir() else local
     try:
         return CLIPTokenizer.from_pretrained(str(folder))

@@ -21,9 +21,10 @@ import time
 
 from pydantic import BaseModel
 
-from dreambooth_lib import models, sampling, storage
+from dreambooth_lib import models, storage
 from dreambooth_lib.config import PriorConfig
 from dreambooth_lib.errors import ConfigError, StorageError
+from dreambooth_lib.models import sampling
 
 SET_RECORD_NAME = "prior_set.json"
 IMAGE_NAME = re.compile(r"^(\d{6})\.png$")

@@ -28,15 +28,15 @@ RESOLUTION = 64
 
 def make_subject(out_dir: str | Path, color=(220, 30, 30), n: int = 4, size: int = 96, seed: int = 0) -> Path:
     """A synthetic subject: a coloured square at shifting positions on a lightly noisy grey background."""
-    from dreambooth_lib.synthetic import make_subject_images
+    from dreambooth_lib.testing.synthetic import make_subject_images
 
     return make_subject_images(out_dir, n=n, size=size, color=color, seed=seed)
 
 
 def build_models(out: Path) -> dict[str, str]:
     """The tiny model and evaluators (reused when already built: they are deterministic in the seed)."""
-    from dreambooth_lib import evaluators
-    from dreambooth_lib.models import build_tiny_model
+    from dreambooth_lib.testing import evaluators
+    from dreambooth_lib.testing.tiny_models import build_tiny_model
 
     model = out / "tiny-model"
     ev = model / "evaluators"

@@ -25,7 +25,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error
-if ! "$PY" -c "import dreambooth_lib.bench, diffusers, pydantic" 2>"$OUT/import.err"; then
+if ! "$PY" -c "import benchmarks.train_speed, diffusers, pydantic" 2>"$OUT/import.err"; then
   cat "$OUT/import.err" >&2
   echo "the project does not import here: run 'bash scripts/gpu_wheels.sh' on a machine with pip, carry .whl/" >&2
   exit 1
@@ -47,7 +47,8 @@ import json, os, tempfile, time
 from pathlib import Path
 
 import torch
-from dreambooth_lib import bench, models, train
+from benchmarks import train_speed as bench
+from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 
 out = os.environ["OUT"]

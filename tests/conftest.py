@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.testing.synthetic import make_subject_images
 
 # One torch thread per test process: two processes with all threads each run ~10x slower on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -99,7 +99,7 @@ def gcs_bucket(gcs_emulator) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random-weight SD-1.x pipeline folder with the real CLIP vocabulary (built once per session)."""
-    from dreambooth_lib.models import build_tiny_model
+    from dreambooth_lib.testing.tiny_models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0))
 

@@ -1,4 +1,4 @@
-"""dreambooth_lib.batch: manifest validation, identifier planning, per-subject isolation, the summary table."""
+"""dreambooth_lib.runs.batch: manifest validation, identifier planning, per-subject isolation, the summary table."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from dreambooth_lib import batch, identifier, pipeline_run
+from dreambooth_lib import identifier
 from dreambooth_lib.config import IdentifierConfig
 from dreambooth_lib.errors import ConfigError, GateFailed, IngestError
+from dreambooth_lib.runs import batch, personalize
 
 # A narrow id range keeps each search fast while leaving enough candidates for several subjects.
 FAST_IDS = IdentifierConfig(min_token_id=47000, seed=0)
@@ -127,8 +128,8 @@ def _planned(name: str) -> batch.PlannedSubject:
     )  # fmt: skip
 
 
-def _result(config, **_) -> pipeline_run.RunResult:
-    return pipeline_run.RunResult(
+def _result(config, **_) -> personalize.RunResult:
+    return personalize.RunResult(
         run_dir=config.run_dir, subject=config.subject.name, identifier=config.identifier.identifier,
         prompt="a v dog", model_uri=f"{config.run_dir}/train/model", num_instance_images=4, prior_uri=None,
         samples_dir=None, metrics={"dino": 0.5, "clip_i": 0.6, "clip_t": 0.2}, gate={"passed": True, "reasons": []},
@@ -157,7 +158,7 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
             raise RuntimeError("CUDA out of memory")
         return _result(config)
 
-    monkeypatch.setattr(pipeline_run, "run", fake_run)
+    monkeypatch.setattr(personalize, "run", fake_run)
     options = {
         "train": {"steps": 3, "resolution": 64},
         "ingest": {"resolution": 64},
@@ -190,7 +191,7 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
 
 
 def test_a_bad_run_option_fails_only_that_subject(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline_run, "run", _result)
+    monkeypatch.setattr(personalize, "run", _result)
     status = batch.run_subject(_planned("x"), "base", str(tmp_path / "x"), {"train": {"stepz": 3}})
     assert status.status == "failed" and "train.stepz" in status.error and "unknown field" in status.error
     ok = batch.run_subject(_planned("y"), "base", str(tmp_path / "y"), {})
@@ -236,7 +237,7 @@ def _pack_options(mode: str = "lora") -> dict:
 
 def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[batch.PlannedSubject]:
     """Two subjects with photos and one without, with identifiers the tokenizer keeps whole."""
-    from dreambooth_lib.synthetic import make_subject_images
+    from dreambooth_lib.testing.synthetic import make_subject_images
 
     tokenizer = identifier.load_tokenizer(model)
     first = identifier.choose_identifier(tokenizer, "square", FAST_IDS).identifier
@@ -259,7 +260,8 @@ def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[batch.PlannedS
 def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
     tmp_path, tiny_model, monkeypatch
 ):
-    from dreambooth_lib import packed, train
+    from dreambooth_lib import train
+    from dreambooth_lib.train import multi_subject as packed
 
     root, prior_root = str(tmp_path / "b"), str(tmp_path / "priors")
     subjects = _pack_subjects(tmp_path, prior_root, tiny_model)
@@ -310,7 +312,8 @@ def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
 def test_train_pack_leaves_full_fine_tunes_and_single_packs_to_the_subject_loop(
     tmp_path, tiny_model, monkeypatch
 ):
-    from dreambooth_lib import ingest, packed
+    from dreambooth_lib import ingest
+    from dreambooth_lib.train import multi_subject as packed
 
     def never(*args, **kwargs):
         raise AssertionError("train_pack must do nothing here")

@@ -8,9 +8,10 @@ import traceback
 import pytest
 import torch
 
-from dreambooth_lib import bench, models, train
+from benchmarks import train_speed as bench
+from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.testing.synthetic import make_subject_images
 
 
 def test_bench_all_prints_one_table_of_every_figure(tiny_model, tmp_path, capsys):
@@ -82,7 +83,9 @@ def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, monkeyp
 
 
 def test_bench_prior_times_a_compiled_unet_too(tiny_model, monkeypatch):
-    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")  # dynamo's tracing without inductor's codegen
+    monkeypatch.setattr(
+        models.device, "COMPILE_BACKEND", "aot_eager"
+    )  # dynamo's tracing without inductor's codegen
     torch._dynamo.reset()
     try:
         p = bench.bench_prior(

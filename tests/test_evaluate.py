@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from dreambooth_lib import evaluate, storage
-from dreambooth_lib import metrics as M
 from dreambooth_lib.config import EvalConfig, GateConfig
 from dreambooth_lib.errors import ConfigError, IngestError, StorageError
-from dreambooth_lib.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.evaluate import scores as M
+from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
+from dreambooth_lib.testing.synthetic import make_subject_images
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_metrics_recomputed_from_saved_images(evaluated, setup):
     """The numbers in metrics.json are the paper's definitions applied to the images on disk."""
     result, out = evaluated
     dino, clip = M.DinoEmbedder(setup["dino"]), M.ClipEmbedder(setup["clip"])
-    from dreambooth_lib.lpips import load_lpips
+    from dreambooth_lib.evaluate.lpips import load_lpips
 
     lp, _ = load_lpips(setup["lpips"])
     real = [Image.open(p).convert("RGB") for p in sorted(Path(setup["real"]).glob("*.png"))]
@@ -131,7 +131,7 @@ def test_metrics_recomputed_from_saved_images(evaluated, setup):
 def test_image_j_uses_seed_j(evaluated, tiny_model):
     """Image j of every prompt is sampled from image_seed(config.seed, j), whatever batch it fell in."""
     from dreambooth_lib.models import load_pipeline
-    from dreambooth_lib.sampling import image_seed, sample_images
+    from dreambooth_lib.models.sampling import image_seed, sample_images
 
     result, out = evaluated
     pipe = load_pipeline(tiny_model)
@@ -246,8 +246,8 @@ def test_lora_artifact_is_compared_to_the_base_its_marker_names(setup, tiny_mode
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_lib.lora import add_lora_adapters, save_lora_model
     from dreambooth_lib.models import model_digest
+    from dreambooth_lib.models.lora import add_lora_adapters, save_lora_model
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     torch.manual_seed(0)
@@ -268,7 +268,9 @@ def test_compiled_sampling_gives_the_same_metrics(setup, tiny_model, tmp_path, e
 
     from dreambooth_lib import models
 
-    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")  # dynamo's tracing without inductor's codegen
+    monkeypatch.setattr(
+        models.device, "COMPILE_BACKEND", "aot_eager"
+    )  # dynamo's tracing without inductor's codegen
     torch._dynamo.reset()
     try:
         compiled = evaluate.run(

@@ -14,18 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_lib import models, prior, sampling, train
+from dreambooth_lib import models, prior, train
 from dreambooth_lib.config import PriorConfig, TrainConfig, parse_config
 from dreambooth_lib.errors import ConfigError
-from dreambooth_lib.latents import list_png
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.models import sampling
+from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train.data import list_png
 
 RES = 32
 
 
 @pytest.fixture
 def aot_eager(monkeypatch):
-    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(models.device, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -135,7 +136,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graphed_step_repeats_the_eager_run(tiny_model, data, mode):
     """Same draws, same kernels: a graphed run's losses and weights follow the eager run's (bf16 autocast)."""
-    from dreambooth_lib import graphs
+    from dreambooth_lib.train import cuda_graph as graphs
 
     config = _config(mode=mode, device="cuda", mixed_precision="bf16", learning_rate=1e-4)
     eager_losses, eager_weights, _ = _train(tiny_model, data, config, steps=8)
@@ -155,7 +156,7 @@ def test_graphed_step_repeats_the_eager_run(tiny_model, data, mode):
 @pytest.mark.gpu
 @cuda
 def test_graphed_training_has_no_host_syncs_after_capture(tiny_model, data):
-    from dreambooth_lib import graphs
+    from dreambooth_lib.train import cuda_graph as graphs
 
     t = train.setup_training(
         models.load_pipeline(tiny_model), *data, "a sks square", "a square",

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_lib import generate, models, sampling, storage
+from dreambooth_lib import generate, models, storage
 from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.models import sampling
 
 FAST = {"steps": 2, "resolution": 64}
 

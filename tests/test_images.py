@@ -235,7 +235,7 @@ def test_dockerignore_sends_only_what_the_dockerfiles_copy():
     for source in sorted(copied):
         assert (REPO / source).exists(), f"COPY {source}: not in the checkout"
         assert not _ignored(patterns, source), f".dockerignore leaves out {source}, which a Dockerfile copies"
-    assert not _ignored(patterns, "dreambooth_lib/data/bpe_simple_vocab_16e6.txt.gz")
+    assert not _ignored(patterns, "dreambooth_lib/assets/bpe_simple_vocab_16e6.txt.gz")
     for junk in [
         ".venv/bin/python", ".git/HEAD", "build/lib/x.py", "dreambooth_kfp.egg-info/PKG-INFO", "demo-out/x",
         "dreambooth_lib/__pycache__/storage.cpython-311.pyc", "pipelines/compiled/personalize.kfp.yaml",

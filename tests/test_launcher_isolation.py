@@ -49,7 +49,7 @@ def personalize_spec(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_evaluators(tmp_path_factory) -> Path:
-    from dreambooth_lib import evaluators
+    from dreambooth_lib.testing import evaluators
 
     root = tmp_path_factory.mktemp("evaluators")
     evaluators.build_tiny_dino(root / "dino", seed=0)

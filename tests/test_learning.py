@@ -20,9 +20,10 @@ import torch
 
 from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.latents import encode_images, list_png
-from dreambooth_lib.sampling import make_scheduler, sample_images
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.models.sampling import make_scheduler, sample_images
+from dreambooth_lib.testing import tiny_models
+from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train.data import encode_images, list_png
 
 RES = 32
 SAMPLES = 16
@@ -77,7 +78,7 @@ def subject_margins(samples: torch.Tensor, subject: torch.Tensor, prior: torch.T
 def test_identifier_prompt_learns_the_subject(tiny_model, tmp_path, kind):
     """The same recipe binds the identifier on SD 1.x and on SDXL (both text encoders trained there).
     Measured on SDXL (seed 0, 300 steps): subject-like fraction id 0.81 vs class 0.25, margin gap 0.064."""
-    model = tiny_model if kind == "sd" else str(models.build_tiny_sdxl_model(tmp_path / "tiny-sdxl"))
+    model = tiny_model if kind == "sd" else str(tiny_models.build_tiny_sdxl_model(tmp_path / "tiny-sdxl"))
     subject_dir = make_subject_images(tmp_path / "subject", n=4, size=RES)
     base = calibrated_copy(model, tmp_path / "base", list_png(str(subject_dir)))
     base_pipe = models.load_pipeline(base)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth_lib.errors import ModelLoadError
-from dreambooth_lib.evaluators import build_tiny_lpips
-from dreambooth_lib.lpips import convert_lpips_checkpoint, load_lpips, random_lpips_state
+from dreambooth_lib.evaluate.lpips import convert_lpips_checkpoint, load_lpips, random_lpips_state
+from dreambooth_lib.testing.evaluators import build_tiny_lpips
 
 # The backbones as the lpips package slices torchvision's `features`: (op, index) per layer, one list per tap.
 ALEX_TAPS = [

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_lib import metrics as M
 from dreambooth_lib.errors import ModelLoadError
-from dreambooth_lib.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
+from dreambooth_lib.evaluate import scores as M
+from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_invariants(evaluators):
 
 
 def test_lpips_diversity(evaluators):
-    from dreambooth_lib.lpips import load_lpips
+    from dreambooth_lib.evaluate.lpips import load_lpips
 
     model, _ = load_lpips(evaluators["lpips"])
     imgs = _images(3, seed=9)

@@ -5,6 +5,7 @@ import pytest
 
 from dreambooth_lib import models, storage
 from dreambooth_lib.errors import ModelLoadError
+from dreambooth_lib.testing import tiny_models
 
 
 def test_real_clip_vocabulary_matches_stable_diffusion():
@@ -31,8 +32,8 @@ def test_tiny_model_loads_with_diffusers_and_generates(tiny_model):
 
 
 def test_tiny_model_is_deterministic_in_seed(tmp_path, tiny_model):
-    a = models.build_tiny_model(tmp_path / "a", seed=0)
-    b = models.build_tiny_model(tmp_path / "c", seed=1)
+    a = tiny_models.build_tiny_model(tmp_path / "a", seed=0)
+    b = tiny_models.build_tiny_model(tmp_path / "c", seed=1)
     ua = (a / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (
         ua

@@ -11,11 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lib import checkpoint, models, packed, train
+from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
-from dreambooth_lib.latents import LatentCache
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train import checkpoint
+from dreambooth_lib.train import multi_subject as packed
+from dreambooth_lib.train.data import LatentCache
 
 RES = 32  # 16x16 latents
 NAMES = ("a", "b", "c")

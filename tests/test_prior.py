@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth_lib import models, prior, sampling, storage
+from dreambooth_lib import models, prior, storage
 from dreambooth_lib.config import PriorConfig
 from dreambooth_lib.errors import ConfigError, StorageError
+from dreambooth_lib.models import sampling
 
 FAST = {"steps": 2, "batch_size": 2, "seed": 3}  # the tiny model at 64 px: a few tens of ms per image
 

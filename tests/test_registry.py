@@ -241,7 +241,7 @@ def test_a_failed_write_retires_its_version_and_readers_never_see_a_pending_one(
         real_copy_prefix(src, dst)
         raise OSError("disk full")
 
-    monkeypatch.setattr(registry.storage, "copy_prefix", copy_then_fail)
+    monkeypatch.setattr(storage, "copy_prefix", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
         _register(root, fake_model(tmp_path / "m1", "1"))
     # while the weights were copied the claim was pending: invisible to readers, but its identifier was taken
@@ -250,7 +250,7 @@ def test_a_failed_write_retires_its_version_and_readers_never_see_a_pending_one(
     assert not Path(root, "dog", "1").exists() and reg.list_models() == []
     assert reg.used_identifiers() == set()
 
-    monkeypatch.setattr(registry.storage, "copy_prefix", real_copy_prefix)
+    monkeypatch.setattr(storage, "copy_prefix", real_copy_prefix)
     assert _register(root, fake_model(tmp_path / "m2", "2")).version == 2  # number 1 is never reused
 
 
@@ -258,14 +258,14 @@ def _register_then_hang(root: str, model_dir: str) -> None:
     """A writer that claims a version, starts copying, and never finishes (killed with SIGKILL by the test)."""
     import time as _time
 
-    real_copy = registry.storage.copy_prefix
+    real_copy = storage.copy_prefix
 
     def copy_then_hang(src, dst):
         real_copy(src, dst)
         print("copied", flush=True)
         _time.sleep(600)
 
-    registry.storage.copy_prefix = copy_then_hang
+    storage.copy_prefix = copy_then_hang
     _register(root, model_dir, subject="cat", identifier="zwx", class_noun="cat")
 
 
@@ -428,7 +428,7 @@ def test_gcs_claim_retries_when_another_writer_wins(gcs_bucket, tmp_path, monkey
             real_write(index, json.dumps([rival]).encode())
         real_write(uri, data, if_generation_match=if_generation_match)
 
-    monkeypatch.setattr(registry.storage, "write_bytes", racing_write)
+    monkeypatch.setattr(storage, "write_bytes", racing_write)
     m = _register(root, fake_model(tmp_path / "m", "mine"))
     assert raced.is_set() and m.version == 2
     assert [(e["version"], e["status"]) for e in _index(root)] == [(1, "pending"), (2, "ready")]
@@ -552,7 +552,7 @@ class MemoryBackend(RegistryBackend):
 
 
 def test_a_backend_plugs_in(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry._BACKENDS, "memory", MemoryBackend)  # undone after the test
+    monkeypatch.setitem(registry.store._BACKENDS, "memory", MemoryBackend)  # undone after the test
     register_backend("memory", MemoryBackend)
     reg = open_registry(str(tmp_path / "mem"), backend="memory")
     m = reg.register(

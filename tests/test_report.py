@@ -13,7 +13,7 @@ from PIL import Image
 
 from dreambooth_lib import storage
 from dreambooth_lib.errors import StorageError
-from dreambooth_lib.report import MAX_PRIOR_SHOWN, render_report
+from dreambooth_lib.evaluate.report import MAX_PRIOR_SHOWN, render_report
 
 METRICS = {"dino": 0.7123, "clip_i": 0.8, "clip_t": 0.2999, "pres": None, "div": 0.41}
 REFERENCE = {"dino": 0.77, "clip_i": 0.881}

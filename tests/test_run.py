@@ -15,7 +15,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_evaluators(tmp_path_factory):
-    from dreambooth_lib import evaluators
+    from dreambooth_lib.testing import evaluators
 
     root = tmp_path_factory.mktemp("evaluators")
     return {

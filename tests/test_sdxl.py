@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lib import evaluators, models, packed, pipeline_run, train
+from dreambooth_lib import models, train
 from dreambooth_lib.config import (
     EvalConfig,
     IdentifierConfig,
@@ -25,15 +25,18 @@ from dreambooth_lib.config import (
     Subject,
     TrainConfig,
 )
-from dreambooth_lib.latents import encode_conditioning, sdxl_text_conditioning
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.runs import personalize
+from dreambooth_lib.testing import evaluators, tiny_models
+from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train import multi_subject as packed
+from dreambooth_lib.train.data import encode_conditioning, sdxl_text_conditioning
 
 RES = 32
 
 
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory) -> str:
-    return str(models.build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
+    return str(tiny_models.build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,7 @@ def test_sdxl_runs_end_to_end(sdxl_model, tmp_path):
         registry={"uri": str(tmp_path / "registry")},
         samples_per_prompt=0,
     )
-    result = pipeline_run.run(config)
+    result = personalize.run(config)
     assert result.registered is not None and result.registered["version"] == 1
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["metrics"]["dino"] is not None and metrics["metrics"]["clip_t"] is not None

@@ -11,9 +11,9 @@ import torch
 from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
-from dreambooth_lib.latents import encode_images, list_png, load_image
-from dreambooth_lib.loss import diffusion_target, dreambooth_loss
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train.data import encode_images, list_png, load_image
+from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
 
 RES = 32  # 16x16 latents: a tiny-model step in ~0.05 s
 
@@ -237,11 +237,10 @@ def test_non_finite_loss_stops_and_saves_no_model(tiny_model, data_dirs, tmp_pat
 
     def poisoned(*args):
         calls["n"] += 1
-        loss = train.dreambooth_loss.__wrapped__(*args)
+        loss = dreambooth_loss(*args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    poisoned.__wrapped__ = dreambooth_loss
-    monkeypatch.setattr(train, "dreambooth_loss", poisoned)
+    monkeypatch.setattr(train.loop, "dreambooth_loss", poisoned)
     out = tmp_path / "train"
     with pytest.raises(TrainingError, match="non-finite .* at step 3"):
         train.run(
@@ -266,7 +265,7 @@ def test_missing_inputs_are_user_errors(tiny_model, data_dirs, tmp_path):
 
 
 def test_bench_times_both_loops(tiny_model, capsys):
-    from dreambooth_lib.bench import bench_train
+    from benchmarks.train_speed import bench_train
 
     result = bench_train(model=tiny_model, steps=2, resolution=RES, device="cpu", warmup=1)
     assert result["reference_s_per_step"] > 0 and result["ours_s_per_step"] > 0

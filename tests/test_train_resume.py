@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lib import checkpoint, train
+from dreambooth_lib import train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import TrainingError
-from dreambooth_lib.synthetic import make_subject_images
+from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train import checkpoint
 
 RES = 32
 WORKER = Path(__file__).with_name("_train_worker.py")

@@ -1,4 +1,4 @@
-"""Plan a batch: a thin adapter over dreambooth_lib.batch (manifest → subjects with distinct identifiers)."""
+"""Plan a batch: a thin adapter over dreambooth_lib.runs.batch (manifest → subjects with distinct identifiers)."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Output
@@ -25,8 +25,9 @@ def plan_batch(
     `<batch_root>/<job_id>/status/` and left out; a manifest that cannot be read fails the run. Returns the
     planned subjects (a single list output: kfp.local iterates a ParallelFor only over a task's single `Output`).
     """
-    from dreambooth_lib import batch, storage
+    from dreambooth_lib import storage
     from dreambooth_lib.config import IdentifierConfig, parse_config
+    from dreambooth_lib.runs import batch
 
     config = parse_config(IdentifierConfig, identifier_options, "identifier_options")
     manifest = batch.load_manifest(manifest_uri)

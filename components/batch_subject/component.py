@@ -1,4 +1,4 @@
-"""One subject of a batch, end to end in one task: a thin adapter over dreambooth_lib.batch.run_subject."""
+"""One subject of a batch, end to end in one task: a thin adapter over dreambooth_lib.runs.batch.run_subject."""
 
 from typing import NamedTuple
 
@@ -29,7 +29,7 @@ def personalize_subject(
     registry_uri: str = "",
     allow_pickle: bool = False,
 ) -> NamedTuple("SubjectOutputs", ok=bool, run_dir=str):
-    """ingest → train (prior from the shared cache) → evaluate → register, via dreambooth_lib.pipeline_run.
+    """ingest → train (prior from the shared cache) → evaluate → register, via dreambooth_lib.runs.personalize.
 
     One task per subject, not one per step: in a batch, a task that fails stops the whole DAG on Argo, so the
     subject's steps run in one process whose failure `batch.run_subject` returns as its status, written to
@@ -39,7 +39,8 @@ def personalize_subject(
     `run_options` holds any other RunConfig sections (ingest, train, eval, prior, sample_prompts, ...).
     A LoRA model the pack step (batch_train_packed) already trained into its run directory is used as is.
     """
-    from dreambooth_lib import batch, storage
+    from dreambooth_lib import storage
+    from dreambooth_lib.runs import batch
 
     planned = batch.PlannedSubject.model_validate(
         {**subject, "base_model_digest": base_model_digest, "prior_root": prior_root}

@@ -1,5 +1,5 @@
 """The batch's last word: the summary table (run by the exit handler, a thin adapter over
-dreambooth_lib.batch.render_summary) and the verdict (a task inside the handler, over dreambooth_lib.batch_verdict)
+dreambooth_lib.runs.batch.render_summary) and the verdict (a task inside the handler, over dreambooth_lib.runs.batch_verdict)
 that fails the run when no subject succeeded."""
 
 from kfp import dsl
@@ -24,7 +24,8 @@ def summarize_batch(
     or the run failed before it started), with the run's own error when there is one. It never fails on the
     batch's outcome: `check_batch` does (see its docstring for why that is not this task's job).
     """
-    from dreambooth_lib import batch, storage
+    from dreambooth_lib import storage
+    from dreambooth_lib.runs import batch
 
     statuses = batch.read_statuses(batch.status_dir(batch_root, job_id))
     names: list[str] = []
@@ -47,14 +48,14 @@ def summarize_batch(
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def check_batch(manifest_uri: str, batch_root: str, job_id: str) -> str:
-    """The batch's verdict (dreambooth_lib.batch_verdict), run inside the exit handler after every subject:
+    """The batch's verdict (dreambooth_lib.runs.batch_verdict), run inside the exit handler after every subject:
     fails the run with BatchFailed, naming each subject's reason, when no subject succeeded; returns the line
     'Batch <job>: k of n subjects succeeded' otherwise.
 
     Not the summary's job: on KFP the exit handler is an Argo exit hook whose failure leaves the run's state
     unchanged (and a failed task uploads no artifacts, so the summary table would be lost from the UI).
     """
-    from dreambooth_lib import batch_verdict
+    from dreambooth_lib.runs import batch_verdict
 
     line = batch_verdict.check_batch(batch_root, job_id, manifest_uri)
     print(line)

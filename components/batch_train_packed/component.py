@@ -1,4 +1,4 @@
-"""Packed LoRA training of a batch's subjects: a thin adapter over dreambooth_lib.batch.train_pack."""
+"""Packed LoRA training of a batch's subjects: a thin adapter over dreambooth_lib.runs.batch.train_pack."""
 
 from kfp import dsl
 from kfp.dsl import Markdown, Output
@@ -32,7 +32,8 @@ def train_packed_loras(
     Takes the same parameters as personalize_subject so both build the same RunConfig. Returns how many
     subjects were trained in packs; `<batch_root>/<job_id>/packed.json` lists each subject's outcome.
     """
-    from dreambooth_lib import batch, storage
+    from dreambooth_lib import storage
+    from dreambooth_lib.runs import batch
 
     statuses = []
     if subjects:

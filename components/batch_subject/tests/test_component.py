@@ -24,7 +24,7 @@ def _call(tmp_path, name, **kwargs):
 
 
 def test_parameters_reach_the_run_and_failures_are_recorded(tmp_path, monkeypatch):
-    from dreambooth_lib import pipeline_run
+    from dreambooth_lib.runs import personalize
 
     seen = {}
 
@@ -32,7 +32,7 @@ def test_parameters_reach_the_run_and_failures_are_recorded(tmp_path, monkeypatc
         seen[config.subject.name] = config
         raise FileNotFoundError(f"{config.subject.images}: no photos")
 
-    monkeypatch.setattr(pipeline_run, "run", fake_run)
+    monkeypatch.setattr(personalize, "run", fake_run)
     (ok, run_dir), record, out = _call(tmp_path, "rex", registry_uri="reg")
     config = seen["rex"]
     assert config.identifier.identifier == "zwx" and config.subject.live is True

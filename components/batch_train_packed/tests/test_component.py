@@ -9,7 +9,7 @@ from components.conftest import artifact
 
 
 def test_parameters_reach_train_pack_and_the_outcome_is_reported(tmp_path, monkeypatch):
-    from dreambooth_lib import batch
+    from dreambooth_lib.runs import batch
 
     seen = {}
 

@@ -78,7 +78,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_lpips(out_path: str | Path, seed: int = 0, net: str = "alex") -> Path:
     """An LPIPS weights file (backbone + lin heads) with random He-scaled weights, in the published layout."""
-    from dreambooth_lib.lpips import random_lpips_state, save_lpips_weights
+    from dreambooth_lib.evaluate.lpips import random_lpips_state, save_lpips_weights
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ PAPER_REFERENCE = {
 
 @lru_cache(maxsize=1)
 def _prompt_lists() -> dict[str, Any]:
-    return json.loads(resources.files("dreambooth_lib").joinpath("data/prompts.json").read_text())
+    return json.loads(resources.files("dreambooth_lib").joinpath("assets/prompts.json").read_text())
 
 
 def paper_prompts(live: bool) -> list[str]:

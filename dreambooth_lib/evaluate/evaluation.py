@@ -4,7 +4,7 @@ against the real subject images, and apply the quality gate.
 Protocol (DreamBooth, Sec. 4.1): for each prompt template (the paper's 25 for objects or live subjects), render
 it with the identifier and class noun and sample `images_per_prompt` images (seed j of every prompt is
 `image_seed(config.seed, j)`, so prompts and models are compared on the same noise); sample `pres_images` images
-of "a [class noun]" for PRES. The metric definitions are in `dreambooth_lib.metrics`.
+of "a [class noun]" for PRES. The metric definitions are in `dreambooth_lib.evaluate.scores`.
 
 A failing gate does not raise here: the images, metrics.json and report are kept with the verdict recorded, and
 the register step refuses the model (GateFailed) by reading metrics.json's `gate`.
@@ -165,7 +165,7 @@ def _unique_slugs(prompts: list[str]) -> list[str]:
 
 def eval_templates(config: EvalConfig, live: bool) -> list[str]:
     """The prompt templates evaluated: config.prompts or the paper's list, cut to max_prompts."""
-    from dreambooth_lib.metrics import paper_prompts
+    from dreambooth_lib.evaluate.scores import paper_prompts
 
     templates = list(config.prompts) if config.prompts is not None else paper_prompts(live)
     if config.max_prompts is not None:
@@ -217,7 +217,7 @@ def _sample(
     pipe: Any, prompts: list[str], n: int, config: EvalConfig, resolution: int
 ) -> list[list[Image.Image]]:
     """n images per prompt, image j of every prompt from seed image_seed(config.seed, j), batched across prompts."""
-    from dreambooth_lib.sampling import image_seed, sample_images
+    from dreambooth_lib.models.sampling import image_seed, sample_images
 
     flat = [p for p in prompts for _ in range(n)]
     seeds = [image_seed(config.seed, j) for _ in prompts for j in range(n)]
@@ -236,7 +236,7 @@ def _sample(
 
 def _load_pipe(uri: str, device: str, allow_pickle: bool, base_model: str | None, compile: bool = False):
     from dreambooth_lib.models import load_pipeline, resolve_dtype
-    from dreambooth_lib.sampling import compile_for_sampling
+    from dreambooth_lib.models.sampling import compile_for_sampling
 
     dtype = resolve_dtype("auto", device)
     pipe = load_pipeline(
@@ -266,7 +266,7 @@ def _score_groups(
     """Per-prompt and overall DINO, CLIP-I, CLIP-T (and DIV with an LPIPS model) of one model's images."""
     import torch
 
-    from dreambooth_lib import metrics as M
+    from dreambooth_lib.evaluate import scores as M
 
     texts = [M.clip_t_text(t, class_noun) for t in templates]
     text_emb = clip.embed_texts(texts)
@@ -320,7 +320,7 @@ def training_summary_of(model: str) -> dict | None:
 def _render_report(
     out: str, result: EvalResult, prior_images: list[str] | None, training: dict | None
 ) -> None:
-    from dreambooth_lib.report import render_report
+    from dreambooth_lib.evaluate.report import render_report
 
     def uris(rel_paths: list[str]) -> list[str]:
         return [storage.join(out, *r.split("/")) for r in rel_paths]
@@ -378,9 +378,9 @@ def run(
     """
     import torch
 
-    from dreambooth_lib import metrics as M
+    from dreambooth_lib.evaluate import scores as M
     from dreambooth_lib.models import model_digest, resolve_device
-    from dreambooth_lib.sampling import default_resolution
+    from dreambooth_lib.models.sampling import default_resolution
 
     t0 = time.perf_counter()
     times: dict[str, float] = {}
@@ -407,14 +407,14 @@ def run(
     clip = M.clip_embedder(config.clip_model, device, allow_pickle)
     lpips_model, lpips_digest = None, None
     if config.lpips_weights is not None:
-        from dreambooth_lib.lpips import load_lpips
+        from dreambooth_lib.evaluate.lpips import load_lpips
 
         lpips_model, lpips_digest = load_lpips(config.lpips_weights)
         lpips_model.to(device)
     else:
         notes.append(
             "DIV is null: eval.lpips_weights is not set (convert the published LPIPS weights with "
-            "dreambooth_lib.lpips.convert_lpips_checkpoint and point eval.lpips_weights at the file)"
+            "dreambooth_lib.evaluate.lpips.convert_lpips_checkpoint and point eval.lpips_weights at the file)"
         )
     real = [_read_image(u) for u in real_uris]
     real_dino, real_clip = dino.embed(real), clip.embed_images(real)

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from dreambooth_lib import graphs, models
+from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.latents import load_image
-from dreambooth_lib.loss import diffusion_target, dreambooth_loss
+from dreambooth_lib.train import cuda_graph as graphs
 from dreambooth_lib.train import setup_training, train_step
+from dreambooth_lib.train.data import load_image
+from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
 
 IDENTIFIER, CLASS_NOUN = "sks", "dog"
 NUM_IMAGES = 4  # subject images, and as many prior images
@@ -198,7 +199,7 @@ def bench_train(
     resolution: None = the model's own (64 px tiny, 512 px SD-1.5). On CPU, peak memory is the process's peak
     RSS, which only grows: ours (measured second) includes the reference's.
     """
-    from dreambooth_lib.sampling import default_resolution
+    from dreambooth_lib.models.sampling import default_resolution
 
     dev = torch.device(models.resolve_device(device))
     with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
@@ -310,7 +311,7 @@ def bench_prior(
     only the batching differs. One untimed warm-up call each. Classifier-free guidance is on in both.
     compiled: a third way, "compiled": ours plus sampling.compile_for_sampling (torch.compile'd UNet,
     channels-last on CUDA); its warm-up call, which compiles, is reported as `compile_s`."""
-    from dreambooth_lib import sampling
+    from dreambooth_lib.models import sampling
 
     dev = torch.device(models.resolve_device(str(device)))
     resolution = resolution or sampling.default_resolution(base)
@@ -363,7 +364,7 @@ def bench_prior(
 
 def _packed_step_fn(base, k: int, config: TrainConfig, dev: torch.device, folder: Path, resolution: int):
     """A packed K-subject LoRA step on a copy of `base` (each subject NUM_IMAGES images, one shared prior set)."""
-    from dreambooth_lib import packed
+    from dreambooth_lib.train import multi_subject as packed
 
     prior_uris = _write_images(folder / "prior", NUM_IMAGES, resolution, seed=2)
     subjects, inputs = [], []
@@ -399,12 +400,13 @@ def bench_end_to_end(
     cuda_graph: bool = False,
     work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """One subject through `dreambooth run` (pipeline_run.run): ingest → identifier → `prior_images` priors →
+    """One subject through `dreambooth run` (personalize.run): ingest → identifier → `prior_images` priors →
     `train_steps` steps → evaluation (`eval_prompts` × `images_per_prompt` images). The DINO and CLIP evaluators
     are tiny random models (nothing is downloaded): the real ViT-S/16 and CLIP B/32 cost a few seconds more.
     cuda_graph: train with train.cuda_graph (CUDA only; ignored elsewhere, as in any run)."""
-    from dreambooth_lib import evaluators, pipeline_run
     from dreambooth_lib.config import EvalConfig, IngestConfig, PriorConfig, RunConfig, Subject
+    from dreambooth_lib.runs import personalize
+    from dreambooth_lib.testing import evaluators
 
     dev = torch.device(models.resolve_device(str(device)))
     with tempfile.TemporaryDirectory(prefix="dreambooth-e2e-", dir=work_dir) as tmp:
@@ -442,7 +444,7 @@ def bench_end_to_end(
         )
         _reset_peak(dev)
         started = time.perf_counter()
-        result = pipeline_run.run(config)
+        result = personalize.run(config)
         _sync(dev)
         wall = time.perf_counter() - started
     return {
@@ -491,7 +493,7 @@ def bench_all(
     RSS, which only grows; on CUDA each row's own max_memory_allocated.
     """
     from dreambooth_lib import storage
-    from dreambooth_lib.sampling import default_resolution
+    from dreambooth_lib.models.sampling import default_resolution
 
     dev = torch.device(models.resolve_device(device))
     cuda = dev.type == "cuda"

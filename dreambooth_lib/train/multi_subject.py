@@ -46,12 +46,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from dreambooth_lib import checkpoint, lora, models, storage
+from dreambooth_lib import models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, DreamboothError, TrainingError
-from dreambooth_lib.latents import LatentCache, TrainingData, encode_conditioning, encode_images, list_png
-from dreambooth_lib.loss import diffusion_target, dreambooth_loss
-from dreambooth_lib.train import (
+from dreambooth_lib.models import lora
+from dreambooth_lib.train import checkpoint
+from dreambooth_lib.train.data import LatentCache, TrainingData, encode_conditioning, encode_images, list_png
+from dreambooth_lib.train.loop import (
     SpeedOptions,
     TrainResult,
     _check_fingerprint,
@@ -64,6 +65,7 @@ from dreambooth_lib.train import (
     seed_everything,
     speed_options,
 )
+from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
 
 log = logging.getLogger(__name__)
 
@@ -675,7 +677,7 @@ def train_packed_subjects(
     node's rerun), continues from its newest complete checkpoint there, or starts fresh when there is none.
     Full fine-tunes, text-encoder training and pack_size 1 run each subject alone through `train.run`.
     """
-    from dreambooth_lib import train
+    from dreambooth_lib.train import loop as train
 
     if pack_size is None:
         pack_size = default_pack_size(

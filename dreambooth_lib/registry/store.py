@@ -58,7 +58,7 @@ import dreambooth_lib
 from dreambooth_lib import storage
 from dreambooth_lib.config import SUBJECT_NAME_PATTERN
 from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed, PreconditionFailed, StorageError
-from dreambooth_lib.report import METRICS, PAPER_REAL_IMAGES, PAPER_SD_DREAMBOOTH, format_value
+from dreambooth_lib.evaluate.report import METRICS, PAPER_REAL_IMAGES, PAPER_SD_DREAMBOOTH, format_value
 
 INDEX_NAME = "index.json"
 MODEL_FOLDER = "model"

@@ -26,17 +26,19 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from dreambooth_lib import checkpoint, lora, models, storage
+from dreambooth_lib import models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
-from dreambooth_lib.latents import (
+from dreambooth_lib.models import lora
+from dreambooth_lib.train import checkpoint
+from dreambooth_lib.train.data import (
     TrainingData,
     encode_conditioning,
     encode_images,
     list_png,
     sdxl_text_conditioning,
 )
-from dreambooth_lib.loss import diffusion_target, dreambooth_loss
+from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +568,7 @@ def run(
     )
 
     # --- the loop: the step, logging, checkpointing ---
-    from dreambooth_lib import graphs
+    from dreambooth_lib.train import cuda_graph as graphs
 
     step_fn = graphs.make_step_fn(t)  # train_step, or the same step as one replayed CUDA graph
     loop_started = time.perf_counter()

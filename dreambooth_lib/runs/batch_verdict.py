@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dreambooth_lib import batch, storage
+from dreambooth_lib import storage
 from dreambooth_lib.errors import DreamboothError
+from dreambooth_lib.runs import batch
 
 MAX_LISTED = 5
 

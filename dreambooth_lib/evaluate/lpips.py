@@ -186,7 +186,7 @@ def _check_state(state: dict[str, torch.Tensor], net: str, source: str) -> None:
         detail = f"missing {missing[:4]}" if missing else f"wrong shapes for {wrong[:4]}"
         raise ModelLoadError(
             f"{source}: not an LPIPS-{net} weights file ({detail}); write it with "
-            "dreambooth_lib.lpips.convert_lpips_checkpoint from the published .pth files"
+            "dreambooth_lib.evaluate.lpips.convert_lpips_checkpoint from the published .pth files"
         )
 
 
@@ -212,7 +212,7 @@ def load_lpips(uri: str) -> tuple[LPIPS, str]:
 
     if str(uri).endswith((".pth", ".pt", ".bin", ".ckpt")):
         raise ModelLoadError(
-            f"{uri}: a pickle checkpoint; convert it once with dreambooth_lib.lpips.convert_lpips_checkpoint "
+            f"{uri}: a pickle checkpoint; convert it once with dreambooth_lib.evaluate.lpips.convert_lpips_checkpoint "
             "and point eval.lpips_weights at the .safetensors file it writes"
         )
     data = storage.read_bytes(uri)

@@ -10,7 +10,7 @@ The library side of `batch_personalize` (the components are adapters over these 
 - `train_pack(...)`: LoRA subjects of the batch (one base model) trained together, K adapters per UNet batch
   (`packed.train_packed_subjects`), each into its own `<run_dir>/train`; full fine-tunes, a pack size of 1 and
   any subject that fails here are left to `run_subject`, which trains them one at a time.
-- `run_subject(...)`: one subject end to end via `pipeline_run.run` (reusing a model its pack trained); its
+- `run_subject(...)`: one subject end to end via `personalize.run` (reusing a model its pack trained); its
   failure becomes a `SubjectStatus`, never an exception, because on Argo one failed task stops the DAG from
   scheduling the other subjects.
 - `render_summary(statuses)`: the batch table as Markdown and HTML.
@@ -323,7 +323,7 @@ def run_subject(
     subject, its identifier, the base model, the run directory and the registry are set here. A model that
     `train_pack` already trained into `<run_dir>/train` for this configuration is used, not trained again.
     """
-    from dreambooth_lib import pipeline_run
+    from dreambooth_lib.runs import personalize
 
     status = SubjectStatus(
         subject=subject.name,
@@ -336,7 +336,7 @@ def run_subject(
     try:
         config = subject_config(subject, base_model, run_dir, run_options, registry_uri, allow_pickle)
         # resume: a rerun of this task (a preempted pod) continues from the run's checkpoints in the durable run dir
-        result = pipeline_run.run(config, resume=True, reuse_training=True)
+        result = personalize.run(config, resume=True, reuse_training=True)
         _fill_from_result(status, result.model_dump(mode="json"))
         status.packed = result.reused_training or None
         status.status = "registered" if result.registered else "trained"
@@ -390,7 +390,8 @@ def train_pack(
     A subject that fails here is only left untrained: its `run_subject` trains it alone or reports its failure.
     Writes the statuses to `packed.json` of the batch. Raises nothing for a subject's failure.
     """
-    from dreambooth_lib import ingest, packed, prior
+    from dreambooth_lib import ingest, prior
+    from dreambooth_lib.train import multi_subject as packed
 
     planned = [
         s if isinstance(s, PlannedSubject) else PlannedSubject.model_validate(dict(s)) for s in subjects

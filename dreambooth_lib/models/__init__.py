@@ -1,0 +1,22 @@
+"""Base models: loading (local folder, gs://, hub id; safetensors), the CLIP tokenizer, device and dtype, LoRA,
+sampling, and the base-model families."""
+
+from dreambooth_lib.models.device import compile_module, resolve_device, resolve_dtype
+from dreambooth_lib.models.families import is_sdxl, sd_pipeline_from_parts, sdxl_pipeline_from_parts
+from dreambooth_lib.models.loading import (
+    HUB_ID,
+    LORA_MARKER_NAME,
+    LORA_WEIGHTS_NAME,
+    PICKLE_SUFFIXES,
+    SD15_UNET_PARAMETERS,
+    check_no_pickle,
+    default_cache_dir,
+    is_lora_dir,
+    load_pipeline,
+    lora_base_model,
+    model_digest,
+    read_lora_marker,
+    resolve_model_dir,
+    unet_parameter_count,
+)
+from dreambooth_lib.models.tokenizer import clip_bpe_vocab_and_merges, write_clip_tokenizer

@@ -1,0 +1,1 @@
+"""Runs of several steps in one process: `personalize` (one subject, every step) and `batch` (many subjects)."""

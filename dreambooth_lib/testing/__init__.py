@@ -1,0 +1,1 @@
+"""Test fixtures shipped with the package for tests and the demo: tiny models, tiny evaluators, synthetic subjects."""
