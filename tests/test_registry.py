@@ -552,7 +552,7 @@ class MemoryBackend(RegistryBackend):
 
 
 def test_a_backend_plugs_in(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry.store._BACKENDS, "memory", MemoryBackend)  # undone after the test
+    monkeypatch.setitem(registry.backends._BACKENDS, "memory", MemoryBackend)  # undone after the test
     register_backend("memory", MemoryBackend)
     reg = open_registry(str(tmp_path / "mem"), backend="memory")
     m = reg.register(
