@@ -17,7 +17,13 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import imagehash
 import numpy as np
+
+# imagehash.phash imports scipy.fftpack on its first call, and that import adds a warnings filter
+# (scipy.special's SpecialFunctionWarning): imported here, the change happens when this module is imported, not
+# in the middle of the first `run`, which must leave the process's warning filters as it found them.
+import scipy.fftpack  # noqa: F401
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
@@ -233,9 +239,7 @@ def center_square(im: Image.Image) -> Image.Image:
     return im.crop((left, top, left + side, top + side))
 
 
-def _phash(im: Image.Image):
-    import imagehash
-
+def _phash(im: Image.Image) -> imagehash.ImageHash:
     return imagehash.phash(im)
 
 
