@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -117,7 +118,6 @@ def test_register_writes_an_immutable_version_with_card_lineage_report_and_sampl
         assert section in body
     assert "| DINO | higher | 0.712 | 0.770 | 0.668 | 0.774 |" in body
     assert "| DIV | higher | — | — | — | — |" in body
-    assert f'load_pipeline("{m.model_uri}")' in body and 'DiffusionPipeline.from_pretrained("model")' in body
     assert "![sample 2](samples/02.png)" in body and "samples/03" not in body
     assert "learning_rate: 5.0e-06" in body and f"| `01.png` | `{'cd' * 32}` |" in body
     assert "Unsplash" in body and "Quality gate: passed." in body
@@ -141,12 +141,109 @@ def test_register_writes_an_immutable_version_with_card_lineage_report_and_sampl
     assert entry["status"] == "ready" and entry["metrics"]["dino"] == 0.7123 and entry["uri"] == m.uri
 
 
-def test_lora_card_shows_how_to_load_the_adapter(tmp_path):
+def test_lora_card_of_an_unevaluated_model(tmp_path):
     m = _register(str(tmp_path / "reg"), fake_model(tmp_path / "lora", lora=True), metrics=None, gate=None)
     card = open_registry(str(tmp_path / "reg")).model_card("dog")
     assert m.mode == "lora" and "lora" in yaml.safe_load(card.split("---\n")[1])["tags"]
-    assert 'pipe = DiffusionPipeline.from_pretrained("org/tiny-sd")\npipe.load_lora_weights("model")' in card
     assert "Not evaluated." in card and "Quality gate: not evaluated." in card
+
+
+# --- the card's code runs as written ------------------------------------------------------------------------
+
+
+def _card_code(card: str) -> list[tuple[str, str]]:
+    """The (language, code) of each bash and python block of the card's "How to prompt" section."""
+    usage = card.split("## How to prompt", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(bash|python)\n(.*?)```", usage, re.S)
+
+
+def _run_card_code(card: str, workdir: Path, monkeypatch) -> list:
+    """Run the card's code in `workdir` as a user would; returns the image each python block made. There is no
+    gcloud here: `gcloud storage cp -r SRC DST` is done by dreambooth_lib.storage, which copies the same way."""
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(workdir / "cache"))  # where load_pipeline keeps gs:// models
+    images = []
+    for language, code in _card_code(card):
+        if language == "bash":
+            for command in code.strip().splitlines():
+                copy = re.fullmatch(r"gcloud storage cp -r (gs://\S+) (\./\w+)", command)
+                assert copy, f"not a command this test can run: {command}"
+                storage.copy_prefix(copy[1], str(workdir / copy[2]))
+        else:
+            scope: dict = {}
+            exec(code, scope)
+            images.append(scope["image"])
+    return images
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model, tmp_path_factory) -> Path:
+    """A diffusers LoRA folder (pytorch_lora_weights.safetensors) for the tiny model, as save_lora_weights writes it."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    out = tmp_path_factory.mktemp("tiny-lora") / "lora"
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+    return out
+
+
+def _lora_on(base_model: str, lora: Path, folder: Path) -> str:
+    """A copy of `lora` whose marker names `base_model`, as training writes it."""
+    storage.copy_prefix(str(lora), str(folder))
+    storage.write_json(str(folder / "dreambooth_lora.json"), {"base_model": base_model, "identifier": "zwx"})
+    return str(folder)
+
+
+def test_the_card_code_of_a_full_model_runs(tiny_model, tmp_path, monkeypatch):
+    m = _register(str(tmp_path / "reg"), tiny_model, base_model=tiny_model, metrics=None, gate=None)
+    card = storage.read_text(m.card_uri)
+    assert (
+        "from diffusers import StableDiffusionPipeline" in card
+    )  # the family's class, from model_index.json
+    images = _run_card_code(card, tmp_path, monkeypatch)
+    assert len(images) == 2 and all(isinstance(image, Image.Image) for image in images)
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_the_card_code_of_a_lora_model_runs(where, tiny_model, tiny_lora, tmp_path, request, monkeypatch):
+    if where == "gcs":  # base model, trained adapter and registry all under gs:// prefixes, as in a KFP run
+        bucket = request.getfixturevalue("gcs_bucket")
+        base, root = f"{bucket}/models/tiny-sd/", f"{bucket}/registry"
+        storage.copy_prefix(tiny_model, base)
+        model = f"{bucket}/runs/dog/model"
+        storage.copy_prefix(_lora_on(base, tiny_lora, tmp_path / "lora"), model)
+    else:
+        base, root = tiny_model, str(tmp_path / "reg")
+        model = _lora_on(base, tiny_lora, tmp_path / "lora")
+    m = _register(root, model, base_model=base, metrics=None, gate=None)
+    card = storage.read_text(m.card_uri)
+    assert m.mode == "lora" and "from diffusers import StableDiffusionPipeline" in card
+    # diffusers reads local folders and hub ids only: the card never hands it a gs:// URI
+    assert 'from_pretrained("gs://' not in card and 'load_lora_weights("gs://' not in card
+    images = _run_card_code(card, tmp_path, monkeypatch)
+    assert len(images) == 2 and all(isinstance(image, Image.Image) for image in images)
+
+
+def test_the_card_loads_a_hub_base_as_is_with_its_family_class(tmp_path):
+    lora = _register(str(tmp_path / "reg"), fake_model(tmp_path / "lora", lora=True), metrics=None, gate=None)
+    card = storage.read_text(lora.card_uri)
+    # a hub id diffusers downloads itself; its family is not looked up, DiffusionPipeline reads model_index.json
+    assert (
+        f'pipe = DiffusionPipeline.from_pretrained("org/tiny-sd")\npipe.load_lora_weights("{lora.model_uri}")'
+        in card
+    )
+    assert "gcloud" not in card
+
+    sdxl = tmp_path / "sdxl"
+    fake_model(sdxl, tag="xl")
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    m = _register(str(tmp_path / "reg"), str(sdxl), subject="cat", identifier="qxv", metrics=None, gate=None)
+    assert f'StableDiffusionXLPipeline.from_pretrained("{m.model_uri}")' in storage.read_text(m.card_uri)
 
 
 def test_versions_list_and_show(tmp_path):

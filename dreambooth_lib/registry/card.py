@@ -8,9 +8,11 @@ from typing import Any
 import yaml
 
 import dreambooth_lib
+from dreambooth_lib import storage
 from dreambooth_lib.evaluate.report import METRICS, PAPER_REAL_IMAGES, PAPER_SD_DREAMBOOTH, format_value
 from dreambooth_lib.registry.layout import LINEAGE_NAME, REPORT_NAME
 from dreambooth_lib.registry.lineage import json_digest
+from dreambooth_lib.registry.model_folder import pipeline_class
 
 DEFAULT_LICENSE_NOTE = (
     "The weights are derived from the base model and carry its license. Subject photos: DreamBench photos "
@@ -130,21 +132,39 @@ def _usage_section(entry: dict, family: str | None) -> list[str]:
 
 
 def _diffusers_usage(entry: dict, family: str | None, example: str) -> list[str]:
-    lines = [
-        "With diffusers alone, after copying the `model/` folder locally:",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-    ]
+    """The same with diffusers alone. from_pretrained and load_lora_weights read local folders and hub ids,
+    not gs:// prefixes, so those are copied to a local folder first."""
+    model_path, copies = _readable_by_diffusers(entry["model_uri"], "model")
+    pipe_class = pipeline_class(family)
     if entry["mode"] == "lora":
-        lines += [
-            f"pipe = DiffusionPipeline.from_pretrained({json.dumps(entry['base_model'])})",
-            'pipe.load_lora_weights("model")',
+        base_path, base_copies = _readable_by_diffusers(entry["base_model"], "base")
+        copies = base_copies + copies
+        load = [
+            f"pipe = {pipe_class}.from_pretrained({json.dumps(base_path)})",
+            f"pipe.load_lora_weights({json.dumps(model_path)})",
         ]
     else:
-        lines += ['pipe = DiffusionPipeline.from_pretrained("model")']
-    return lines + [f"image = pipe({example}).images[0]", "```", ""]
+        load = [f"pipe = {pipe_class}.from_pretrained({json.dumps(model_path)})"]
+    lines = ["With diffusers alone:", ""]
+    if copies:
+        lines += ["```bash", *copies, "```", ""]
+    return lines + [
+        "```python",
+        f"from diffusers import {pipe_class}",
+        "",
+        *load,
+        f"image = pipe({example}, num_inference_steps=25).images[0]",
+        "```",
+        "",
+    ]
+
+
+def _readable_by_diffusers(uri: str, local_name: str) -> tuple[str, list[str]]:
+    """What to pass diffusers for `uri`, and the commands that make it: a hub id or a local folder as is; a
+    gs:// prefix copied to ./<local_name> first."""
+    if not storage.is_gcs(uri):
+        return uri, []
+    return f"./{local_name}", [f"gcloud storage cp -r {uri.rstrip('/')} ./{local_name}"]
 
 
 def _metrics_section(metrics: dict | None, reference: dict) -> list[str]:
