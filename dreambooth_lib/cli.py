@@ -1,6 +1,9 @@
 """The `dreambooth` command: each command parses flags into a config and calls one step of the library.
 
-User errors (DreamboothError) print one line on stderr and exit 2; bugs keep their traceback.
+User errors (DreamboothError) print one line on stderr and exit 2; bugs keep their traceback. Options bound to a
+config field take their help and the default they show from the pydantic model (`config_option`); an option the
+user leaves out is not passed, so the config's own default applies. The speed benchmark is not part of the
+installed package: from a checkout, `python -m benchmarks --help`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ from typing import Annotated, Any
 
 import typer
 
+from dreambooth_lib.config import (
+    EvalConfig,
+    IdentifierConfig,
+    IngestConfig,
+    PriorConfig,
+    RunConfig,
+    TrainConfig,
+)
+
 app = typer.Typer(
     help="DreamBooth personalization of text-to-image models, as a library, a CLI and Kubeflow pipelines.",
     no_args_is_help=True,
@@ -21,13 +33,27 @@ app = typer.Typer(
     add_completion=False,
 )
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
-bench_app = typer.Typer(
-    help="Benchmarks with printed figures (ratios against a baseline run in the same process)."
-)
 app.add_typer(models_app, name="models")
-app.add_typer(bench_app, name="bench")
+
+
+def config_option(model: type, field: str, *param_decls: str, help: str | None = None) -> Any:
+    """A typer option bound to `model.field`: its help is the field's description and the default it shows is
+    the field's default, both read from the model. The parameter itself defaults to None, which `_config` drops:
+    an option the user did not give leaves the config's default in place, whatever that default becomes."""
+    info = model.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, bool):  # shown as the flag that equals it, as click shows a boolean flag's default
+        shown: bool | str = ("" if default else "no-") + field.replace("_", "-")
+    else:
+        shown = False if default is None else str(default)
+    return typer.Option(*param_decls, help=help or info.description, show_default=shown)
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object on stdout")]
+BaseModelOpt = Annotated[str, typer.Option("--model", help="base model: folder, gs:// prefix or hub id")]
+AllowPickleOpt = Annotated[
+    bool, typer.Option("--allow-pickle", help=RunConfig.model_fields["allow_pickle"].description)
+]
 
 
 def _quiet_libraries() -> None:
@@ -73,10 +99,27 @@ def _emit(result: Any, as_json: bool, summary: str) -> None:
         typer.echo(summary)
 
 
-def _config(model, source: str, **values):
-    from dreambooth_lib.config import parse_config
+def _config(model, source: str, config_file: str | None = None, **options):
+    """`model` from the YAML/JSON `config_file` (if any) with the options the user gave (not None) on top."""
+    from dreambooth_lib import storage
+    from dreambooth_lib.config import load_config_text, parse_config
+    from dreambooth_lib.errors import ConfigError
 
-    return parse_config(model, {k: v for k, v in values.items() if v is not None}, source)
+    data = load_config_text(storage.read_text(config_file), config_file) if config_file else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_file}: expected a mapping of {model.__name__} fields at the top level")
+    data.update({k: v for k, v in options.items() if v is not None})
+    return parse_config(model, data, config_file or source)
+
+
+def _class_noun(value: str) -> str:
+    """The --class-noun value, stripped; an empty one is refused here, naming the flag."""
+    from dreambooth_lib.errors import ConfigError
+
+    noun = value.strip()
+    if not noun:
+        raise ConfigError("--class-noun is empty; give the subject's class, e.g. --class-noun dog")
+    return noun
 
 
 @app.command("tiny-model")
@@ -115,16 +158,15 @@ def ingest(
     class_noun: Annotated[
         str, typer.Option(help="the subject's class, e.g. 'dog' (recorded in the manifest)")
     ],
-    resolution: int = 512,
-    min_images: int = 3,
-    min_side: int = 256,
+    resolution: Annotated[int | None, config_option(IngestConfig, "resolution")] = None,
+    min_images: Annotated[int | None, config_option(IngestConfig, "min_images")] = None,
+    min_side: Annotated[int | None, config_option(IngestConfig, "min_side")] = None,
     near_duplicate_distance: Annotated[
-        int, typer.Option(help="pHash distance at or below which images are duplicates")
-    ] = 6,
-    allow_few: Annotated[bool, typer.Option(help="accept 1-2 images with a warning")] = False,
-    strict: Annotated[
-        bool, typer.Option(help="any bad file fails the run (default: skip and report)")
-    ] = False,
+        int | None, config_option(IngestConfig, "near_duplicate_distance")
+    ] = None,
+    max_pixels: Annotated[int | None, config_option(IngestConfig, "max_pixels")] = None,
+    allow_few: Annotated[bool | None, config_option(IngestConfig, "allow_few")] = None,
+    strict: Annotated[bool | None, config_option(IngestConfig, "strict")] = None,
     as_json: JsonOpt = False,
 ):
     """Validate and normalise subject photos: decode, fix orientation/mode, reject bad files and duplicates.
@@ -132,8 +174,8 @@ def ingest(
     Example: dreambooth ingest photos/ gs://bucket/runs/dog/ingest --class-noun dog --resolution 512
     """
     from dreambooth_lib import ingest as step
-    from dreambooth_lib.config import IngestConfig
 
+    class_noun = _class_noun(class_noun)
     cfg = _config(
         IngestConfig,
         "ingest options",
@@ -141,6 +183,7 @@ def ingest(
         min_images=min_images,
         min_side=min_side,
         near_duplicate_distance=near_duplicate_distance,
+        max_pixels=max_pixels,
         allow_few=allow_few,
         strict=strict,
     )
@@ -155,12 +198,14 @@ def ingest(
 @app.command()
 @user_errors
 def identifier(
-    model: Annotated[str, typer.Option(help="base model: folder, gs:// prefix or hub id")],
-    class_noun: Annotated[str, typer.Option(help="class noun the identifier precedes")] = "dog",
-    seed: int = 0,
+    model: BaseModelOpt,
+    class_noun: Annotated[str, typer.Option(help="class noun the identifier precedes, e.g. 'dog'")],
+    seed: Annotated[int | None, config_option(IdentifierConfig, "seed")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="identifiers not to use (repeatable)")] = None,
     registry: Annotated[str | None, typer.Option(help="registry whose identifiers are excluded")] = None,
-    min_token_id: int = 40000,
+    min_token_id: Annotated[int | None, config_option(IdentifierConfig, "min_token_id")] = None,
+    max_token_id: Annotated[int | None, config_option(IdentifierConfig, "max_token_id")] = None,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
     """Choose a rare-token identifier [V] from the model's own tokenizer (the paper's look-up).
@@ -168,10 +213,18 @@ def identifier(
     Example: dreambooth identifier --model ./tiny --class-noun dog --seed 0
     """
     from dreambooth_lib import identifier as step
-    from dreambooth_lib.config import IdentifierConfig
 
-    cfg = _config(IdentifierConfig, "identifier options", seed=seed, min_token_id=min_token_id)
-    result = step.run(model, class_noun, cfg, exclude=exclude or [], registry_uri=registry)
+    class_noun = _class_noun(class_noun)
+    cfg = _config(
+        IdentifierConfig,
+        "identifier options",
+        seed=seed,
+        min_token_id=min_token_id,
+        max_token_id=max_token_id,
+    )
+    result = step.run(
+        model, class_noun, cfg, exclude=exclude or [], registry_uri=registry, allow_pickle=allow_pickle
+    )
     _emit(
         result,
         as_json,
@@ -180,20 +233,31 @@ def identifier(
     )
 
 
+DEFAULT_TRAIN_RESOLUTION = TrainConfig.model_fields["resolution"].default
+
+
 @app.command()
 @user_errors
 def prior(
-    model: Annotated[str, typer.Option(help="base model: folder, gs:// prefix or hub id")],
+    model: BaseModelOpt,
     class_noun: Annotated[str, typer.Option(help="class noun: images of 'a <class>' are sampled")],
     root: Annotated[str, typer.Option(help="prior cache root (local or gs://), shared across subjects")],
-    num_images: int = 200,
-    resolution: int = 512,
-    steps: int = 25,
-    sampler: str = "dpm++",
-    guidance_scale: float | None = None,
-    batch_size: int = 4,
-    seed: int = 0,
-    device: str = "auto",
+    num_images: Annotated[int | None, config_option(PriorConfig, "num_images")] = None,
+    resolution: Annotated[
+        int | None,
+        config_option(
+            PriorConfig,
+            "resolution",
+            help=f"side of the images (default: the training default, {DEFAULT_TRAIN_RESOLUTION})",
+        ),
+    ] = None,
+    steps: Annotated[int | None, config_option(PriorConfig, "steps")] = None,
+    sampler: Annotated[str | None, config_option(PriorConfig, "sampler")] = None,
+    guidance_scale: Annotated[float | None, config_option(PriorConfig, "guidance_scale")] = None,
+    batch_size: Annotated[int | None, config_option(PriorConfig, "batch_size")] = None,
+    seed: Annotated[int | None, config_option(PriorConfig, "seed")] = None,
+    device: Annotated[str | None, config_option(PriorConfig, "device")] = None,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
     """Generate (or reuse, or extend) the class-prior set of 'a <class>' images from the frozen base model.
@@ -201,12 +265,13 @@ def prior(
     Example: dreambooth prior --model ./tiny --class-noun dog --root gs://bucket/priors --num-images 200
     """
     from dreambooth_lib import prior as step
-    from dreambooth_lib.config import PriorConfig
 
+    class_noun = _class_noun(class_noun)
     cfg = _config(
         PriorConfig,
         "prior options",
         num_images=num_images,
+        resolution=resolution,
         steps=steps,
         sampler=sampler,
         guidance_scale=guidance_scale,
@@ -214,14 +279,16 @@ def prior(
         seed=seed,
         device=device,
     )
-    result = step.run(model, class_noun, cfg, root=root, resolution=resolution)
+    result = step.run(
+        model, class_noun, cfg, root=root, resolution=DEFAULT_TRAIN_RESOLUTION, allow_pickle=allow_pickle
+    )
     _emit(result, as_json, f"{result.num_images} prior images at {result.uri} ({result.generated} new)")
 
 
 @app.command()
 @user_errors
 def train(
-    model: Annotated[str, typer.Option(help="base model: folder, gs:// prefix or hub id")],
+    model: BaseModelOpt,
     instance_dir: Annotated[str, typer.Option(help="output of `dreambooth ingest`")],
     identifier: Annotated[str, typer.Option(help="the rare-token identifier [V]")],
     class_noun: Annotated[str, typer.Option(help="class noun")],
@@ -229,29 +296,29 @@ def train(
     prior_dir: Annotated[
         str | None, typer.Option(help="prior-set folder (omit with --prior-loss-weight 0)")
     ] = None,
-    mode: str = "full",
-    steps: int = 1000,
-    learning_rate: float = 5e-6,
-    prior_loss_weight: float = 1.0,
-    train_text_encoder: bool = False,
-    lora_rank: int = 4,
-    batch_size: int = 1,
-    resolution: int = 512,
-    seed: int = 0,
-    mixed_precision: str = "auto",
-    compile: bool = False,
-    cuda_graph: Annotated[
-        bool, typer.Option(help="CUDA: replay the whole step as one CUDA graph (bf16/fp32 only)")
-    ] = False,
-    gradient_checkpointing: bool = False,
-    use_8bit_adam: bool = False,
-    checkpoint_every: int = 250,
-    device: str = "auto",
+    config: Annotated[
+        str | None, typer.Option(help="a YAML/JSON TrainConfig; options given here override its fields")
+    ] = None,
+    mode: Annotated[str | None, config_option(TrainConfig, "mode")] = None,
+    steps: Annotated[int | None, config_option(TrainConfig, "steps")] = None,
+    learning_rate: Annotated[float | None, config_option(TrainConfig, "learning_rate")] = None,
+    prior_loss_weight: Annotated[float | None, config_option(TrainConfig, "prior_loss_weight")] = None,
+    train_text_encoder: Annotated[bool | None, config_option(TrainConfig, "train_text_encoder")] = None,
+    lora_rank: Annotated[int | None, config_option(TrainConfig, "lora_rank")] = None,
+    batch_size: Annotated[int | None, config_option(TrainConfig, "batch_size")] = None,
+    resolution: Annotated[int | None, config_option(TrainConfig, "resolution")] = None,
+    seed: Annotated[int | None, config_option(TrainConfig, "seed")] = None,
+    mixed_precision: Annotated[str | None, config_option(TrainConfig, "mixed_precision")] = None,
+    compile: Annotated[bool | None, config_option(TrainConfig, "compile")] = None,
+    cuda_graph: Annotated[bool | None, config_option(TrainConfig, "cuda_graph")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, config_option(TrainConfig, "gradient_checkpointing")
+    ] = None,
+    use_8bit_adam: Annotated[bool | None, config_option(TrainConfig, "use_8bit_adam")] = None,
+    checkpoint_every: Annotated[int | None, config_option(TrainConfig, "checkpoint_every")] = None,
+    device: Annotated[str | None, config_option(TrainConfig, "device")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint in OUT")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option(help="allow .bin/.ckpt weights (pickle can run code)")
-    ] = False,
-    config: Annotated[str | None, typer.Option(help="a YAML/JSON TrainConfig (flags are ignored)")] = None,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
     """Fine-tune with prior preservation (the paper's Eq. 2): full UNet or LoRA; resumable.
@@ -259,33 +326,30 @@ def train(
     Example: dreambooth train --model ./tiny --instance-dir run/ingest --prior-dir run/priors/KEY
     --identifier muh --class-noun dog --out run/train --steps 1000
     """
-    from dreambooth_lib import storage
     from dreambooth_lib import train as step
-    from dreambooth_lib.config import TrainConfig, load_config_text, parse_config
 
-    if config:
-        cfg = parse_config(TrainConfig, load_config_text(storage.read_text(config), config), config)
-    else:
-        cfg = _config(
-            TrainConfig,
-            "train options",
-            mode=mode,
-            steps=steps,
-            learning_rate=learning_rate,
-            prior_loss_weight=prior_loss_weight,
-            train_text_encoder=train_text_encoder,
-            lora_rank=lora_rank,
-            batch_size=batch_size,
-            resolution=resolution,
-            seed=seed,
-            mixed_precision=mixed_precision,
-            compile=compile,
-            cuda_graph=cuda_graph,
-            gradient_checkpointing=gradient_checkpointing,
-            use_8bit_adam=use_8bit_adam,
-            checkpoint_every=checkpoint_every,
-            device=device,
-        )
+    class_noun = _class_noun(class_noun)
+    cfg = _config(
+        TrainConfig,
+        "train options",
+        config,
+        mode=mode,
+        steps=steps,
+        learning_rate=learning_rate,
+        prior_loss_weight=prior_loss_weight,
+        train_text_encoder=train_text_encoder,
+        lora_rank=lora_rank,
+        batch_size=batch_size,
+        resolution=resolution,
+        seed=seed,
+        mixed_precision=mixed_precision,
+        compile=compile,
+        cuda_graph=cuda_graph,
+        gradient_checkpointing=gradient_checkpointing,
+        use_8bit_adam=use_8bit_adam,
+        checkpoint_every=checkpoint_every,
+        device=device,
+    )
     result = step.run(
         model,
         instance_dir,
@@ -304,6 +368,12 @@ def train(
     )
 
 
+LoraBaseOpt = Annotated[
+    str | None,
+    typer.Option(help="base model of a LoRA folder that does not name its own (default: the one it records)"),
+]
+
+
 @app.command()
 @user_errors
 def generate(
@@ -316,10 +386,9 @@ def generate(
     sampler: str = "dpm++",
     guidance_scale: float | None = None,
     resolution: int | None = None,
-    base_model: Annotated[
-        str | None, typer.Option(help="base model for a LoRA (default: the one recorded)")
-    ] = None,
+    base_model: LoraBaseOpt = None,
     device: str = "auto",
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
     """Render images from a trained model (or a base model + LoRA).
@@ -339,6 +408,7 @@ def generate(
         guidance_scale=guidance_scale,
         resolution=resolution,
         device=device,
+        allow_pickle=allow_pickle,
         base_model=base_model,
     )
     _emit(result, as_json, f"wrote {len(result.images)} images to {out}")
@@ -353,14 +423,23 @@ def evaluate(
     class_noun: Annotated[str, typer.Option(help="class noun")],
     out: Annotated[str, typer.Option(help="output folder: metrics.json, images/, report.html")],
     live: Annotated[bool, typer.Option(help="live subject (uses the paper's live-subject prompts)")] = False,
-    config: Annotated[str | None, typer.Option(help="a YAML/JSON EvalConfig")] = None,
-    images_per_prompt: int | None = None,
-    max_prompts: int | None = None,
-    steps: int | None = None,
-    dino_model: str | None = None,
-    clip_model: str | None = None,
-    lpips_weights: str | None = None,
-    base_model: Annotated[str | None, typer.Option(help="base model for gate.compare_to_base")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="a YAML/JSON EvalConfig; options given here override its fields")
+    ] = None,
+    images_per_prompt: Annotated[int | None, config_option(EvalConfig, "images_per_prompt")] = None,
+    max_prompts: Annotated[int | None, config_option(EvalConfig, "max_prompts")] = None,
+    steps: Annotated[int | None, config_option(EvalConfig, "steps")] = None,
+    dino_model: Annotated[str | None, config_option(EvalConfig, "dino_model")] = None,
+    clip_model: Annotated[str | None, config_option(EvalConfig, "clip_model")] = None,
+    lpips_weights: Annotated[str | None, config_option(EvalConfig, "lpips_weights")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="base model of a LoRA folder that does not name its own; with gate.compare_to_base, the "
+            "model compared against (default: the LoRA's recorded base)"
+        ),
+    ] = None,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
     """Evaluate by the paper's protocol: DINO, CLIP-I, CLIP-T, PRES, DIV, the real-image ceiling and the gate.
@@ -370,20 +449,30 @@ def evaluate(
     """
     from dreambooth_lib import evaluate as step
     from dreambooth_lib import storage
-    from dreambooth_lib.config import EvalConfig, load_config_text, parse_config
 
-    data = load_config_text(storage.read_text(config), config) if config else {}
-    overrides = {
-        "images_per_prompt": images_per_prompt,
-        "max_prompts": max_prompts,
-        "steps": steps,
-        "dino_model": dino_model,
-        "clip_model": clip_model,
-        "lpips_weights": lpips_weights,
-    }
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = parse_config(EvalConfig, data, config or "evaluate options")
-    result = step.run(model, real_images, identifier, class_noun, live, cfg, out, base_model=base_model)
+    class_noun = _class_noun(class_noun)
+    cfg = _config(
+        EvalConfig,
+        "evaluate options",
+        config,
+        images_per_prompt=images_per_prompt,
+        max_prompts=max_prompts,
+        steps=steps,
+        dino_model=dino_model,
+        clip_model=clip_model,
+        lpips_weights=lpips_weights,
+    )
+    result = step.run(
+        model,
+        real_images,
+        identifier,
+        class_noun,
+        live,
+        cfg,
+        out,
+        base_model=base_model,
+        allow_pickle=allow_pickle,
+    )
     m = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in result.metrics.items()}
     verdict = "passed" if result.gate.passed else "FAILED: " + "; ".join(result.gate.reasons)
     _emit(
@@ -421,6 +510,7 @@ def run(
         list[str] | None, typer.Option("--set", help="override a field: --set train.steps=200 (repeatable)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue training from the newest checkpoint")] = False,
+    allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
     """Run one subject end to end, in-process: ingest → identifier → prior → train → samples → evaluate → register.
@@ -439,6 +529,8 @@ def run(
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=200")
         key, value = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
+    if allow_pickle:
+        overrides["allow_pickle"] = True
     cfg = load_run_config(config, overrides)
     result = personalize.run(cfg, resume=resume)
     _emit(result, as_json, result.summary())
@@ -475,68 +567,6 @@ def models_show(
 
     entry = open_registry(registry).show(subject, version)
     _emit(entry, as_json, json.dumps(entry.model_dump(mode="json"), indent=2, default=str))
-
-
-@bench_app.command("train")
-@user_errors
-def bench_train(
-    model: Annotated[str | None, typer.Option(help="base model (default: a fresh tiny model)")] = None,
-    sd15_shape: Annotated[bool, typer.Option(help="an SD-1.5-sized random-weight model (GPU runs)")] = False,
-    steps: int = 20,
-    resolution: int | None = None,
-    device: str = "auto",
-    as_json: JsonOpt = False,
-):
-    """Time a diffusers-style DreamBooth step against ours, same model and device, one process.
-
-    Example: dreambooth bench train --sd15-shape --resolution 512 --steps 50
-    """
-    from benchmarks.train_speed import bench_train as bench
-
-    result = bench(model=model, sd15_shape=sd15_shape, steps=steps, resolution=resolution, device=device)
-    if as_json:
-        typer.echo(json.dumps(result, default=str))
-
-
-@bench_app.command("all")
-@user_errors
-def bench_all(
-    model: Annotated[str | None, typer.Option(help="base model (default: a fresh tiny model)")] = None,
-    sd15_shape: Annotated[bool, typer.Option(help="an SD-1.5-sized random-weight model (GPU runs)")] = False,
-    resolution: int | None = None,
-    device: str = "auto",
-    steps: int = 10,
-    ks: Annotated[str, typer.Option(help="packed subject counts, comma-separated")] = "1,4,8,16",
-    e2e: Annotated[bool, typer.Option(help="also one subject end to end")] = False,
-    cuda_graph: Annotated[
-        bool, typer.Option(help="on CUDA, also time full/LoRA steps as CUDA graphs (and the e2e run)")
-    ] = True,
-    prior_compile: Annotated[
-        bool, typer.Option(help="also time prior sampling with a torch.compile'd UNet (minutes)")
-    ] = False,
-    out: Annotated[str | None, typer.Option(help="write the table as Markdown here")] = None,
-    as_json: JsonOpt = False,
-):
-    """Full table: diffusers-style vs our full-FT step, LoRA, packed K-subject LoRA, prior images/s, end to end.
-
-    Example: dreambooth bench all --sd15-shape --resolution 512 --e2e --out bench.md
-    """
-    from benchmarks.train_speed import bench_all as bench
-
-    result = bench(
-        model=model,
-        sd15_shape=sd15_shape,
-        resolution=resolution,
-        device=device,
-        steps=steps,
-        ks=tuple(int(k) for k in ks.split(",") if k.strip()),
-        e2e=e2e,
-        cuda_graph=cuda_graph,
-        prior_compile=prior_compile,
-        out_markdown=out,
-    )
-    if as_json:
-        typer.echo(json.dumps(result, default=str))
 
 
 # --- Kubeflow Pipelines: submit, schedule, upload ----------------------------------------------------------------
