@@ -113,22 +113,33 @@ def trained(ingested, no_prior, tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def evaluated(trained, ingested, no_prior, tiny_model_dir, tiny_evaluators, tmp_path_factory):
-    """The evaluate component's outputs (metrics, report, evaluation) and its return value."""
+def evaluate_with(trained, ingested, no_prior, tiny_model_dir, tiny_evaluators, tmp_path_factory):
+    """A function that runs the evaluate component on the trained model with the given gate thresholds
+    (GateConfig fields, e.g. {"min_clip_t": 0.2}) and returns its outputs and its return value (passed, reasons)."""
     from kfp.dsl import HTML, Artifact, Metrics
 
     from components.evaluate.component import evaluate_model
 
-    root = tmp_path_factory.mktemp("evaluated")
-    outs = {
-        "metrics": artifact(Metrics, root / "metrics"),
-        "report": artifact(HTML, root / "report"),
-        "evaluation": artifact(Artifact, root / "evaluation"),
-    }
-    verdict = evaluate_model.python_func(
-        trained_model=trained, instance_images=ingested, base_model=tiny_model_dir, identifier="zwx",
-        class_noun="square", live=False, resolution=64, prior_set=no_prior, eval_prompts=["a {0} {1}", "a {0} {1} on grass"],
-        gate_thresholds={"min_clip_t": -1.0}, eval_options={**TINY_EVAL, **tiny_evaluators}, subject_name="red",
-        **outs,
-    )  # fmt: skip
-    return outs, verdict
+    def evaluate(gate_thresholds: dict):
+        root = tmp_path_factory.mktemp("evaluated")
+        outs = {
+            "metrics": artifact(Metrics, root / "metrics"),
+            "report": artifact(HTML, root / "report"),
+            "evaluation": artifact(Artifact, root / "evaluation"),
+        }
+        verdict = evaluate_model.python_func(
+            trained_model=trained, instance_images=ingested, base_model=tiny_model_dir, identifier="zwx",
+            class_noun="square", live=False, resolution=64, prior_set=no_prior,
+            eval_prompts=["a {0} {1}", "a {0} {1} on grass"], gate_thresholds=gate_thresholds,
+            eval_options={**TINY_EVAL, **tiny_evaluators}, subject_name="red", **outs,
+        )  # fmt: skip
+        return outs, verdict
+
+    return evaluate
+
+
+@pytest.fixture(scope="session")
+def evaluated(evaluate_with):
+    """The evaluate component's outputs (metrics, report, evaluation) and its return value, with no gate
+    thresholds: the default gate, which checks nothing and passes (tests of a real gate use evaluate_with)."""
+    return evaluate_with({})
