@@ -287,6 +287,15 @@ def test_bad_inputs_are_named(tmp_path):
         open_registry(str(tmp_path / "broken")).list_models()
 
 
+def test_a_base_model_this_machine_cannot_read_still_registers(gcs_bucket, tmp_path):
+    """The base's family only picks the card's pipeline class: an unreadable base does not fail registering."""
+    unreadable = "gs://no-such-bucket-for-the-registry-test/models/sd"
+    m = _register(str(tmp_path / "reg"), fake_model(tmp_path / "lora", lora=True), base_model=unreadable)
+    card = storage.read_text(m.card_uri)
+    assert f"gcloud storage cp -r {unreadable} ./base" in card
+    assert 'pipe = DiffusionPipeline.from_pretrained("./base")' in card
+
+
 # --- refusals leave nothing ---------------------------------------------------------------------------------
 
 
@@ -574,7 +583,7 @@ def test_register_from_dirs(tmp_path):
     dirs = _run_dirs(tmp_path, PASSED)
     m = register_from_dirs(root, subject="dog", class_noun="dog", run_config={"run_dir": "run"}, **dirs)
     assert (m.version, m.identifier, m.base_model_digest, m.gate_passed) == (1, "zwx", "digest-a", True)
-    assert storage.read_text(storage.join(m.model_uri, "model_index.json")).count('"tag": "run"') == 1
+    assert storage.read_json(storage.join(m.model_uri, "model_index.json"))["tag"] == "run"  # train/model's
     assert storage.read_text(m.report_uri) == "<html>eval</html>"
     card = storage.read_text(m.card_uri)
     assert "| CLIP-I | higher | 0.810 | 0.880 | 0.803 | 0.885 |" in card and "steps: 400" in card
