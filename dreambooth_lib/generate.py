@@ -7,7 +7,6 @@ same noise, and a rerun with the same seed gives the same pixels.
 
 from __future__ import annotations
 
-import io
 import re
 import sys
 import time
@@ -16,6 +15,7 @@ from pydantic import BaseModel
 
 from dreambooth_lib import models, storage
 from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.images import png_bytes
 from dreambooth_lib.models import sampling
 
 RESULT_NAME = "generate.json"
@@ -48,7 +48,8 @@ class GenerateResult(BaseModel):
 
 
 def slugify(prompt: str) -> str:
-    """A folder name for a prompt: lowercase [a-z0-9-], at most 60 characters, never empty."""
+    """A folder name for a prompt: lowercase [a-z0-9-], at most 60 characters, never empty. The one rule for
+    prompt folders: evaluate writes its images under the same names."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     return slug[:SLUG_MAX_CHARS].rstrip("-") or "prompt"
 
@@ -67,12 +68,6 @@ def unique_slugs(prompts: list[str]) -> list[str]:
         used.add(slug)
         out.append(slug)
     return out
-
-
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def run(
@@ -139,7 +134,7 @@ def run(
             )
             for (p, slug, j, s), image in zip(batch, images, strict=True):
                 uri = storage.join(out, slug, f"{j:0{width}d}.png")
-                storage.write_bytes(uri, _png_bytes(image))
+                storage.write_bytes(uri, png_bytes(image))
                 records.append(GeneratedImage(prompt=p, index=j, seed=s, uri=uri))
             bar.update(len(batch))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_lib import generate, models, storage
-from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.errors import ConfigError, ModelLoadError
 from dreambooth_lib.models import sampling
 
 FAST = {"steps": 2, "resolution": 64}
@@ -30,6 +30,21 @@ def test_slugify():
     assert slugs[:4] == ["a-dog", "a-dog-2", "a-dog-2-2", "a-dog-3"]
     assert slugs[4] == "x" * 60 and slugs[5] == "x" * 58 + "-2"
     assert len(set(slugs)) == len(slugs)
+
+
+def test_png_bytes_are_lossless_and_a_content_key():
+    """Every step writes images through png_bytes: pixels read back unchanged, and equal pixels give equal bytes
+    (ingest's and the prior set's digests are keys of the content)."""
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth_lib.images import png_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    data = png_bytes(Image.fromarray(pixels))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    assert png_bytes(Image.fromarray(pixels.copy())) == data
 
 
 def test_bad_arguments_fail_before_loading(tmp_path, monkeypatch):
@@ -108,3 +123,22 @@ def test_lora_folder_loads_base_plus_adapter(tiny_model, tmp_path, gcs_bucket):
     assert storage.list_files(out) == [f"{out}/a-muh-dog/00.png", f"{out}/generate.json"]
     assert _pixels(again.images[0].uri) == _pixels(tuned.images[0].uri)
     assert storage.read_json(f"{out}/generate.json")["images"][0]["uri"] == f"{out}/a-muh-dog/00.png"
+
+
+def test_diffusers_lora_folder_renders_on_the_base_model_given(tiny_model, tmp_path):
+    """A LoRA folder as diffusers' train_dreambooth_lora.py writes it (the weights alone, no dreambooth_lora.json)
+    renders on base_model (--base-model) exactly as our LoRA folder does; without one it is refused with a
+    ModelLoadError naming the flag."""
+    ours = _make_lora(tiny_model, tmp_path / "ours", base_model=tiny_model)
+    plain = _make_lora(tiny_model, tmp_path / "plain", base_model=tiny_model)
+    (plain / models.LORA_MARKER_NAME).unlink()
+    with pytest.raises(ModelLoadError, match="does not name its base model.*--base-model"):
+        generate.run(str(plain), ["a muh dog"], str(tmp_path / "refused"), n=1, **FAST)
+    assert not (tmp_path / "refused").exists()
+
+    rendered = generate.run(
+        str(plain), ["a muh dog"], str(tmp_path / "plain-out"), n=1, seed=1, base_model=tiny_model, **FAST
+    )
+    expected = generate.run(str(ours), ["a muh dog"], str(tmp_path / "ours-out"), n=1, seed=1, **FAST)
+    assert rendered.base_model == tiny_model
+    assert _pixels(rendered.images[0].uri) == _pixels(expected.images[0].uri)
