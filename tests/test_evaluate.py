@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_lib import evaluate, storage
+from dreambooth_lib import evaluate, generate, storage
 from dreambooth_lib.config import EvalConfig, GateConfig
-from dreambooth_lib.errors import ConfigError, IngestError, StorageError
-from dreambooth_lib.evaluate import scores as M
+from dreambooth_lib.errors import ConfigError, IngestError, ModelLoadError, StorageError
+from dreambooth_lib.evaluate import embedders, scores
 from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
 from dreambooth_lib.testing.synthetic import make_subject_images
 
@@ -65,7 +65,7 @@ def test_writes_images_metrics_and_report(evaluated):
     assert [p.prompt for p in result.per_prompt] == ["a sks dog in the jungle", "a sks dog in the snow"]
     assert result.per_prompt[0].clip_t_text == "a dog in the jungle"
     for p in result.per_prompt:
-        assert p.images == [f"images/{evaluate.prompt_slug(p.prompt)}/{j:02d}.png" for j in range(2)]
+        assert p.images == [f"images/{generate.slugify(p.prompt)}/{j:02d}.png" for j in range(2)]
         for rel in p.images:
             assert Image.open(out / rel).size == (64, 64)
     assert [Image.open(out / r).size for r in result.pres_images] == [(64, 64)] * 2
@@ -96,7 +96,7 @@ def test_writes_images_metrics_and_report(evaluated):
 def test_metrics_recomputed_from_saved_images(evaluated, setup):
     """The numbers in metrics.json are the paper's definitions applied to the images on disk."""
     result, out = evaluated
-    dino, clip = M.DinoEmbedder(setup["dino"]), M.ClipEmbedder(setup["clip"])
+    dino, clip = embedders.DinoEmbedder(setup["dino"]), embedders.ClipEmbedder(setup["clip"])
     from dreambooth_lib.evaluate.lpips import load_lpips
 
     lp, _ = load_lpips(setup["lpips"])
@@ -120,7 +120,7 @@ def test_metrics_recomputed_from_saved_images(evaluated, setup):
     assert result.metrics["clip_t"] == pytest.approx(np.mean(clip_t), abs=1e-6)
     pres = [Image.open(out / r).convert("RGB") for r in result.pres_images]
     assert result.metrics["pres"] == pytest.approx(mean_cos(dino.embed(pres).numpy(), r_dino), abs=1e-6)
-    divs = [M.lpips_diversity(lp, g) for g in gen]
+    divs = [scores.lpips_diversity(lp, g) for g in gen]
     assert [p.div for p in result.per_prompt] == pytest.approx(divs, rel=1e-6)
     assert result.metrics["div"] == pytest.approx(np.mean(divs), rel=1e-6) and result.metrics["div"] > 0
     r = r_dino / np.linalg.norm(r_dino, axis=1, keepdims=True)
@@ -241,25 +241,99 @@ def test_user_errors(setup, tiny_model, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before any sampling
 
 
-def test_lora_artifact_is_compared_to_the_base_its_marker_names(setup, tiny_model, tmp_path):
-    """A fresh LoRA (B = 0) equals its base: same seeds, same images, equal DINO; the base comes from the marker."""
+def _fresh_lora(tiny_model: str, out: Path) -> Path:
+    """A LoRA folder as training writes it (weights + dreambooth_lora.json naming tiny_model as the base), B = 0."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_lib.models import model_digest
     from dreambooth_lib.models.lora import add_lora_adapters, save_lora_model
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     torch.manual_seed(0)
     add_lora_adapters(pipe.unet, None, rank=4, alpha=None)
     marker = {"base_model": tiny_model, "identifier": "sks", "class_noun": "dog", "rank": 4, "alpha": 4.0}
-    lora = save_lora_model(tmp_path / "lora", pipe.unet, None, marker)
+    return save_lora_model(out, pipe.unet, None, marker)
+
+
+def test_lora_artifact_is_compared_to_the_base_its_marker_names(setup, tiny_model, tmp_path):
+    """A fresh LoRA (B = 0) equals its base: same seeds, same images, equal DINO; the base comes from the marker."""
+    from dreambooth_lib.models import model_digest
+
+    lora = _fresh_lora(tiny_model, tmp_path / "lora")
     cfg = _config(setup, max_prompts=1, pres_images=0, lpips_weights=None, gate={"compare_to_base": True})
     result = evaluate.run(str(lora), setup["real"], "sks", "dog", False, cfg, str(tmp_path / "eval"))
     assert result.base_model == tiny_model
     assert result.digests["base_model"] == model_digest(tiny_model)
     assert result.base["metrics"]["dino"] == pytest.approx(result.metrics["dino"], abs=1e-6)
     assert result.gate.passed and result.gate.checks[0]["name"] == "dino_vs_base"
+
+
+def test_diffusers_lora_folder_is_evaluated_on_the_base_model_given(setup, tiny_model, tmp_path):
+    """A LoRA folder as diffusers' train_dreambooth_lora.py writes it (the weights alone, no dreambooth_lora.json)
+    is evaluated on base_model (--base-model); without one it is refused with a ModelLoadError naming the flag."""
+    from dreambooth_lib.models import LORA_MARKER_NAME, model_digest
+
+    lora = _fresh_lora(tiny_model, tmp_path / "lora")
+    (lora / LORA_MARKER_NAME).unlink()
+    cfg = _config(setup, max_prompts=1, pres_images=0, lpips_weights=None)
+    with pytest.raises(ModelLoadError, match="does not name its base model.*--base-model"):
+        evaluate.run(str(lora), setup["real"], "sks", "dog", False, cfg, str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()  # refused before any sampling
+
+    result = evaluate.run(
+        str(lora), setup["real"], "sks", "dog", False, cfg, str(tmp_path / "eval"), base_model=tiny_model
+    )
+    assert result.base_model == tiny_model
+    assert result.digests["base_model"] == model_digest(tiny_model)  # the base shaped every image
+    plain = evaluate.run(tiny_model, setup["real"], "sks", "dog", False, cfg, str(tmp_path / "plain"))
+    assert result.metrics["dino"] == pytest.approx(
+        plain.metrics["dino"], abs=1e-6
+    )  # B = 0: the base's images
+
+
+def test_each_model_is_freed_before_the_next_loads(setup, tiny_model, tmp_path, monkeypatch):
+    """With compare_to_base the fine-tuned model's weights are freed before the base model loads, so the two never
+    share the GPU; and none stays in memory after the step."""
+    import weakref
+
+    from dreambooth_lib import models
+
+    unet_modules: list[list[weakref.ref]] = []  # of each pipeline loaded, in order
+    alive_at_load: list[int] = []
+    load_pipeline = models.load_pipeline
+
+    def tracked_load_pipeline(*args, **kwargs):
+        alive_at_load.append(sum(ref() is not None for refs in unet_modules for ref in refs))
+        pipe = load_pipeline(*args, **kwargs)
+        unet_modules.append([weakref.ref(m) for m in pipe.unet.modules()])
+        return pipe
+
+    monkeypatch.setattr(models, "load_pipeline", tracked_load_pipeline)
+    cfg = _config(
+        setup,
+        max_prompts=1,
+        images_per_prompt=1,
+        pres_images=0,
+        lpips_weights=None,
+        gate={"compare_to_base": True},
+    )
+    evaluate.run(
+        tiny_model, setup["real"], "sks", "dog", False, cfg, str(tmp_path / "e"), base_model=tiny_model
+    )
+    assert len(unet_modules) == 2 and alive_at_load == [0, 0]
+    assert not any(ref() is not None for refs in unet_modules for ref in refs)
+
+
+def test_release_frees_a_pipeline_its_caller_still_holds(tiny_model):
+    import weakref
+
+    from dreambooth_lib.evaluate.samples import release_pipeline
+    from dreambooth_lib.models import load_pipeline
+
+    pipe = load_pipeline(tiny_model)
+    unet_modules = [weakref.ref(m) for m in pipe.unet.modules()]
+    release_pipeline(pipe)
+    assert pipe is not None and not any(ref() is not None for ref in unet_modules)
 
 
 def test_compiled_sampling_gives_the_same_metrics(setup, tiny_model, tmp_path, evaluated, monkeypatch):

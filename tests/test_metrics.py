@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dreambooth_lib.errors import ModelLoadError
-from dreambooth_lib.evaluate import scores as M
+from dreambooth_lib.evaluate import embedders, lpips, prompts, scores
 from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
 
 
@@ -42,14 +42,14 @@ def _numpy_mean_cosine(a: np.ndarray, b: np.ndarray, exclude_self: bool = False)
 
 
 def test_paper_prompts_and_clip_t_text():
-    objects, live = M.paper_prompts(live=False), M.paper_prompts(live=True)
+    objects, live = prompts.paper_prompts(live=False), prompts.paper_prompts(live=True)
     assert len(objects) == 25 and len(live) == 25
     assert "a {0} {1} floating on top of water" in objects and "a {0} {1} wearing a red hat" in live
     assert "a {0} {1} wearing a red hat" not in objects
-    assert M.render_prompt(objects[2], "sks", "backpack") == "a sks backpack on the beach"
-    assert M.clip_t_text("a {0} {1} on the beach", "dog") == "a dog on the beach"
-    assert M.clip_t_text("a cube shaped {0} {1}", "teddy bear") == "a cube shaped teddy bear"
-    assert M.clip_t_text("a {1} on the beach", "dog") == "a dog on the beach"
+    assert prompts.render_prompt(objects[2], "sks", "backpack") == "a sks backpack on the beach"
+    assert prompts.clip_t_text("a {0} {1} on the beach", "dog") == "a dog on the beach"
+    assert prompts.clip_t_text("a cube shaped {0} {1}", "teddy bear") == "a cube shaped teddy bear"
+    assert prompts.clip_t_text("a {1} on the beach", "dog") == "a dog on the beach"
 
 
 def test_dino_preprocessing_matches_transformers_processor():
@@ -60,12 +60,12 @@ def test_dino_preprocessing_matches_transformers_processor():
         size={"shortest_edge": 256},
         crop_size={"height": 224, "width": 224},
         resample=Image.BICUBIC,
-        image_mean=list(M.IMAGENET_MEAN),
-        image_std=list(M.IMAGENET_STD),
+        image_mean=list(embedders.IMAGENET_MEAN),
+        image_std=list(embedders.IMAGENET_STD),
         do_convert_rgb=True,
     )
     images = [*_images(2, size=(300, 400)), *_images(1, size=(64, 64), seed=1)]
-    got = M.preprocess_images(images, M.dino_preprocess(224))
+    got = embedders.preprocess_images(images, embedders.dino_preprocess(224))
     want = torch.stack(
         [torch.as_tensor(ref(images=[im], return_tensors="np")["pixel_values"][0]) for im in images]
     )
@@ -74,12 +74,12 @@ def test_dino_preprocessing_matches_transformers_processor():
     # 512x288 resizes to 455x256: a 115.5 px margin, which torchvision's CenterCrop (DINO's eval) rounds to 116
     # and transformers floors to 115; the pixels are otherwise the same
     wide = _images(1, size=(512, 288), seed=2)
-    got = M.preprocess_images(wide, M.dino_preprocess(224))[0]
+    got = embedders.preprocess_images(wide, embedders.dino_preprocess(224))[0]
     want = torch.as_tensor(ref(images=wide, return_tensors="np")["pixel_values"][0])
     torch.testing.assert_close(got[:, :, :-1], want[:, :, 1:].float(), atol=1e-5, rtol=1e-5)
     # a flat image becomes exactly (value/255 - mean) / std per channel
-    flat = M.preprocess_images([Image.new("RGB", (50, 80), (255, 0, 128))], M.dino_preprocess(224))[0]
-    expected = (np.array([255, 0, 128]) / 255.0 - np.array(M.IMAGENET_MEAN)) / np.array(M.IMAGENET_STD)
+    flat = embedders.preprocess_images([Image.new("RGB", (50, 80), (255, 0, 128))], embedders.dino_preprocess(224))[0]
+    expected = (np.array([255, 0, 128]) / 255.0 - np.array(embedders.IMAGENET_MEAN)) / np.array(embedders.IMAGENET_STD)
     np.testing.assert_allclose(flat.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
 
 
@@ -88,15 +88,15 @@ def test_dino_matches_direct_computation(evaluators):
     from transformers import CLIPImageProcessor, ViTModel
 
     generated, real = _images(3, seed=1), _images(2, size=(96, 120), seed=2)
-    dino = M.DinoEmbedder(evaluators["dino"])
-    got = M.mean_pairwise_cosine(dino.embed(generated), dino.embed(real))
+    dino = embedders.DinoEmbedder(evaluators["dino"])
+    got = scores.mean_pairwise_cosine(dino.embed(generated), dino.embed(real))
 
     proc = CLIPImageProcessor(
         size={"shortest_edge": 256},
         crop_size={"height": 224, "width": 224},
         resample=Image.BICUBIC,
-        image_mean=list(M.IMAGENET_MEAN),
-        image_std=list(M.IMAGENET_STD),
+        image_mean=list(embedders.IMAGENET_MEAN),
+        image_std=list(embedders.IMAGENET_STD),
     )
     model = ViTModel.from_pretrained(evaluators["dino"], add_pooling_layer=False).eval()
 
@@ -110,7 +110,7 @@ def test_dino_matches_direct_computation(evaluators):
     assert got == pytest.approx(want, abs=1e-6)
     # the real-image reference: every ordered pair of distinct real images
     real3 = _images(3, seed=7)
-    assert M.mean_cosine_within(dino.embed(real3)) == pytest.approx(
+    assert scores.mean_cosine_within(dino.embed(real3)) == pytest.approx(
         _numpy_mean_cosine(cls(real3), cls(real3), exclude_self=True), abs=1e-6
     )
 
@@ -120,8 +120,8 @@ def test_clip_i_matches_direct_computation(evaluators):
     from transformers import CLIPModel, CLIPProcessor
 
     generated, real = _images(3, seed=3), _images(2, size=(80, 64), seed=4)
-    clip = M.ClipEmbedder(evaluators["clip"])
-    got = M.mean_pairwise_cosine(clip.embed_images(generated), clip.embed_images(real))
+    clip = embedders.ClipEmbedder(evaluators["clip"])
+    got = scores.mean_pairwise_cosine(clip.embed_images(generated), clip.embed_images(real))
 
     proc = CLIPProcessor.from_pretrained(evaluators["clip"])
     model = CLIPModel.from_pretrained(evaluators["clip"]).eval()
@@ -155,8 +155,8 @@ def test_clip_t_matches_torchmetrics(evaluators):
 
     images = _images(3, seed=5)
     texts = ["a dog on the beach", "a red dog", "a dog wearing a santa hat"]
-    clip = M.ClipEmbedder(evaluators["clip"])
-    got = M.paired_cosine(clip.embed_images(images), clip.embed_texts(texts)).numpy()
+    clip = embedders.ClipEmbedder(evaluators["clip"])
+    got = scores.paired_cosine(clip.embed_images(images), clip.embed_texts(texts)).numpy()
 
     adapter = Adapter(CLIPModel.from_pretrained(evaluators["clip"]).eval())
     tensors = [torch.from_numpy(np.asarray(i).transpose(2, 0, 1).copy()) for i in images]
@@ -169,22 +169,22 @@ def test_clip_t_matches_torchmetrics(evaluators):
 
 
 def test_invariants(evaluators):
-    dino, clip = M.DinoEmbedder(evaluators["dino"]), M.ClipEmbedder(evaluators["clip"])
+    dino, clip = embedders.DinoEmbedder(evaluators["dino"]), embedders.ClipEmbedder(evaluators["clip"])
     img = _images(1, seed=6)
     # identical images score 1.0, in every embedding
-    assert M.mean_pairwise_cosine(dino.embed(img), dino.embed(img)) == pytest.approx(1.0, abs=1e-9)
-    assert M.mean_pairwise_cosine(clip.embed_images(img), clip.embed_images(img)) == pytest.approx(
+    assert scores.mean_pairwise_cosine(dino.embed(img), dino.embed(img)) == pytest.approx(1.0, abs=1e-9)
+    assert scores.mean_pairwise_cosine(clip.embed_images(img), clip.embed_images(img)) == pytest.approx(
         1.0, abs=1e-9
     )
-    assert M.mean_cosine_within(dino.embed(img * 3)) == pytest.approx(1.0, abs=1e-9)
-    assert M.mean_cosine_within(dino.embed(img)) is None  # no pair without self-pairs
+    assert scores.mean_cosine_within(dino.embed(img * 3)) == pytest.approx(1.0, abs=1e-9)
+    assert scores.mean_cosine_within(dino.embed(img)) is None  # no pair without self-pairs
     # a set against itself minus self-pairs is below the set against itself with them
     many = dino.embed(_images(3, seed=8))
-    assert M.mean_cosine_within(many) < M.mean_pairwise_cosine(many, many)
+    assert scores.mean_cosine_within(many) < scores.mean_pairwise_cosine(many, many)
     # CLIP-T ignores the identifier: the same text, the same score, with or without {0} in the template
     with_id, without = (
-        M.clip_t_text("a {0} {1} in the snow", "dog"),
-        M.clip_t_text("a {1} in the snow", "dog"),
+        prompts.clip_t_text("a {0} {1} in the snow", "dog"),
+        prompts.clip_t_text("a {1} in the snow", "dog"),
     )
     e = clip.embed_texts([with_id, without])
     assert with_id == without and torch.equal(e[0], e[1])
@@ -195,12 +195,12 @@ def test_lpips_diversity(evaluators):
 
     model, _ = load_lpips(evaluators["lpips"])
     imgs = _images(3, seed=9)
-    assert M.lpips_diversity(model, [imgs[0], imgs[0]]) == 0.0  # identical images: no diversity
-    assert M.lpips_diversity(model, imgs[:1]) is None
-    x = M.images_to_lpips_tensor(imgs)
+    assert scores.lpips_diversity(model, [imgs[0], imgs[0]]) == 0.0  # identical images: no diversity
+    assert scores.lpips_diversity(model, imgs[:1]) is None
+    x = lpips.images_to_lpips_tensor(imgs)
     with torch.no_grad():
         pairs = [float(model(x[i : i + 1], x[j : j + 1])) for i, j in [(0, 1), (0, 2), (1, 2)]]
-    assert M.lpips_diversity(model, imgs) == pytest.approx(np.mean(pairs), rel=1e-5)
+    assert scores.lpips_diversity(model, imgs) == pytest.approx(np.mean(pairs), rel=1e-5)
     assert min(pairs) > 0
 
 
@@ -214,8 +214,8 @@ def test_tiny_evaluators_are_deterministic(tmp_path, evaluators):
 
 def test_wrong_model_folder_is_a_user_error(tmp_path, evaluators):
     with pytest.raises(ModelLoadError, match="eval.clip_model must be a clip model folder.*found vit"):
-        M.ClipEmbedder(evaluators["dino"])  # a ViT folder would load as a randomly initialised CLIP
+        embedders.ClipEmbedder(evaluators["dino"])  # a ViT folder would load as a randomly initialised CLIP
     with pytest.raises(ModelLoadError, match="eval.dino_model must be a vit model folder.*found clip"):
-        M.DinoEmbedder(evaluators["clip"])
+        embedders.DinoEmbedder(evaluators["clip"])
     with pytest.raises(ModelLoadError, match="no such folder"):
-        M.DinoEmbedder(str(tmp_path / "missing"))
+        embedders.DinoEmbedder(str(tmp_path / "missing"))

@@ -155,6 +155,14 @@ class LPIPS(nn.Module):
         return self.distance_from_features(self.normalized_features(x0), self.normalized_features(x1))
 
 
+def images_to_lpips_tensor(images: list[Any]) -> torch.Tensor:
+    """PIL images as (N, 3, H, W) floats in [-1, 1], the range LPIPS expects."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) for i in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+
+
 def expected_keys(net: str) -> dict[str, tuple[int, ...]]:
     """Every tensor name of the weights file of `net` and its shape."""
     spec = NETS[net]

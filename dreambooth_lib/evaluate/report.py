@@ -19,6 +19,7 @@ from typing import Any
 
 from dreambooth_lib import storage
 from dreambooth_lib.errors import StorageError
+from dreambooth_lib.evaluate.paper import PAPER_REAL_IMAGES, PAPER_SD_DREAMBOOTH
 
 THUMBNAIL_SIDE = 256
 MAX_PRIOR_SHOWN = 8
@@ -34,10 +35,15 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("pres", "PRES", "lower"),
     ("div", "DIV", "higher"),
 )
-# Table 1 of Ruiz et al. (2023): DreamBooth on Stable Diffusion, and real images of the subject against each
-# other (the ceiling a generator can reach on subject fidelity; CLIP-T has no real-image counterpart).
-PAPER_SD_DREAMBOOTH: dict[str, float] = {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}
-PAPER_REAL_IMAGES: dict[str, float] = {"dino": 0.774, "clip_i": 0.885}
+# The metric table's columns, in the HTML report and the registry's model card alike
+METRIC_TABLE_COLUMNS = (
+    "metric",
+    "better",
+    "this model",
+    "real images (ceiling)",
+    "paper: DreamBooth (SD)",
+    "paper: real images",
+)
 MISSING = "—"
 DETAILS_INLINE_CHARS = 120
 
@@ -165,20 +171,25 @@ def _training_section(training: dict) -> str:
     return "".join(parts)
 
 
-def _metrics_table(metrics: dict, reference: dict) -> str:
-    head = (
-        "<tr><th>metric</th><th>better</th><th>this model</th><th>real images (ceiling)</th>"
-        "<th>paper: DreamBooth (SD)</th><th>paper: real images</th></tr>"
-    )
-    rows = [head]
+def metric_table_rows(metrics: dict, reference: dict) -> list[tuple[str, str, str, list[str]]]:
+    """(key, label, what is better, the formatted value cells) of each metric, cells in METRIC_TABLE_COLUMNS'
+    order: this model, the real images against each other, the paper's DreamBooth (SD), the paper's real images."""
+    rows = []
     for key, label, better in METRICS:
-        cells = [
+        values = [
             metrics.get(key),
             reference.get(key),
             PAPER_SD_DREAMBOOTH.get(key),
             PAPER_REAL_IMAGES.get(key),
         ]
-        tds = "".join(f'<td class="num">{_esc(format_value(v))}</td>' for v in cells)
+        rows.append((key, label, better, [format_value(v) for v in values]))
+    return rows
+
+
+def _metrics_table(metrics: dict, reference: dict) -> str:
+    rows = ["<tr>" + "".join(f"<th>{_esc(c)}</th>" for c in METRIC_TABLE_COLUMNS) + "</tr>"]
+    for key, label, better, cells in metric_table_rows(metrics, reference):
+        tds = "".join(f'<td class="num">{_esc(cell)}</td>' for cell in cells)
         rows.append(f'<tr id="metric-{key}"><th scope="row">{label}</th><td>{better}</td>{tds}</tr>')
     return '<table id="metrics" class="metrics">' + "".join(rows) + "</table>"
 
