@@ -42,8 +42,9 @@ def evaluate_model(
         values["prompts"] = list(eval_prompts)
     values["gate"] = {**values.get("gate", {}), **gate_thresholds}
     config = parse_config(EvalConfig, values, "eval_options")
-    # PRES compares with class images; the prior set already holds them, so none are sampled again.
-    prior_images = prior.open_artifact(prior_set.path).images[:8]
+    # The prior set is only shown in the report. PRES cannot reuse it: the prior set was sampled from the base
+    # model, and PRES scores "a [class noun]" images sampled from the fine-tuned one (eval_options.pres_images).
+    prior_images = prior.open_artifact(prior_set.path).images
     result = evaluate.run(
         storage.join(trained_model.path, "model"),
         instance_images.path,
