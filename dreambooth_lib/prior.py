@@ -55,6 +55,40 @@ class PriorResult(BaseModel):
         storage.write_json(uri, self.model_dump(mode="json"))
 
 
+class Preservation(BaseModel):
+    """Whether training keeps the class prior (the second term of Eq. 2) and the λ it trains with."""
+
+    on: bool
+    prior_loss_weight: float  # λ as training uses it: 0 when preservation is off
+    warning: str | None = None  # the settings disagreed (no images, λ > 0): what was done and how to say it
+
+
+def preservation(
+    num_images: int,
+    prior_loss_weight: float,
+    *,
+    num_images_name: str = "prior.num_images",
+    weight_name: str = "train.prior_loss_weight",
+) -> Preservation:
+    """Either setting 0 turns prior preservation off: no prior image is sampled and λ is 0.
+
+    No images with λ > 0 is read as "off" rather than refused: a user who asks for no prior images expects none,
+    and a run that stops at training (after ingest, identifier and prior) for it would waste the set-up; the
+    warning says how to state it without one. The names are the caller's (a RunConfig's fields, or a
+    pipeline's parameters), so the warning names the input the user set.
+    """
+    if num_images > 0 and prior_loss_weight > 0:
+        return Preservation(on=True, prior_loss_weight=prior_loss_weight)
+    warning = None
+    if prior_loss_weight > 0:
+        warning = (
+            f"{num_images_name} is 0 but {weight_name} is {prior_loss_weight}: prior preservation is off (no "
+            f"class-prior images, λ treated as 0); set {weight_name}: 0 to say so, or {num_images_name} > 0 "
+            "(the paper: 200-1000) to keep the prior"
+        )
+    return Preservation(on=False, prior_loss_weight=0.0, warning=warning)
+
+
 def class_prompt(class_noun: str) -> str:
     """The paper's class prompt: 'a [class noun]', the same prompt training pairs with the prior images."""
     noun = class_noun.strip()
@@ -222,46 +256,7 @@ def run(
     # images after a gap were drawn with the same seeds, so they are kept, not redrawn
     missing = [i for i in range(_contiguous_count(existing), n) if i not in existing]
     if missing:
-        from tqdm import tqdm
-
-        device = models.resolve_device(config.device)
-        pipe = models.load_pipeline(
-            base_model,
-            allow_pickle=allow_pickle,
-            torch_dtype=models.resolve_dtype(config.dtype, device),
-            device=device,
-        )
-        if config.compile:
-            sampling.compile_for_sampling(pipe)
-        guidance_used = (
-            sampling.default_guidance_scale(pipe) if config.guidance_scale is None else config.guidance_scale
-        )
-        bs = config.batch_size
-        wanted = set(missing)
-        with tqdm(total=len(missing), desc=f"prior '{prompt}'", unit="img", file=sys.stderr) as bar:
-            for first in sorted({i // bs * bs for i in missing}):
-                # Batches sit at fixed places (indices k*bs .. k*bs+bs-1) and are always full: float rounding
-                # depends on the batch's shape, so image i gets identical pixels only when it is always drawn in
-                # the same batch. The neighbours already on disk (or past num_images) are drawn and dropped.
-                batch = list(range(first, first + bs))
-                images = sampling.sample_images(
-                    pipe,
-                    [prompt] * bs,
-                    [sampling.image_seed(config.seed, i) for i in batch],
-                    steps=config.steps,
-                    sampler=config.sampler,
-                    guidance_scale=config.guidance_scale,
-                    resolution=size,
-                    batch_size=bs,
-                )
-                # one image at a time and atomically: an interruption loses at most the batch in flight
-                written = 0
-                for i, image in zip(batch, images, strict=True):
-                    if i in wanted:
-                        storage.write_bytes(storage.join(set_uri, image_name(i)), _png_bytes(image))
-                        written += 1
-                bar.update(written)
-        del pipe
+        guidance_used = _sample_missing(base_model, config, prompt, size, set_uri, missing, allow_pickle)
     if missing or record.get("count") != _contiguous_count(existing):
         _write_record(set_uri, key, fields, base_model, guidance_used, config.batch_size)
 
@@ -281,6 +276,58 @@ def run(
         seed=config.seed,
         wall_time_s=round(time.perf_counter() - t0, 3),
     )
+
+
+def _sample_missing(
+    base_model: str,
+    config: PriorConfig,
+    prompt: str,
+    size: int,
+    set_uri: str,
+    missing: list[int],
+    allow_pickle: bool,
+) -> float | None:
+    """Draw images `missing` of the set into `set_uri`; returns the guidance scale they were drawn with."""
+    from tqdm import tqdm
+
+    device = models.resolve_device(config.device)
+    pipe = models.load_pipeline(
+        base_model,
+        allow_pickle=allow_pickle,
+        torch_dtype=models.resolve_dtype(config.dtype, device),
+        device=device,
+    )
+    if config.compile:
+        sampling.compile_for_sampling(pipe)
+    guidance_used = (
+        sampling.default_guidance_scale(pipe) if config.guidance_scale is None else config.guidance_scale
+    )
+    bs = config.batch_size
+    wanted = set(missing)
+    with tqdm(total=len(missing), desc=f"prior '{prompt}'", unit="img", file=sys.stderr) as bar:
+        for first in sorted({i // bs * bs for i in missing}):
+            # Batches sit at fixed places (indices k*bs .. k*bs+bs-1) and are always full: float rounding
+            # depends on the batch's shape, so image i gets identical pixels only when it is always drawn in
+            # the same batch. The neighbours already on disk (or past num_images) are drawn and dropped.
+            batch = list(range(first, first + bs))
+            images = sampling.sample_images(
+                pipe,
+                [prompt] * bs,
+                [sampling.image_seed(config.seed, i) for i in batch],
+                steps=config.steps,
+                sampler=config.sampler,
+                guidance_scale=config.guidance_scale,
+                resolution=size,
+                batch_size=bs,
+            )
+            # one image at a time and atomically: an interruption loses at most the batch in flight
+            written = 0
+            for i, image in zip(batch, images, strict=True):
+                if i in wanted:
+                    storage.write_bytes(storage.join(set_uri, image_name(i)), _png_bytes(image))
+                    written += 1
+            bar.update(written)
+    return guidance_used
 
 
 # --- the prior set as a task's artifact ------------------------------------------------------------------------------

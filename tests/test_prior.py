@@ -57,6 +57,17 @@ def test_class_prompt_is_the_papers():
         prior.class_prompt("  ")
 
 
+def test_preservation_is_off_when_either_setting_is_zero():
+    assert prior.preservation(200, 1.0) == prior.Preservation(on=True, prior_loss_weight=1.0)
+    assert prior.preservation(200, 0.0) == prior.Preservation(on=False, prior_loss_weight=0.0)
+    assert prior.preservation(0, 0.0) == prior.Preservation(on=False, prior_loss_weight=0.0)
+    # no images but λ > 0: read as off (λ 0), with a warning that names the caller's inputs and the fix
+    off = prior.preservation(0, 0.5, num_images_name="prior_size", weight_name="prior_loss_weight")
+    assert not off.on and off.prior_loss_weight == 0.0
+    assert off.warning.startswith("prior_size is 0 but prior_loss_weight is 0.5: prior preservation is off")
+    assert "set prior_loss_weight: 0 to say so, or prior_size > 0" in off.warning
+
+
 def test_key_changes_with_each_field_and_ignores_number_types():
     base = dict(
         model_digest="ab" * 32,

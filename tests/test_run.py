@@ -191,3 +191,103 @@ def test_run_on_gcs(tiny_model, tiny_evaluators, subject_dir, gcs_bucket, tmp_pa
     ):
         assert expected in names
     assert storage.list_files(gcs_bucket + "/registry/red-square")
+
+
+# --- what the configuration means: no prior, no evaluation ----------------------------------------------------
+
+
+def _quick_config(tiny_model, evaluators, images, tmp_path, **sections):
+    """A RunConfig of the tiny run that trains 2 steps and neither samples nor evaluates unless told."""
+    from dreambooth_lib.config import RunConfig
+
+    cfg = tiny_run_config(tiny_model, evaluators, images, str(tmp_path / "run"), str(tmp_path / "registry"))
+    cfg.update(samples_per_prompt=0, evaluate=False)
+    cfg["train"]["steps"] = 2
+    for section, values in sections.items():
+        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+    return RunConfig.model_validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("prior_settings", "train_settings", "warned"),
+    [
+        (
+            {"num_images": 0},
+            {"prior_loss_weight": 1.0},
+            True,
+        ),  # no images asked for: λ read as 0, with a warning
+        ({"num_images": 200}, {"prior_loss_weight": 0.0}, False),  # λ 0: the 200 images are not sampled
+    ],
+)
+def test_either_setting_zero_turns_prior_preservation_off(
+    tiny_model,
+    tiny_evaluators,
+    subject_dir,
+    tmp_path,
+    monkeypatch,
+    caplog,
+    prior_settings,
+    train_settings,
+    warned,
+):
+    from dreambooth_lib import prior
+    from dreambooth_lib.runs import personalize
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("prior.run called although prior preservation is off")
+
+    monkeypatch.setattr(prior, "run", no_sampling)
+    config = _quick_config(
+        tiny_model, tiny_evaluators, str(subject_dir), tmp_path, prior=prior_settings, train=train_settings
+    )
+    result = personalize.run(config)
+    summary = json.loads((tmp_path / "run" / "train" / "train_summary.json").read_text())
+    assert summary["num_prior_images"] == 0 and summary["config"]["prior_loss_weight"] == 0.0
+    assert result.prior_preservation is False and result.prior_uri is None
+    assert not (tmp_path / "run" / "priors").exists() and not (tmp_path / "run" / "prior.json").exists()
+    record = json.loads((tmp_path / "run" / "run_result.json").read_text())
+    assert record["prior_preservation"] is False and "prior    off" in result.summary()
+    if warned:
+        (warning,) = record["warnings"]
+        assert warning.startswith(
+            "prior.num_images is 0 but train.prior_loss_weight is 1.0: prior preservation is off"
+        )
+        assert "set train.prior_loss_weight: 0" in warning and warning in caplog.text
+    else:
+        assert record["warnings"] == []
+
+
+def test_gate_thresholds_without_evaluation_are_refused_before_any_work(
+    tiny_model, tiny_evaluators, subject_dir, tmp_path
+):
+    from dreambooth_lib.errors import ConfigError
+    from dreambooth_lib.runs import personalize
+
+    config = _quick_config(
+        tiny_model, tiny_evaluators, str(subject_dir), tmp_path, eval={"gate": {"min_dino": 0.5}}
+    )
+    with pytest.raises(ConfigError) as err:
+        personalize.run(config)
+    message = str(err.value)
+    assert message.startswith("evaluate is false but eval.gate.min_dino set a quality gate for the registry")
+    assert "set evaluate: true" in message and "remove the gate thresholds" in message
+    assert not (tmp_path / "run").exists() and not (tmp_path / "registry").exists()
+    # without a registry the thresholds guard nothing: the run goes ahead
+    personalize.check_config(config.model_copy(update={"registry": None}))
+
+
+def test_unevaluated_model_is_registered_as_not_evaluated(tiny_model, tiny_evaluators, subject_dir, tmp_path):
+    """`evaluate: false` without thresholds registers the model as not evaluated, even when an earlier run of the
+    same run directory left an evaluation of another model in eval/."""
+    from dreambooth_lib.runs import personalize
+
+    stale = tmp_path / "run" / "eval" / "metrics.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"metrics": {"dino": 0.9}, "gate": {"passed": True, "reasons": []}}))
+    config = _quick_config(tiny_model, tiny_evaluators, str(subject_dir), tmp_path)
+    result = personalize.run(config)
+    registered = result.registered
+    assert registered["version"] == 1 and registered["gate_passed"] is None and registered["metrics"] is None
+    assert "Quality gate: not evaluated." in storage.read_text(registered["card_uri"])
+    assert str(stale) not in storage.read_text(registered["lineage_uri"])
+    assert "(v1, not evaluated)" in result.summary()
