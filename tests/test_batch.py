@@ -9,7 +9,13 @@ import pytest
 from dreambooth_lib import identifier
 from dreambooth_lib.config import IdentifierConfig
 from dreambooth_lib.errors import ConfigError, GateFailed, IngestError
-from dreambooth_lib.runs import batch, personalize
+from dreambooth_lib.runs import personalize
+from dreambooth_lib.runs.batch.manifest import load_manifest
+from dreambooth_lib.runs.batch.pack import train_pack
+from dreambooth_lib.runs.batch.plan import PlannedSubject, distinct_classes, plan_batch
+from dreambooth_lib.runs.batch.status import SubjectStatus, read_statuses, with_unfinished, write_status
+from dreambooth_lib.runs.batch.subject import run_subject, subject_run_dir, subject_run_values
+from dreambooth_lib.runs.batch.summary import render_status, render_summary, summary_record
 
 # A narrow id range keeps each search fast while leaving enough candidates for several subjects.
 FAST_IDS = IdentifierConfig(min_token_id=47000, seed=0)
@@ -37,7 +43,7 @@ def test_manifest_errors_name_the_entry_and_the_field(tmp_path):
   - {name: can, class_noun: can, images: /data/can, identifier: zwx}
 """,
     )
-    manifest = batch.load_manifest(uri)
+    manifest = load_manifest(uri)
     assert [e.name for e in manifest.entries] == ["rex", "can"] and manifest.indices == [0, 6]
     assert manifest.entries[0].live is True and manifest.entries[1].identifier == "zwx"
     assert manifest.names == ["rex", "Not A Slug", "pack", "cup", "rex", "subjects[5]", "can"]
@@ -61,12 +67,12 @@ def test_manifest_errors_name_the_entry_and_the_field(tmp_path):
 )
 def test_unusable_manifest_is_a_config_error(tmp_path, text, name, message):
     with pytest.raises(ConfigError, match=message):
-        batch.load_manifest(_manifest(tmp_path, text, name))
+        load_manifest(_manifest(tmp_path, text, name))
 
 
 def test_missing_manifest_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"none\.yaml: manifest not found"):
-        batch.load_manifest(str(tmp_path / "none.yaml"))
+        load_manifest(str(tmp_path / "none.yaml"))
 
 
 # --- planning --------------------------------------------------------------------------------------------------
@@ -85,8 +91,8 @@ def test_identifiers_are_distinct_and_avoid_the_registry(tmp_path, tiny_model, m
         {"name": "bad name!", "class_noun": "cat", "images": "/d/b"},
     ]
     uri = _manifest(tmp_path, json.dumps({"subjects": entries}), "m.json")
-    plan = batch.plan_batch(
-        batch.load_manifest(uri),
+    plan = plan_batch(
+        load_manifest(uri),
         tiny_model,
         str(tmp_path / "b"),
         identifier_config=FAST_IDS,
@@ -111,7 +117,7 @@ def test_identifiers_are_distinct_and_avoid_the_registry(tmp_path, tiny_model, m
 def test_distinct_classes_one_item_per_class():
     common = {"base_model_digest": "d", "prior_root": "gs://b/priors", "images": "x", "identifier": "zwx"}
     subjects = [{"name": n, "class_noun": c, **common} for n, c in [("a", "dog"), ("b", "cat"), ("c", "dog")]]
-    items = batch.distinct_classes(subjects)
+    items = distinct_classes(subjects)
     assert [i.model_dump() for i in items] == [
         {"class_noun": "cat", "base_model_digest": "d", "prior_root": "gs://b/priors"},
         {"class_noun": "dog", "base_model_digest": "d", "prior_root": "gs://b/priors"},
@@ -121,8 +127,8 @@ def test_distinct_classes_one_item_per_class():
 # --- one subject -----------------------------------------------------------------------------------------------
 
 
-def _planned(name: str) -> batch.PlannedSubject:
-    return batch.PlannedSubject(
+def _planned(name: str) -> PlannedSubject:
+    return PlannedSubject(
         name=name, class_noun="dog", images=f"/d/{name}", identifier=f"v{name[0]}", base_model_digest="md",
         prior_root="/p",
     )  # fmt: skip
@@ -165,7 +171,7 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
         "identifier": {"seed": 4},
     }
     statuses = {
-        name: batch.run_subject(_planned(name), "base", str(tmp_path / name), options, registry_uri="reg")
+        name: run_subject(_planned(name), "base", str(tmp_path / name), options, registry_uri="reg")
         for name in ("good", "broken", "gated", "buggy")
     }
     good = statuses["good"]
@@ -192,26 +198,22 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
 
 def test_a_bad_run_option_fails_only_that_subject(tmp_path, monkeypatch):
     monkeypatch.setattr(personalize, "run", _result)
-    status = batch.run_subject(_planned("x"), "base", str(tmp_path / "x"), {"train": {"stepz": 3}})
+    status = run_subject(_planned("x"), "base", str(tmp_path / "x"), {"train": {"stepz": 3}})
     assert status.status == "failed" and "train.stepz" in status.error and "unknown field" in status.error
-    ok = batch.run_subject(_planned("y"), "base", str(tmp_path / "y"), {})
+    ok = run_subject(_planned("y"), "base", str(tmp_path / "y"), {})
     assert ok.status == "trained" and ok.registered is None
 
 
 def test_status_records_round_trip_without_overwriting(tmp_path):
     directory = str(tmp_path / "status")
-    ok = batch.SubjectStatus(subject="rex", status="trained", identifier="zwx")
-    duplicate = batch.SubjectStatus(
-        subject="rex", status="failed", step="plan", entry=4, error="appears twice"
-    )
-    escaping = batch.SubjectStatus(
-        subject="../../evil", status="failed", step="plan", entry=5, error="bad name"
-    )
-    uris = [batch.write_status(directory, s) for s in (ok, duplicate, escaping)]
+    ok = SubjectStatus(subject="rex", status="trained", identifier="zwx")
+    duplicate = SubjectStatus(subject="rex", status="failed", step="plan", entry=4, error="appears twice")
+    escaping = SubjectStatus(subject="../../evil", status="failed", step="plan", entry=5, error="bad name")
+    uris = [write_status(directory, s) for s in (ok, duplicate, escaping)]
     assert [u.rsplit("/", 1)[-1] for u in uris] == ["rex.json", "_rejected-4.json", "_rejected-5.json"]
-    read = sorted(batch.read_statuses(directory), key=lambda s: s.entry or -1)
+    read = sorted(read_statuses(directory), key=lambda s: s.entry or -1)
     assert read == [ok, duplicate, escaping]
-    assert batch.read_statuses(str(tmp_path / "none")) == []
+    assert read_statuses(str(tmp_path / "none")) == []
 
 
 # --- packed LoRA training --------------------------------------------------------------------------------------
@@ -219,9 +221,9 @@ def test_status_records_round_trip_without_overwriting(tmp_path):
 PACK_RES = 32
 
 
-def _pack_options(mode: str = "lora") -> dict:
+def _pack_options(mode: str = "lora", prior_size: int = 2) -> dict:
     """A batch's run options as the pipeline builds them: tiny LoRA training with a 2-image prior set."""
-    return batch.subject_run_values(
+    return subject_run_values(
         {
             "ingest": {"min_side": PACK_RES, "allow_few": True},
             "train": {"lora_rank": 2, "checkpoint_every": 0, "log_every": 1, "device": "cpu",
@@ -230,12 +232,12 @@ def _pack_options(mode: str = "lora") -> dict:
             "samples_per_prompt": 0,
             "evaluate": False,
         },
-        resolution=PACK_RES, steps=2, prior_loss_weight=1.0, prior_size=2, prior_root="", mode=mode,
+        resolution=PACK_RES, steps=2, prior_loss_weight=1.0, prior_size=prior_size, prior_root="", mode=mode,
         prior_options={"steps": 2, "batch_size": 2},
     )  # fmt: skip
 
 
-def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[batch.PlannedSubject]:
+def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[PlannedSubject]:
     """Two subjects with photos and one without, with identifiers the tokenizer keeps whole."""
     from dreambooth_lib.testing.synthetic import make_subject_images
 
@@ -244,13 +246,13 @@ def _pack_subjects(tmp_path, prior_root: str, model: str) -> list[batch.PlannedS
     second = identifier.choose_identifier(tokenizer, "square", FAST_IDS, exclude={first}).identifier
 
     made = [
-        batch.PlannedSubject(
+        PlannedSubject(
             name=name, class_noun="square", identifier=ident, base_model_digest="md", prior_root=prior_root,
             images=str(make_subject_images(tmp_path / "photos" / name, n=2, size=PACK_RES, color=color, seed=i)),
         )
         for i, (name, ident, color) in enumerate([("red", first, (220, 30, 30)), ("green", second, (30, 200, 30))])
     ]  # fmt: skip
-    missing = batch.PlannedSubject(
+    missing = PlannedSubject(
         name="lost", class_noun="square", identifier=second, base_model_digest="md", prior_root=prior_root,
         images=str(tmp_path / "nowhere"),
     )  # fmt: skip
@@ -273,7 +275,7 @@ def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
         packed, "run_packed", lambda *a, **k: packs.append([s.name for s in a[1]]) or real_packed(*a, **k)
     )
 
-    statuses = batch.train_pack(subjects, tiny_model, root, "j1", options, pack_size=2)
+    statuses = train_pack(subjects, tiny_model, root, "j1", options, pack_size=2)
     assert packs == [["red", "green"]]  # one UNet batch for both; the subject without photos left out
     by_name = {s.subject: s for s in statuses}
     assert by_name["red"].packed and by_name["green"].packed
@@ -295,17 +297,17 @@ def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
         raise AssertionError("train.run called although the pack trained this subject")
 
     monkeypatch.setattr(train, "run", no_training)
-    run_dir = batch.subject_run_dir(root, "j1", "red")
-    status = batch.run_subject(subjects[0], tiny_model, run_dir, options)
+    run_dir = subject_run_dir(root, "j1", "red")
+    status = run_subject(subjects[0], tiny_model, run_dir, options)
     assert status.status == "trained" and status.packed is True, status.error
     assert status.model_uri == by_name["red"].model_uri
     result = json.loads((tmp_path / "b" / "j1" / "subjects" / "red" / "run_result.json").read_text())
     assert result["reused_training"] is True and result["step_times_s"]["train"] == 0.0
-    assert "Trained in packs (several LoRA subjects per UNet batch): red" in batch.render_summary([status])[0]
+    assert "Trained in packs (several LoRA subjects per UNet batch): red" in render_summary([status])[0]
 
     # other train settings than the pack's: the packed model is not this run's, so the subject trains alone
     other = {**options, "train": {**options["train"], "steps": 3}}
-    status = batch.run_subject(subjects[1], tiny_model, batch.subject_run_dir(root, "j1", "green"), other)
+    status = run_subject(subjects[1], tiny_model, subject_run_dir(root, "j1", "green"), other)
     assert status.status == "failed" and "train.run called" in status.error
 
 
@@ -322,11 +324,67 @@ def test_train_pack_leaves_full_fine_tunes_and_single_packs_to_the_subject_loop(
     monkeypatch.setattr(ingest, "run", never)
     subjects = _pack_subjects(tmp_path, str(tmp_path / "priors"), tiny_model)
     root = str(tmp_path / "b")
-    assert batch.train_pack(subjects, tiny_model, root, "j1", _pack_options("full"), pack_size=2) == []
-    assert batch.train_pack(subjects, tiny_model, root, "j1", _pack_options(), pack_size=1) == []
+    assert train_pack(subjects, tiny_model, root, "j1", _pack_options("full"), pack_size=2) == []
+    assert train_pack(subjects, tiny_model, root, "j1", _pack_options(), pack_size=1) == []
     # pack size 0: chosen from the device's memory; on CPU that is 1 (nothing to gain), so no packing
-    assert batch.train_pack(subjects, tiny_model, root, "j1", _pack_options(), pack_size=0) == []
+    assert train_pack(subjects, tiny_model, root, "j1", _pack_options(), pack_size=0) == []
     assert not (tmp_path / "b").exists()
+
+
+def test_train_pack_without_a_prior_trains_and_run_subject_reuses_the_model(
+    tmp_path, tiny_model, monkeypatch
+):
+    """prior_size 0 with the default λ: the pack trains without prior images (λ 0), and each subject's run sees
+    the same settings, so it reuses the packed model instead of training again."""
+    from dreambooth_lib import prior, train
+
+    def never(*args, **kwargs):
+        raise AssertionError("called although prior preservation is off or the pack trained the subject")
+
+    monkeypatch.setattr(prior, "run", never)
+    root = str(tmp_path / "b")
+    red, green, _ = _pack_subjects(tmp_path, str(tmp_path / "priors"), tiny_model)
+    options = _pack_options(prior_size=0)
+    statuses = train_pack([red, green], tiny_model, root, "j1", options, pack_size=2)
+    assert [(s.subject, s.packed) for s in statuses] == [("red", True), ("green", True)], statuses
+    summary = json.loads(
+        (tmp_path / "b" / "j1" / "subjects" / "red" / "train" / "train_summary.json").read_text()
+    )
+    assert summary["num_prior_images"] == 0 and summary["config"]["prior_loss_weight"] == 0.0
+
+    monkeypatch.setattr(train, "run", never)
+    status = run_subject(red, tiny_model, subject_run_dir(root, "j1", "red"), options)
+    assert status.status == "trained" and status.packed is True, status.error
+
+
+def test_gate_thresholds_without_evaluation_fail_each_subject_before_any_work(tmp_path, monkeypatch):
+    """`evaluate: false` in the run options with gate thresholds and a registry: each subject is refused with the
+    reason, neither packed nor run (it would be registered without the gate it asks for)."""
+    monkeypatch.setattr(personalize, "run", _result)
+    options = subject_run_values(
+        {"evaluate": False}, prior_root="/p", resolution=64, steps=3, prior_loss_weight=1.0, prior_size=2,
+        mode="lora", gate_thresholds={"min_clip_t": 0.2},
+    )  # fmt: skip
+    status = run_subject(_planned("rex"), "base", str(tmp_path / "rex"), options, registry_uri="reg")
+    assert status.status == "failed" and "evaluate is false but eval.gate.min_clip_t" in status.error
+    packs = train_pack([_planned("rex"), _planned("cup")], "base", str(tmp_path / "b"), "j1", options,
+                       pack_size=2, registry_uri="reg")  # fmt: skip
+    assert packs == [] and not (tmp_path / "b").exists()
+    without_registry = run_subject(_planned("cup"), "base", str(tmp_path / "cup"), options)
+    assert without_registry.status == "trained"  # the thresholds guard no registration: the subject runs
+
+
+def test_a_batch_trains_packed_lora_by_default():
+    """Without a mode, a batch's subjects train LoRA adapters (which the pack step trains K per task), with the
+    config models' defaults for the rest."""
+    from dreambooth_lib.config import PriorConfig, TrainConfig
+
+    values = subject_run_values({}, prior_root="/p")
+    assert values["train"]["mode"] == "lora"
+    defaults = TrainConfig()
+    assert values["train"]["steps"] == defaults.steps and values["train"]["resolution"] == defaults.resolution
+    assert values["train"]["prior_loss_weight"] == defaults.prior_loss_weight
+    assert values["prior"]["num_images"] == PriorConfig().num_images
 
 
 # --- the summary -----------------------------------------------------------------------------------------------
@@ -334,20 +392,20 @@ def test_train_pack_leaves_full_fine_tunes_and_single_packs_to_the_subject_loop(
 
 def test_summary_has_identifier_metrics_gate_and_links():
     statuses = [
-        batch.SubjectStatus(
+        SubjectStatus(
             subject="rex", status="registered", class_noun="dog", identifier="zwx",
             metrics={"dino": 0.61234, "clip_i": 0.7, "clip_t": 0.3}, gate={"passed": True, "reasons": []},
             registered={"uri": "gs://r/rex/1"}, report_html="gs://b/rex/eval/report.html",
         ),
-        batch.SubjectStatus(
+        SubjectStatus(
             subject="cup", status="gate failed", class_noun="cup", identifier="qyv", error="DINO 0.1 < 0.5",
             metrics={"dino": 0.1, "clip_i": 0.2, "clip_t": None}, gate={"passed": False, "reasons": ["DINO 0.1 < 0.5"]},
             model_uri="gs://b/cup/train/model",
         ),
-        batch.SubjectStatus(subject="a|b <x>", status="failed", step="plan", entry=2, error="bad name"),
+        SubjectStatus(subject="a|b <x>", status="failed", step="plan", entry=2, error="bad name"),
     ]  # fmt: skip
-    statuses = batch.with_unfinished(statuses, ["rex", "cup", "a|b <x>", "late"], run_error="pod evicted")
-    markdown, page = batch.render_summary(statuses, job_id="j1", run_error="pod evicted")
+    statuses = with_unfinished(statuses, ["rex", "cup", "a|b <x>", "late"], run_error="pod evicted")
+    markdown, page = render_summary(statuses, job_id="j1", run_error="pod evicted")
     assert markdown.startswith("# Batch j1: 1 of 4 subjects succeeded\n")
     assert (
         "| rex | dog | zwx | registered | 0.612 | 0.700 | 0.300 | passed | gs://r/rex/1 "
@@ -363,14 +421,14 @@ def test_summary_has_identifier_metrics_gate_and_links():
     assert "<td>zwx</td><td>registered</td><td>0.612</td>" in page
     assert "<a href='gs://b/rex/eval/report.html'>gs://b/rex/eval/report.html</a>" in page
     assert "<td>a|b &lt;x&gt;</td>" in page and "<x>" not in page
-    record = batch.summary_record(statuses, job_id="j1")
+    record = summary_record(statuses, job_id="j1")
     assert record["title"] == "Batch j1: 1 of 4 subjects succeeded"
     assert set(record["subjects"]) == {"rex", "cup", "a|b <x>", "late"}
     assert record["subjects"]["cup"]["metrics"]["dino"] == 0.1
 
 
 def test_render_status_lists_what_a_user_needs():
-    text = batch.render_status(
-        batch.SubjectStatus(subject="rex", status="failed", identifier="zwx", error="IngestError: no photos")
+    text = render_status(
+        SubjectStatus(subject="rex", status="failed", identifier="zwx", error="IngestError: no photos")
     )
     assert text.startswith("# rex: failed\n") and '- **error**: `"IngestError: no photos"`' in text

@@ -1,4 +1,4 @@
-"""The distinct classes of a batch plan: a thin adapter over dreambooth_lib.runs.batch.distinct_classes."""
+"""The distinct classes of a batch plan: a thin adapter over dreambooth_lib.runs.batch.plan.distinct_classes."""
 
 from kfp import dsl
 
@@ -11,6 +11,6 @@ def list_classes(subjects: list) -> list:
 
     The items of the loop that makes one prior set per (base model, class) before any subject trains.
     """
-    from dreambooth_lib.runs import batch
+    from dreambooth_lib.runs.batch.plan import distinct_classes
 
-    return [item.model_dump(mode="json") for item in batch.distinct_classes(subjects)]
+    return [item.model_dump(mode="json") for item in distinct_classes(subjects)]

@@ -1,4 +1,5 @@
-"""Plan a batch: a thin adapter over dreambooth_lib.runs.batch (manifest → subjects with distinct identifiers)."""
+"""Plan a batch: a thin adapter over dreambooth_lib.runs.batch.manifest and .plan (manifest → subjects with distinct
+identifiers)."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Output
@@ -20,18 +21,20 @@ def plan_batch(
 ) -> list:
     """The manifest (JSON/YAML, local or gs://): `{"subjects": [{name, class_noun, images, live}, ...]}` or a list.
 
-    `batch.load_manifest` validates it and `batch.plan_batch` chooses the identifiers one after another, so
+    `load_manifest` validates it and `plan_batch` (dreambooth_lib.runs.batch) chooses the identifiers one after another, so
     subjects trained in parallel never share one. A rejected entry is written as a failed status to
     `<batch_root>/<job_id>/status/` and left out; a manifest that cannot be read fails the run. Returns the
     planned subjects (a single list output: kfp.local iterates a ParallelFor only over a task's single `Output`).
     """
     from dreambooth_lib import storage
     from dreambooth_lib.config import IdentifierConfig, parse_config
-    from dreambooth_lib.runs import batch
+    from dreambooth_lib.runs.batch.manifest import load_manifest
+    from dreambooth_lib.runs.batch.plan import plan_batch as plan_subjects
+    from dreambooth_lib.runs.batch.status import status_dir, write_status
 
     config = parse_config(IdentifierConfig, identifier_options, "identifier_options")
-    manifest = batch.load_manifest(manifest_uri)
-    result = batch.plan_batch(
+    manifest = load_manifest(manifest_uri)
+    result = plan_subjects(
         manifest,
         base_model,
         batch_root,
@@ -41,7 +44,7 @@ def plan_batch(
         allow_pickle=allow_pickle,
     )
     for status in result.failed:
-        batch.write_status(batch.status_dir(batch_root, job_id), status)
+        write_status(status_dir(batch_root, job_id), status)
         print(f"subject {status.subject}: left out: {status.error}")
     storage.write_json(plan.path, result.model_dump(mode="json"))
     plan.metadata.update(

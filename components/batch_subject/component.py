@@ -1,4 +1,4 @@
-"""One subject of a batch, end to end in one task: a thin adapter over dreambooth_lib.runs.batch.run_subject."""
+"""One subject of a batch, end to end in one task: a thin adapter over dreambooth_lib.runs.batch.subject.run_subject."""
 
 from typing import NamedTuple
 
@@ -17,11 +17,11 @@ def personalize_subject(
     batch_root: str,
     job_id: str,
     status: Output[Markdown],
-    resolution: int = 512,
-    steps: int = 1000,
-    prior_loss_weight: float = 1.0,
-    prior_size: int = 200,
-    mode: str = "full",
+    resolution: int,
+    steps: int,
+    prior_loss_weight: float,
+    prior_size: int,
+    mode: str,
     eval_prompts: list = [],  # noqa: B006 - KFP reads the literal default into the spec
     gate_thresholds: dict = {},  # noqa: B006
     prior_options: dict = {},  # noqa: B006
@@ -32,31 +32,35 @@ def personalize_subject(
     """ingest → train (prior from the shared cache) → evaluate → register, via dreambooth_lib.runs.personalize.
 
     One task per subject, not one per step: in a batch, a task that fails stops the whole DAG on Argo, so the
-    subject's steps run in one process whose failure `batch.run_subject` returns as its status, written to
+    subject's steps run in one process whose failure `run_subject` returns as its status, written to
     `<batch_root>/<job_id>/status/<subject>.json` and this task's `status` artifact. The prior set was made
     by the class loop before; with the same settings and root it is found in the cache, not sampled again.
-    `prior_options` must equal the class loop's, so the cache key matches.
-    `run_options` holds any other RunConfig sections (ingest, train, eval, prior, sample_prompts, ...).
-    A LoRA model the pack step (batch_train_packed) already trained into its run directory is used as is.
+    `prior_options` must equal the class loop's, so the cache key matches. `prior_size` or `prior_loss_weight`
+    0 trains without a prior. `run_options` holds any other RunConfig sections (ingest, train, eval, prior,
+    sample_prompts, ...). A LoRA model the pack step (batch_train_packed) already trained into its run
+    directory is used as is. The training parameters have no defaults here: batch_personalize's are the ones.
     """
     from dreambooth_lib import storage
-    from dreambooth_lib.runs import batch
+    from dreambooth_lib.runs.batch.plan import PlannedSubject
+    from dreambooth_lib.runs.batch.status import status_dir, write_status
+    from dreambooth_lib.runs.batch.subject import run_subject, subject_run_dir, subject_run_values
+    from dreambooth_lib.runs.batch.summary import render_status
 
-    planned = batch.PlannedSubject.model_validate(
+    planned = PlannedSubject.model_validate(
         {**subject, "base_model_digest": base_model_digest, "prior_root": prior_root}
     )
-    values = batch.subject_run_values(
+    values = subject_run_values(
         run_options, resolution=resolution, steps=steps, prior_loss_weight=prior_loss_weight,
         prior_size=prior_size, prior_root=prior_root, mode=mode, eval_prompts=eval_prompts,
         gate_thresholds=gate_thresholds, prior_options=prior_options,
     )  # fmt: skip
 
-    run_dir = batch.subject_run_dir(batch_root, job_id, planned.name)
-    result = batch.run_subject(
+    run_dir = subject_run_dir(batch_root, job_id, planned.name)
+    result = run_subject(
         planned, base_model, run_dir, values, registry_uri=registry_uri or None, allow_pickle=allow_pickle
     )
-    batch.write_status(batch.status_dir(batch_root, job_id), result)
-    storage.write_text(status.path, batch.render_status(result))
+    write_status(status_dir(batch_root, job_id), result)
+    storage.write_text(status.path, render_status(result))
     status.metadata.update(
         {"subject": result.subject, "status": result.status, "identifier": result.identifier,
          "error": result.error, "run_dir": run_dir}

@@ -1,5 +1,5 @@
 """The batch's last word: the summary table (run by the exit handler, a thin adapter over
-dreambooth_lib.runs.batch.render_summary) and the verdict (a task inside the handler, over dreambooth_lib.runs.batch_verdict)
+dreambooth_lib.runs.batch.summary) and the verdict (a task inside the handler, over dreambooth_lib.runs.batch.verdict)
 that fails the run when no subject succeeded."""
 
 from kfp import dsl
@@ -25,38 +25,38 @@ def summarize_batch(
     batch's outcome: `check_batch` does (see its docstring for why that is not this task's job).
     """
     from dreambooth_lib import storage
-    from dreambooth_lib.runs import batch
+    from dreambooth_lib.runs.batch.manifest import load_manifest
+    from dreambooth_lib.runs.batch.status import read_statuses, status_dir, with_unfinished
+    from dreambooth_lib.runs.batch.summary import render_summary, summary_record
 
-    statuses = batch.read_statuses(batch.status_dir(batch_root, job_id))
+    statuses = read_statuses(status_dir(batch_root, job_id))
     names: list[str] = []
     try:
-        names = batch.load_manifest(manifest_uri).names
+        names = load_manifest(manifest_uri).names
     except Exception as err:  # the summary must still be written when the manifest is the problem
         print(f"manifest unreadable: {err}")
     run_error = (final_status.error_message or "") if final_status.state != "SUCCEEDED" else ""
-    statuses = batch.with_unfinished(statuses, names, run_error)
-    markdown, page = batch.render_summary(statuses, job_id=job_id, run_error=run_error)
+    statuses = with_unfinished(statuses, names, run_error)
+    markdown, page = render_summary(statuses, job_id=job_id, run_error=run_error)
     storage.write_text(summary.path, markdown)
     storage.write_text(summary_html.path, page)
     storage.write_text(storage.join(batch_root, job_id, "summary.md"), markdown)
-    storage.write_json(
-        storage.join(batch_root, job_id, "summary.json"), batch.summary_record(statuses, job_id)
-    )
+    storage.write_json(storage.join(batch_root, job_id, "summary.json"), summary_record(statuses, job_id))
     summary.metadata.update({"succeeded": sum(s.ok for s in statuses), "subjects": len(statuses)})
     print(markdown)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def check_batch(manifest_uri: str, batch_root: str, job_id: str) -> str:
-    """The batch's verdict (dreambooth_lib.runs.batch_verdict), run inside the exit handler after every subject:
+    """The batch's verdict (dreambooth_lib.runs.batch.verdict), run inside the exit handler after every subject:
     fails the run with BatchFailed, naming each subject's reason, when no subject succeeded; returns the line
     'Batch <job>: k of n subjects succeeded' otherwise.
 
     Not the summary's job: on KFP the exit handler is an Argo exit hook whose failure leaves the run's state
     unchanged (and a failed task uploads no artifacts, so the summary table would be lost from the UI).
     """
-    from dreambooth_lib.runs import batch_verdict
+    from dreambooth_lib.runs.batch import verdict
 
-    line = batch_verdict.check_batch(batch_root, job_id, manifest_uri)
+    line = verdict.check_batch(batch_root, job_id, manifest_uri)
     print(line)
     return line

@@ -1,4 +1,4 @@
-"""Packed LoRA training of a batch's subjects: a thin adapter over dreambooth_lib.runs.batch.train_pack."""
+"""Packed LoRA training of a batch's subjects: a thin adapter over dreambooth_lib.runs.batch.pack.train_pack."""
 
 from kfp import dsl
 from kfp.dsl import Markdown, Output
@@ -13,12 +13,12 @@ def train_packed_loras(
     batch_root: str,
     job_id: str,
     packing: Output[Markdown],
-    pack_size: int = 0,
-    resolution: int = 512,
-    steps: int = 1000,
-    prior_loss_weight: float = 1.0,
-    prior_size: int = 200,
-    mode: str = "full",
+    pack_size: int,
+    resolution: int,
+    steps: int,
+    prior_loss_weight: float,
+    prior_size: int,
+    mode: str,
     prior_options: dict = {},  # noqa: B006 - KFP reads the literal default into the spec
     run_options: dict = {},  # noqa: B006
     allow_pickle: bool = False,
@@ -29,20 +29,22 @@ def train_packed_loras(
     find their model trained and go on to evaluate and register it. `pack_size` 0 packs as many subjects as
     the GPU's free memory holds. For full fine-tunes, text-encoder training or a pack size of 1 it does nothing
     and each subject trains in its own task. A subject that fails here is trained alone by its subject task.
-    Takes the same parameters as personalize_subject so both build the same RunConfig. Returns how many
-    subjects were trained in packs; `<batch_root>/<job_id>/packed.json` lists each subject's outcome.
+    Takes the same parameters as personalize_subject so both build the same RunConfig (batch_personalize holds
+    their defaults). Returns how many subjects were trained in packs; `<batch_root>/<job_id>/packed.json` lists
+    each subject's outcome.
     """
     from dreambooth_lib import storage
-    from dreambooth_lib.runs import batch
+    from dreambooth_lib.runs.batch.pack import train_pack
+    from dreambooth_lib.runs.batch.subject import subject_run_values
 
     statuses = []
     if subjects:
         # every planned subject carries the plan's prior root: where the class loop put the prior sets
-        values = batch.subject_run_values(
+        values = subject_run_values(
             run_options, resolution=resolution, steps=steps, prior_loss_weight=prior_loss_weight,
             prior_size=prior_size, prior_root=subjects[0]["prior_root"], mode=mode, prior_options=prior_options,
         )  # fmt: skip
-        statuses = batch.train_pack(
+        statuses = train_pack(
             subjects, base_model, batch_root, job_id, values, pack_size=pack_size, allow_pickle=allow_pickle
         )
     lines = ["# Packed LoRA training", ""]

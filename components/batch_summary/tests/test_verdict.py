@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from components.batch_summary.component import check_batch, summarize_batch
-from dreambooth_lib.runs.batch_verdict import BatchFailed
+from dreambooth_lib.runs.batch.verdict import BatchFailed
 
 
 def _batch(tmp_path: Path, statuses: dict[str, dict], manifest_names: list[str]) -> tuple[str, str]:
@@ -49,7 +49,7 @@ def test_a_partial_success_passes_and_says_how_many(tmp_path):
 
 
 def test_no_subject_at_all_fails_and_many_failures_are_shortened(tmp_path):
-    from dreambooth_lib.runs.batch_verdict import verdict
+    from dreambooth_lib.runs.batch.verdict import verdict
 
     with pytest.raises(BatchFailed, match="no subject to run"):
         verdict([], job_id="j1")
