@@ -2,10 +2,15 @@
 
 plan (manifest → subjects with distinct identifiers) → distinct classes → ParallelFor over classes (one prior
 set per (base model, class) in the shared, content-addressed prior root) → packed LoRA training (LoRA subjects
-trained K per UNet batch, `pack_size` 0 = as many as the GPU holds; a no-op for full fine-tunes) → ParallelFor
-over subjects (one task each, which finds its class's prior set in that cache, reuses the model its pack trained
-or trains alone, and catches its own failure) — all inside an exit handler whose task writes the batch summary
-(Markdown + HTML) whatever happened.
+trained K per UNet batch, `pack_size` 0 = as many as the GPU holds) → ParallelFor over subjects (one task each,
+which finds its class's prior set in that cache, reuses the model its pack trained or trains alone, and catches
+its own failure) — all inside an exit handler whose task writes the batch summary (Markdown + HTML) whatever
+happened.
+
+A batch trains LoRA adapters by default (`mode` "lora", with TrainConfig's learning rate for LoRA), so packing is
+on; `mode: full` fine-tunes each subject in its own task instead (the pack step does nothing). `prior_size` 0 or
+`prior_loss_weight` 0 turns prior preservation off: the class loop writes empty sets without loading the model
+and the subjects train with λ = 0. The other defaults are the config models' (dreambooth_lib.runs.defaults).
 """
 
 from kfp import dsl
@@ -16,6 +21,7 @@ from components.batch_subject.component import personalize_subject
 from components.batch_summary.component import check_batch, summarize_batch
 from components.batch_train_packed.component import train_packed_loras
 from components.prior.component import make_prior_set
+from dreambooth_lib.runs import defaults
 from pipelines.placement import Placement, load_placement, on_cpu, on_gpu
 
 PIPELINE_NAME = "dreambooth-batch-personalize"
@@ -32,12 +38,12 @@ def build_batch_personalize(placement: Placement):
         manifest_uri: str,
         base_model: str,
         batch_root: str,
-        resolution: int = 512,
-        steps: int = 1000,
-        prior_loss_weight: float = 1.0,
-        prior_size: int = 200,
+        resolution: int = defaults.RESOLUTION,
+        steps: int = defaults.STEPS,
+        prior_loss_weight: float = defaults.PRIOR_LOSS_WEIGHT,
+        prior_size: int = defaults.PRIOR_SIZE,
         prior_root: str = "",
-        mode: str = "full",
+        mode: str = defaults.BATCH_MODE,
         eval_prompts: list = [],  # noqa: B006 - KFP reads the literal default into the spec
         gate_thresholds: dict = {},  # noqa: B006
         registry_uri: str = "",
@@ -77,6 +83,7 @@ def build_batch_personalize(placement: Placement):
                     class_noun=item.class_noun,
                     resolution=resolution,
                     prior_size=prior_size,
+                    prior_loss_weight=prior_loss_weight,
                     prior_root=item.prior_root,
                     prior_options=prior_options,
                     allow_pickle=allow_pickle,

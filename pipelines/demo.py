@@ -55,13 +55,12 @@ def build_models(out: Path) -> dict[str, str]:
 
 
 def tiny_settings(paths: dict[str, str]) -> dict[str, Any]:
-    """Pipeline arguments shared by both pipelines: 64 px, few steps, 4 prior images, 2 prompts x 2 images."""
+    """Pipeline arguments shared by both pipelines: 64 px, few steps, 4 prior images (the rest, λ and the mode
+    included, are each pipeline's defaults: a full fine-tune for one subject, packed LoRA for a batch)."""
     return {
         "resolution": RESOLUTION,
         "steps": 8,
-        "prior_loss_weight": 1.0,
         "prior_size": 4,
-        "mode": "full",
         "prior_options": {"steps": 4, "batch_size": 4},
     }
 
@@ -139,9 +138,9 @@ def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: P
         batch_root=str(batch_root),
         registry_uri=str(registry),
         run_options={**steps, "samples_per_prompt": 0},
-        # the batch trains LoRA adapters, packed two subjects per training task (the single-subject demo is a
-        # full fine-tune): both training paths run end to end
-        **{**tiny_settings(paths), "mode": "lora"},
+        # the batch's default: LoRA adapters, packed (here two subjects per training task; the single-subject
+        # demo is a full fine-tune), so both training paths run end to end
+        **tiny_settings(paths),
         pack_size=2,
     )
     summaries = sorted(batch_root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)

@@ -8,6 +8,10 @@ Nothing crosses tasks but declared artifacts (on Kubeflow each task is its own p
 set is an input artifact of fine-tune and evaluate. The two durable locations a run may name explicitly are
 `prior_root` (a class-prior cache shared across runs) and `checkpoint_root` (where fine-tune checkpoints, keyed by
 content, so a retried pod resumes); on a cluster both should be gs:// prefixes.
+
+`prior_size` 0 or `prior_loss_weight` 0 turns prior preservation off: the prior task writes an empty set without
+loading the model and hands fine-tune λ = 0 (its `train_prior_loss_weight` output). The parameters' defaults are
+the config models' (dreambooth_lib.runs.defaults): the same as `dreambooth run`.
 """
 
 from typing import NamedTuple
@@ -22,6 +26,7 @@ from components.ingest.component import ingest_images
 from components.prior.component import make_prior_set
 from components.register.component import register_model
 from components.train.component import fine_tune
+from dreambooth_lib.runs import defaults
 from pipelines.placement import Placement, load_placement, on_cpu, on_gpu
 
 PIPELINE_NAME = "dreambooth-personalize"
@@ -46,13 +51,13 @@ def build_personalize(placement: Placement):
         subject_name: str,
         class_noun: str,
         live: bool = False,
-        resolution: int = 512,
-        steps: int = 1000,
-        prior_loss_weight: float = 1.0,
-        prior_size: int = 200,
+        resolution: int = defaults.RESOLUTION,
+        steps: int = defaults.STEPS,
+        prior_loss_weight: float = defaults.PRIOR_LOSS_WEIGHT,
+        prior_size: int = defaults.PRIOR_SIZE,
         prior_root: str = "",
         checkpoint_root: str = "",
-        mode: str = "full",
+        mode: str = defaults.MODE,
         eval_prompts: list = [],  # noqa: B006 - KFP reads the literal default into the spec
         gate_thresholds: dict = {},  # noqa: B006
         registry_uri: str = "",
@@ -93,6 +98,7 @@ def build_personalize(placement: Placement):
             class_noun=class_noun,
             resolution=resolution,
             prior_size=prior_size,
+            prior_loss_weight=prior_loss_weight,
             prior_root=prior_root,
             prior_options=prior_options,
             allow_pickle=allow_pickle,
@@ -110,7 +116,7 @@ def build_personalize(placement: Placement):
             class_noun=class_noun,
             resolution=resolution,
             steps=steps,
-            prior_loss_weight=prior_loss_weight,
+            prior_loss_weight=prior.outputs["train_prior_loss_weight"],  # 0 when the prior set is empty
             mode=mode,
             train_options=train_options,
             allow_pickle=allow_pickle,

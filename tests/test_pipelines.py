@@ -1,4 +1,8 @@
-"""The compiled pipelines, loaded back strictly: DAG shape, accelerators, node pools, retries, loops, secrets."""
+"""The compiled pipelines, loaded back strictly: DAG shape, accelerators, node pools, retries, loops, secrets.
+
+The checks read a fresh compile of the code (the `compiled` fixture); `test_compiled_yaml_is_up_to_date` holds
+the committed YAML to it.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # components/ and pipelines/ are top-level folders of the checkout
     sys.path.insert(0, str(REPO))
 COMPILED = REPO / "pipelines" / "compiled"
+COMPILED_NAMES = [f"{p}.{t}.yaml" for p in ("personalize", "batch_personalize") for t in ("kfp", "vertex")]
 GPU_EXECUTORS = {
     "exec-make-prior-set",
     "exec-fine-tune",
@@ -24,13 +29,24 @@ GPU_EXECUTORS = {
 }
 
 
-def _load(name: str):
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    """Both pipelines for both targets with the default placements, compiled now from the code."""
+    from pipelines.compile import compile_all
+    from pipelines.placement import load_placement
+
+    out = tmp_path_factory.mktemp("compiled")
+    compile_all(out, load_placement("gke"), load_placement("vertex"))
+    return out
+
+
+def _load(folder: Path, name: str):
     """(PipelineSpec proto, PlatformSpec proto or None, raw dicts) — parsed with unknown fields rejected."""
     from google.protobuf import json_format
     from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    docs = list(yaml.safe_load_all((COMPILED / name).read_text()))
+    docs = list(yaml.safe_load_all((folder / name).read_text()))
     spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=False)
     platform = None
     if len(docs) > 1:
@@ -61,8 +77,8 @@ def test_compiled_yaml_is_up_to_date():
     assert stale == [], f"run `make compile`: {stale} differ from a fresh compile"
 
 
-def test_personalize_dag_shape_and_content_keys():
-    spec, _, _ = _load("personalize.kfp.yaml")
+def test_personalize_dag_shape_and_content_keys(compiled):
+    spec, _, _ = _load(compiled, "personalize.kfp.yaml")
     tasks = _tasks(spec)
     assert set(tasks) >= {
         "fingerprint-inputs",
@@ -115,10 +131,10 @@ def test_personalize_dag_shape_and_content_keys():
 
 
 @pytest.mark.parametrize("name", ["personalize.kfp.yaml", "batch_personalize.kfp.yaml"])
-def test_kfp_target_gpu_steps_on_the_gpu_pool(name):
+def test_kfp_target_gpu_steps_on_the_gpu_pool(compiled, name):
     from components.images import cpu_image, cuda_image
 
-    spec, platform, docs = _load(name)
+    spec, platform, docs = _load(compiled, name)
     assert platform is not None
     executors = spec.deployment_spec.fields["executors"]
     k8s = _k8s(docs)
@@ -156,8 +172,8 @@ def _to_json(struct) -> str:
 
 
 @pytest.mark.parametrize("name", ["personalize.vertex.yaml", "batch_personalize.vertex.yaml"])
-def test_vertex_target_uses_enum_names_and_no_kubernetes_config(name):
-    spec, platform, docs = _load(name)
+def test_vertex_target_uses_enum_names_and_no_kubernetes_config(compiled, name):
+    spec, platform, docs = _load(compiled, name)
     assert platform is None and len(docs) == 1, "Vertex AI rejects kfp-kubernetes platform config"
     executors = json.loads(_to_json(spec.deployment_spec.fields["executors"]))
     gpu = {n for n, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
@@ -170,8 +186,8 @@ def test_vertex_target_uses_enum_names_and_no_kubernetes_config(name):
         assert "resourceCpuRequest" not in resources
 
 
-def test_retries_on_steps_that_can_fail_transiently():
-    spec, _, _ = _load("personalize.kfp.yaml")
+def test_retries_on_steps_that_can_fail_transiently(compiled):
+    spec, _, _ = _load(compiled, "personalize.kfp.yaml")
     tasks = _tasks(spec)
     for name in ("make-prior-set", "fine-tune", "evaluate-model"):  # GPU pods: preemption
         policy = tasks[name].retry_policy
@@ -183,8 +199,8 @@ def test_retries_on_steps_that_can_fail_transiently():
     assert not _tasks(spec, condition.component_ref.name)["register-model"].HasField("retry_policy")
 
 
-def test_batch_loops_exit_handler_and_isolation():
-    spec, _, _ = _load("batch_personalize.kfp.yaml")
+def test_batch_loops_exit_handler_and_isolation(compiled):
+    spec, _, _ = _load(compiled, "batch_personalize.kfp.yaml")
     root = _tasks(spec)
     summary = root["summarize-batch"]
     assert (
@@ -220,9 +236,65 @@ def test_batch_loops_exit_handler_and_isolation():
     )
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in COMPILED.glob("*.yaml")))
-def test_no_secret_is_a_parameter(name):
-    spec, _, docs = _load(name)
+def _classes_loop(spec, body) -> str:
+    loops = {
+        t.parameter_iterator.items.input_parameter: n
+        for n, t in body.items()
+        if t.HasField("parameter_iterator")
+    }
+    return loops["pipelinechannel--list-classes-Output"]
+
+
+def test_prior_off_reaches_fine_tune_as_a_zero_loss_weight(compiled):
+    """prior_size 0 or prior_loss_weight 0 turns prior preservation off: the prior task is told λ (so it samples
+    nothing when λ is 0) and hands fine-tune the λ it trains with (0 for an empty set), not the pipeline's λ,
+    which training refuses without prior images."""
+    spec, _, _ = _load(compiled, "personalize.kfp.yaml")
+    tasks = _tasks(spec)
+    prior_inputs = tasks["make-prior-set"].inputs.parameters
+    assert prior_inputs["prior_loss_weight"].component_input_parameter == "prior_loss_weight"
+    weight = tasks["fine-tune"].inputs.parameters["prior_loss_weight"].task_output_parameter
+    assert (weight.producer_task, weight.output_parameter_key) == (
+        "make-prior-set",
+        "train_prior_loss_weight",
+    )
+
+    spec, _, _ = _load(compiled, "batch_personalize.kfp.yaml")
+    body = _tasks(spec, "comp-exit-handler-1")
+    prior = _tasks(spec, body[_classes_loop(spec, body)].component_ref.name)["make-prior-set"]
+    assert prior.inputs.parameters["prior_loss_weight"].component_input_parameter == (
+        "pipelinechannel--prior_loss_weight"
+    )
+
+
+def test_defaults_are_the_config_models_and_a_batch_trains_packed_lora(compiled):
+    """One subject: the paper's full fine-tune; a batch: LoRA, which its pack step trains K subjects per task.
+    The other defaults are those of `dreambooth run` (the config models)."""
+    from dreambooth_lib.config import PriorConfig, TrainConfig
+
+    train, prior = TrainConfig(), PriorConfig()
+    for name, mode in (("personalize.kfp.yaml", "full"), ("batch_personalize.kfp.yaml", "lora")):
+        spec, _, _ = _load(compiled, name)
+        params = spec.root.input_definitions.parameters
+        assert params["mode"].default_value.string_value == mode, name
+        assert params["steps"].default_value.number_value == train.steps
+        assert params["resolution"].default_value.number_value == train.resolution
+        assert params["prior_loss_weight"].default_value.number_value == train.prior_loss_weight
+        assert params["prior_size"].default_value.number_value == prior.num_images
+    body = _tasks(spec, "comp-exit-handler-1")
+    assert (
+        body["train-packed-loras"].inputs.parameters["mode"].component_input_parameter
+        == "pipelinechannel--mode"
+    )
+
+
+def test_every_compiled_file_is_named():
+    assert sorted(p.name for p in COMPILED.glob("*.yaml")) == sorted(COMPILED_NAMES)
+
+
+@pytest.mark.parametrize("name", COMPILED_NAMES)
+def test_no_secret_is_a_parameter(compiled, name):
+    spec, _, docs = _load(compiled, name)
     secretish = re.compile(r"token|secret|password|credential|api_key", re.I)
     assert not [p for p in spec.root.input_definitions.parameters if secretish.search(p)]
     if name.endswith(".kfp.yaml"):
@@ -254,7 +326,7 @@ def test_placement_presets_and_mistakes(tmp_path):
     onprem = load_placement("onprem", {"gpu": {"node": two_gpus, "accelerator_count": 2}, "parallelism": 8})
     vertex = load_placement("vertex", {"gpu": {"accelerator_type": "NVIDIA_H100_80GB"}})
     written = compile_all(tmp_path, onprem, vertex)
-    assert sorted(p.name for p in written) == sorted(p.name for p in COMPILED.glob("*.yaml"))
+    assert sorted(p.name for p in written) == sorted(COMPILED_NAMES)
     docs = list(yaml.safe_load_all((tmp_path / "batch_personalize.kfp.yaml").read_text()))
     exe = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-personalize-subject"]
     assert exe["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}

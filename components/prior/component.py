@@ -17,20 +17,34 @@ def make_prior_set(
     prior_size: int,
     prior_root: str,
     prior_set: Output[Dataset],
+    prior_loss_weight: float = 1.0,  # TrainConfig's λ; the pipelines pass theirs
     prior_options: dict = {},  # noqa: B006 - KFP reads the literal default into the spec
     allow_pickle: bool = False,
-) -> NamedTuple("PriorOutputs", prior_key=str, num_images=int):
+) -> NamedTuple("PriorOutputs", prior_key=str, num_images=int, train_prior_loss_weight=float):
     """Sample `prior_size` 'a [class]' images, or reuse the set under `prior_root` made with the same settings.
 
     Consumers take `prior_set` as an input artifact. With `prior_root` empty the images are written into it; a
     shared root (a durable gs://.../priors the pipeline names) lets every subject of the class, in this run and
-    later ones, reuse one set, and the artifact then records that set's URI. `prior_size` 0 disables the prior
-    (an empty set). `base_model_digest` only keys the cache on the model's content.
+    later ones, reuse one set, and the artifact then records that set's URI. `base_model_digest` only keys the
+    cache on the model's content.
+
+    `prior_size` 0 or `prior_loss_weight` 0 turns prior preservation off: an empty set, written without loading
+    the model. The `train_prior_loss_weight` output is the λ fine-tune trains with: the input's, or 0 when the
+    prior is off (`prior_size` 0 with λ > 0 is read as off, with a warning in the log and the artifact's
+    metadata).
     """
+    import logging
+
     from dreambooth_lib import prior
     from dreambooth_lib.config import PriorConfig, parse_config
 
-    config = parse_config(PriorConfig, {**prior_options, "num_images": prior_size}, "prior_options")
+    kept = prior.preservation(
+        prior_size, prior_loss_weight, num_images_name="prior_size", weight_name="prior_loss_weight"
+    )
+    if kept.warning:
+        logging.getLogger(__name__).warning(kept.warning)
+    num_images = prior_size if kept.on else 0
+    config = parse_config(PriorConfig, {**prior_options, "num_images": num_images}, "prior_options")
     root = prior_root or config.root or prior_set.path
     result = prior.run(
         base_model,
@@ -50,6 +64,8 @@ def make_prior_set(
             "generated": result.generated,
             "reused": result.reused,
             "model_digest": result.model_digest,
+            "prior_preservation": kept.on,
+            **({"warning": kept.warning} if kept.warning else {}),
         }
     )
-    return (result.key, len(result.images))
+    return (result.key, len(result.images), kept.prior_loss_weight)
