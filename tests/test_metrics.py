@@ -78,8 +78,12 @@ def test_dino_preprocessing_matches_transformers_processor():
     want = torch.as_tensor(ref(images=wide, return_tensors="np")["pixel_values"][0])
     torch.testing.assert_close(got[:, :, :-1], want[:, :, 1:].float(), atol=1e-5, rtol=1e-5)
     # a flat image becomes exactly (value/255 - mean) / std per channel
-    flat = embedders.preprocess_images([Image.new("RGB", (50, 80), (255, 0, 128))], embedders.dino_preprocess(224))[0]
-    expected = (np.array([255, 0, 128]) / 255.0 - np.array(embedders.IMAGENET_MEAN)) / np.array(embedders.IMAGENET_STD)
+    flat = embedders.preprocess_images(
+        [Image.new("RGB", (50, 80), (255, 0, 128))], embedders.dino_preprocess(224)
+    )[0]
+    expected = (np.array([255, 0, 128]) / 255.0 - np.array(embedders.IMAGENET_MEAN)) / np.array(
+        embedders.IMAGENET_STD
+    )
     np.testing.assert_allclose(flat.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
 
 
