@@ -14,12 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_lib import models, prior, train
+from dreambooth_lib import models, prior
 from dreambooth_lib.config import PriorConfig, TrainConfig, parse_config
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.models import sampling
 from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train import TrainSubject, cuda_graph, step, trainer
 from dreambooth_lib.train.data import list_png
+from dreambooth_lib.train.speed import speed_options
+from dreambooth_lib.train.tracking import LossTracker
 
 RES = 32
 
@@ -45,11 +48,14 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def _setup(tiny_model, data, config: TrainConfig) -> trainer.Trainer:
+    subject = TrainSubject(instance_dir="", prior_dir="", identifier="sks", class_noun="square", out="")
+    return trainer.setup_trainer(models.load_pipeline(tiny_model), [subject], [data], config, config.device)
+
+
 def _train(tiny_model, data, config: TrainConfig, steps: int = 3):
-    t = train.setup_training(
-        models.load_pipeline(tiny_model), *data, "a sks square", "a square", config, config.device
-    )
-    losses = [float(train.train_step(t)) for _ in range(steps)]
+    t = _setup(tiny_model, data, config)
+    losses = [float(step.train_step(t)) for _ in range(steps)]
     return losses, {name: p.detach().clone() for name, p in t.named_trainable.items()}, t
 
 
@@ -72,7 +78,7 @@ def test_cuda_graph_refuses_what_cannot_be_captured(field, value, named):
 
 def test_cuda_graph_on_cpu_falls_back_to_the_eager_step(tiny_model, data, caplog):
     with caplog.at_level(logging.WARNING, logger="dreambooth_lib.train"):
-        speed = train.speed_options(_config(cuda_graph=True), "cpu")
+        speed = speed_options(_config(cuda_graph=True), "cpu")
     assert speed.cuda_graph is False
     assert "cuda_graph applies on CUDA devices only" in caplog.text
     eager_losses, eager_weights, _ = _train(tiny_model, data, _config())
@@ -85,13 +91,11 @@ def test_cuda_graph_on_cpu_falls_back_to_the_eager_step(tiny_model, data, caplog
 def test_the_step_is_its_draws_then_the_update(tiny_model, data):
     """train_step = draw_step_batch (what a CUDA graph leaves out) + step_on_batch (what it captures)."""
     _, whole_weights, whole = _train(tiny_model, data, _config(), steps=2)
-    t = train.setup_training(
-        models.load_pipeline(tiny_model), *data, "a sks square", "a square", _config(), "cpu"
-    )
+    t = _setup(tiny_model, data, _config())
     for _ in range(2):
-        train.step_on_batch(t, *train.draw_step_batch(t))
+        step.step_on_batch(t, *step.draw_step_batch(t))
     assert all(torch.equal(whole_weights[k], p) for k, p in t.named_trainable.items())
-    assert torch.equal(whole.generator.get_state(), t.generator.get_state())
+    assert torch.equal(whole.generators[0].get_state(), t.generators[0].get_state())
 
 
 # --- torch.compile ------------------------------------------------------------------------------------------------
@@ -100,8 +104,8 @@ def test_the_step_is_its_draws_then_the_update(tiny_model, data):
 def test_compiled_training_step_matches_eager(tiny_model, data, aot_eager):
     eager_losses, eager_weights, _ = _train(tiny_model, data, _config())
     compiled_losses, compiled_weights, t = _train(tiny_model, data, _config(compile=True))
-    assert isinstance(t.unet_forward, torch._dynamo.eval_frame.OptimizedModule)
-    assert t.unet_forward._orig_mod is t.unet  # the saved module is the plain one
+    assert isinstance(t.denoiser_forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert t.denoiser_forward._orig_mod is t.denoiser  # the saved module is the plain one
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4)
     for name, p in eager_weights.items():
         torch.testing.assert_close(compiled_weights[name], p, rtol=1e-4, atol=1e-6)
@@ -136,18 +140,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graphed_step_repeats_the_eager_run(tiny_model, data, mode):
     """Same draws, same kernels: a graphed run's losses and weights follow the eager run's (bf16 autocast)."""
-    from dreambooth_lib.train import cuda_graph as graphs
-
     config = _config(mode=mode, device="cuda", mixed_precision="bf16", learning_rate=1e-4)
     eager_losses, eager_weights, _ = _train(tiny_model, data, config, steps=8)
-    t = train.setup_training(
-        models.load_pipeline(tiny_model), *data, "a sks square", "a square",
-        config.model_copy(update={"cuda_graph": True}), "cuda",
-    )  # fmt: skip
-    step = graphs.make_step_fn(t)
-    assert isinstance(step, graphs.GraphedStep)
-    losses = [float(step()) for _ in range(8)]
-    assert step.graph is not None  # steps 4-8 were replays
+    t = _setup(tiny_model, data, config.model_copy(update={"cuda_graph": True}))
+    graphed = cuda_graph.make_step_fn(t)
+    assert isinstance(graphed, cuda_graph.GraphedStep)
+    losses = [float(graphed()) for _ in range(8)]
+    assert graphed.graph is not None  # steps 4-8 were replays
     np.testing.assert_allclose(losses, eager_losses, rtol=2e-2)
     for name, p in t.named_trainable.items():
         torch.testing.assert_close(p.detach(), eager_weights[name], rtol=2e-2, atol=1e-4)
@@ -156,19 +155,14 @@ def test_graphed_step_repeats_the_eager_run(tiny_model, data, mode):
 @pytest.mark.gpu
 @cuda
 def test_graphed_training_has_no_host_syncs_after_capture(tiny_model, data):
-    from dreambooth_lib.train import cuda_graph as graphs
-
-    t = train.setup_training(
-        models.load_pipeline(tiny_model), *data, "a sks square", "a square",
-        _config(device="cuda", cuda_graph=True), "cuda",
-    )  # fmt: skip
-    step = graphs.make_step_fn(t)
-    tracker = train.LossTracker(torch.device("cuda"))
+    t = _setup(tiny_model, data, _config(device="cuda", cuda_graph=True))
+    graphed = cuda_graph.make_step_fn(t)
+    tracker = LossTracker(1, torch.device("cuda"))
     for i in range(5):
-        tracker.add(step(), i)
+        tracker.add(graphed(), i)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tracker.add(step(), 6)
+        tracker.add(graphed(), 6)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -15,9 +15,11 @@ from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.testing.synthetic import make_subject_images
-from dreambooth_lib.train import checkpoint
+from dreambooth_lib.train import checkpoint, cuda_graph, step, trainer
 from dreambooth_lib.train import multi_subject as packed
+from dreambooth_lib.train import resume as resuming
 from dreambooth_lib.train.data import LatentCache
+from dreambooth_lib.train.subjects import subject_images
 
 RES = 32  # 16x16 latents
 NAMES = ("a", "b", "c")
@@ -142,8 +144,8 @@ def test_a_nan_stops_only_its_subject(tiny_model, data, single_runs, tmp_path, m
         cache = packed_encode(vae, uris, *args, **kwargs)
         return PoisonedAt(cache, at=3) if Path(uris[0]).parent.name == "b" else cache
 
-    packed_encode = packed.encode_images
-    monkeypatch.setattr(packed, "encode_images", encode)
+    packed_encode = trainer.encode_images
+    monkeypatch.setattr(trainer, "encode_images", encode)
     results = packed.train_packed_subjects(tiny_model, subjects(data, tmp_path), CONFIG, pack_size=3)
 
     a, b, c = results
@@ -219,7 +221,7 @@ def test_batch_entry_point_packs_and_isolates(tiny_model, data, tmp_path, monkey
     assert packed.default_pack_size("cpu") == 1
     packs = []
 
-    def fake_run_packed(base_model, pack, config, allow_pickle=False, checkpoint_dir=None, resume=False):
+    def fake_run_packed(base_model, pack, config, allow_pickle=False, checkpoint_root=None, resume=False):
         packs.append([s.name for s in pack])
         if "c" in packs[-1]:
             raise MemoryError("CUDA out of memory")
@@ -240,9 +242,9 @@ def test_packed_step_reads_nothing_back_to_the_host(tiny_model, data, monkeypatc
 
     pipe = models.load_pipeline(tiny_model)
     subs = subjects(data, Path("unused"))
-    inputs = [packed._subject_inputs(s, CONFIG) for s in subs]
-    t = packed.setup_packed(pipe, subs, inputs, CONFIG, "cpu")
-    packed.packed_step(t)  # the first step builds the layout tensors (once per set of active subjects)
+    inputs = [subject_images(s, CONFIG) for s in subs]
+    t = trainer.setup_trainer(pipe, subs, inputs, CONFIG, "cpu")
+    step.train_step(t)  # the first step builds the layout tensors (once per set of active subjects)
     reads = []
 
     def record(name):
@@ -257,7 +259,7 @@ def test_packed_step_reads_nothing_back_to_the_host(tiny_model, data, monkeypatc
             name,
             lambda self, *a, _n=name, _o=original, **k: record(_n) or _o(self, *a, **k),
         )
-    losses = packed.packed_step(t)
+    losses = step.train_step(t)
     monkeypatch.undo()
     assert reads == [] and losses.shape == (3,)
 
@@ -273,10 +275,10 @@ class Preempted(BaseException):
 
 @pytest.fixture(scope="module")
 def interrupted(tiny_model, data, tmp_path_factory) -> Path:
-    """A pack of a, b (checkpoints every 2 steps) killed during step 5: its pack folder holds step 4."""
+    """A pack of a, b (checkpoints every 2 steps) killed during step 5: its checkpoint folder holds step 4."""
     out = tmp_path_factory.mktemp("interrupted")
     pack = subjects(data, out)[:2]
-    real_step, calls = packed.packed_step, []
+    real_step, calls = step.train_step, []
 
     def preempt_at_5(t):
         calls.append(1)
@@ -285,7 +287,7 @@ def interrupted(tiny_model, data, tmp_path_factory) -> Path:
         return real_step(t)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(packed, "packed_step", preempt_at_5)
+        mp.setattr(cuda_graph, "train_step", preempt_at_5)
         with pytest.raises(Preempted):
             packed.train_packed_subjects(tiny_model, pack, CKPT_CONFIG, pack_size=2)
     return out
@@ -297,10 +299,8 @@ def test_preempted_pack_resumes_bit_identically(tiny_model, data, interrupted, t
     out = tmp_path / "resumed"
     shutil.copytree(interrupted, out)
     pack = subjects(data, out)[:2]
-    ckpt_dir = packed.pack_checkpoint_dir(pack)
-    assert Path(ckpt_dir).parent == out and Path(ckpt_dir).name.startswith(
-        ".pack-"
-    )  # beside the subjects' outs
+    (ckpt_dir,) = (out / "checkpoints").iterdir()  # beside the subjects' outs, keyed by the pack's content
+    assert ckpt_dir.name.startswith("train-")
     assert [step for step, _ in checkpoint.complete_checkpoints(ckpt_dir)] == [4]  # step 2 pruned after 4
     assert not (out / "a").exists()  # nothing exported by the killed run
     # an interrupted write of a later checkpoint (no manifest) is ignored, not resumed from
@@ -320,19 +320,33 @@ def test_preempted_pack_resumes_bit_identically(tiny_model, data, interrupted, t
     assert not Path(ckpt_dir).exists()  # every output written: the pack's checkpoints are gone
 
 
-def test_resume_of_another_pack_config_or_subject_is_refused(tiny_model, data, interrupted, tmp_path):
+def test_another_pack_or_config_never_resumes_from_this_packs_checkpoint(
+    tiny_model, data, interrupted, tmp_path
+):
     out = tmp_path / "other"
     shutil.copytree(interrupted, out)
     pack = subjects(data, out)[:2]
-    ckpt_dir = packed.pack_checkpoint_dir(pack)
-    changed_lr = CKPT_CONFIG.model_copy(update={"learning_rate": 3e-3})
+    (ckpt_dir,) = (out / "checkpoints").iterdir()
+    with pytest.raises(TrainingError, match="pass resume=True"):  # never silently overwritten
+        packed.run_packed(tiny_model, pack, CKPT_CONFIG)
+    changed_lr = CKPT_CONFIG.model_copy(update={"learning_rate": 3e-3, "steps": 2})
+    renamed = [pack[0], pack[1].model_copy(update={"identifier": "vyx"})]
+    for other_pack, config in ((pack, changed_lr), (renamed, CKPT_CONFIG.model_copy(update={"steps": 2}))):
+        results = packed.run_packed(tiny_model, other_pack, config, resume=True)
+        assert all(r.ok and r.train.resumed_from is None for r in results)  # started afresh, elsewhere
+        assert Path(results[0].train.checkpoint_dir) != ckpt_dir
+    assert [step for step, _ in checkpoint.complete_checkpoints(str(ckpt_dir))] == [4]  # left as it was
+
+
+def test_a_checkpoint_that_differs_names_the_subject_and_field(tiny_model, data, tmp_path):
+    pack = subjects(data, tmp_path)[:2]
+    images = [subject_images(s, CONFIG) for s in pack]
+    saved = resuming.fingerprint(CONFIG, "digest", pack, images)
+    renamed = [pack[0], pack[1].model_copy(update={"identifier": "vyx"})]
+    now = resuming.fingerprint(CONFIG.model_copy(update={"learning_rate": 3e-3}), "digest", renamed, images)
     with pytest.raises(
         TrainingError, match=r"cannot resume.*config\.learning_rate: checkpoint 0\.01, now 0\.003"
     ):
-        packed.run_packed(tiny_model, pack, changed_lr, checkpoint_dir=ckpt_dir, resume=True)
-    renamed = [pack[0], pack[1].model_copy(update={"identifier": "vyx"})]
+        resuming.check_fingerprint("ckpt", saved, now)
     with pytest.raises(TrainingError, match=r"subject b \(1\) identifier: checkpoint 'zwx', now 'vyx'"):
-        packed.run_packed(tiny_model, renamed, CKPT_CONFIG, checkpoint_dir=ckpt_dir, resume=True)
-    with pytest.raises(TrainingError, match="pass resume=True"):  # never silently overwritten
-        packed.run_packed(tiny_model, pack, CKPT_CONFIG, checkpoint_dir=ckpt_dir)
-    assert [step for step, _ in checkpoint.complete_checkpoints(ckpt_dir)] == [4]  # left as it was
+        resuming.check_fingerprint("ckpt", saved, now)

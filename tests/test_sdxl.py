@@ -25,11 +25,22 @@ from dreambooth_lib.config import (
     Subject,
     TrainConfig,
 )
+from dreambooth_lib.models.families import StableDiffusionXL
 from dreambooth_lib.runs import personalize
 from dreambooth_lib.testing import evaluators, tiny_models
 from dreambooth_lib.testing.synthetic import make_subject_images
 from dreambooth_lib.train import multi_subject as packed
-from dreambooth_lib.train.data import encode_conditioning, sdxl_text_conditioning
+
+SDXL = StableDiffusionXL()
+
+
+def encode(pipe, prompts):
+    """(embeds, added, input_ids by encoder) of the prompts as training conditions the UNet."""
+    for name in SDXL.text_encoder_names:
+        getattr(pipe, name).to("cpu")
+    cond = SDXL.encode_prompts(pipe, prompts, torch.device("cpu"), RES)
+    return cond.embeds, cond.added, cond.input_ids
+
 
 RES = 32
 
@@ -56,8 +67,8 @@ def _config(**overrides) -> TrainConfig:
 def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
     """Prompt embeddings, pooled embeddings and time ids equal what StableDiffusionXLPipeline passes its UNet."""
     pipe = models.load_pipeline(sdxl_model)
-    assert models.is_sdxl(pipe)
-    _, embeds, added, _ = encode_conditioning(pipe, ["a sks dog", "a dog"], "cpu", RES)
+    assert models.family_of(pipe).name == "sdxl"
+    embeds, added, _ = encode(pipe, ["a sks dog", "a dog"])
 
     seen = {}
 
@@ -87,7 +98,7 @@ def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, data, tmp
     base = models.load_pipeline(sdxl_model)
     # the fine-tuned UNet differs from the base (LoRA: the adapter is loaded and non-zero)
     x = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
-    _, embeds, added, _ = encode_conditioning(base, ["a sks square"], "cpu", RES)
+    embeds, added, _ = encode(base, ["a sks square"])
     with torch.no_grad():
         kwargs = dict(encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
         before = base.unet(x, torch.tensor([500]), **kwargs)[0]
@@ -103,11 +114,12 @@ def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, data, tmp
 def test_trainable_text_path_equals_the_pipelines_encoding(sdxl_model):
     """The differentiable two-encoder path (used when the text encoders train) gives what encode_prompt gives."""
     pipe = models.load_pipeline(sdxl_model)
-    ids, embeds, added, ids_2 = encode_conditioning(pipe, ["a sks dog", "a dog"], "cpu", RES)
+    cond = SDXL.encode_prompts(pipe, ["a sks dog", "a dog"], torch.device("cpu"), RES)
     with torch.no_grad():
-        trained_embeds, pooled = sdxl_text_conditioning(pipe.text_encoder, pipe.text_encoder_2, ids, ids_2)
-    torch.testing.assert_close(trained_embeds.float(), embeds)
-    torch.testing.assert_close(pooled.float(), added["text_embeds"])
+        trained_embeds, trained_added = SDXL.trainable_conditioning(SDXL.text_encoders(pipe), cond)
+    torch.testing.assert_close(trained_embeds.float(), cond.embeds)
+    torch.testing.assert_close(trained_added["text_embeds"].float(), cond.added["text_embeds"])
+    torch.testing.assert_close(trained_added["time_ids"], cond.added["time_ids"])
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -118,9 +130,9 @@ def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, data, tmp_path, m
     )
     assert all(np.isfinite(v) for _, v in result.losses)
     base, tuned = models.load_pipeline(sdxl_model), models.load_pipeline(result.model_uri)
-    ids, _, _, ids_2 = encode_conditioning(base, ["a sks square"], "cpu", RES)
+    _, _, ids = encode(base, ["a sks square"])
     with torch.no_grad():
-        for name, tokens in (("text_encoder", ids), ("text_encoder_2", ids_2)):
+        for name, tokens in ids.items():
             before = getattr(base, name)(tokens, output_hidden_states=True).hidden_states[-2]
             after = getattr(tuned, name)(tokens, output_hidden_states=True).hidden_states[-2]
             assert (after - before).abs().max() > 1e-5, f"{name} did not change"

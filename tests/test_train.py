@@ -1,4 +1,4 @@
-"""Training: Eq. 2's loss, cached latents, full and LoRA outputs (local and gs://), non-finite losses, the bench."""
+"""Training: Eq. 2's loss, cached latents, full and LoRA outputs (local and gs://), non-finite losses."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import torch
 from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
+from dreambooth_lib.models.families.sd import diffusion_target
 from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train import step, trainer
 from dreambooth_lib.train.data import encode_images, list_png, load_image
-from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
+from dreambooth_lib.train.loss import dreambooth_loss
+from dreambooth_lib.train.speed import make_optimizer, speed_options
 
 RES = 32  # 16x16 latents: a tiny-model step in ~0.05 s
 
@@ -96,52 +99,41 @@ def test_cached_latents_give_the_loss_of_encoding_every_step(tiny_model, data_di
 
 
 def test_lambda_zero_never_computes_the_prior_batch(tiny_model, data_dirs):
-    pipe = models.load_pipeline(tiny_model)
-    instance, prior = list_png(data_dirs[0]), list_png(data_dirs[1])
-    t = train.setup_training(
-        pipe,
-        instance,
-        prior,
-        "a sks square",
-        "a square",
-        tiny_config(prior_loss_weight=0, batch_size=2),
-        "cpu",
+    images = [(list_png(data_dirs[0]), list_png(data_dirs[1]))]
+    subject = train.TrainSubject(
+        instance_dir=data_dirs[0], prior_dir=data_dirs[1], identifier="sks", class_noun="square", out="unused"
     )
-    assert t.data.prior is None  # the prior images were not even encoded
     batch_sizes = []
-    hook = t.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
-    train.train_step(t)
-    hook.remove()
-    assert batch_sizes == [2]
-
-    t = train.setup_training(
-        pipe, instance, prior, "a sks square", "a square", tiny_config(batch_size=2), "cpu"
-    )
-    batch_sizes.clear()
-    t.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
-    train.train_step(t)
-    assert batch_sizes == [4]  # 2 subject + 2 prior rows, one forward
+    for config, rows in ((tiny_config(prior_loss_weight=0, batch_size=2), 2), (tiny_config(batch_size=2), 4)):
+        pipe = models.load_pipeline(tiny_model)
+        t = trainer.setup_trainer(pipe, [subject], images, config, "cpu")
+        # λ = 0: the prior images are not even encoded; else 2 subject + 2 prior rows in one forward
+        assert (t.data[0].prior is None) == (config.prior_loss_weight == 0)
+        batch_sizes.clear()
+        t.denoiser.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+        step.train_step(t)
+        assert batch_sizes == [rows]
 
 
 def test_speed_options_are_resolved_in_one_place():
-    cpu = train.speed_options(tiny_config(), "cpu")
+    cpu = speed_options(tiny_config(), "cpu")
     assert (cpu.autocast_dtype, cpu.fused_adam, cpu.grad_scaler, cpu.precision) == (
         None,
         False,
         False,
         "fp32",
     )
-    assert train.speed_options(tiny_config(mixed_precision="bf16"), "cpu").precision == "bf16"
-    assert train.speed_options(tiny_config(mixed_precision="fp16"), "cpu").grad_scaler
+    assert speed_options(tiny_config(mixed_precision="bf16"), "cpu").precision == "bf16"
+    assert speed_options(tiny_config(mixed_precision="fp16"), "cpu").grad_scaler
 
 
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    speed = train.speed_options(tiny_config(use_8bit_adam=True), "cpu")
+    speed = speed_options(tiny_config(use_8bit_adam=True), "cpu")
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
-        train.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], tiny_config(), speed)
+        make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], tiny_config(), speed)
 
 
 # --- run(): outputs -----------------------------------------------------------------------------------------------
@@ -201,6 +193,7 @@ def test_lora_to_gcs_loads_through_models(tiny_model, data_dirs, gcs_bucket):
     assert marker == {
         "base_model": tiny_model,
         "base_model_digest": models.model_digest(tiny_model),
+        "family": "sd",
         "identifier": "sks",
         "class_noun": "square",
         "rank": 2,
@@ -240,7 +233,7 @@ def test_non_finite_loss_stops_and_saves_no_model(tiny_model, data_dirs, tmp_pat
         loss = dreambooth_loss(*args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train.loop, "dreambooth_loss", poisoned)
+    monkeypatch.setattr(step, "dreambooth_loss", poisoned)
     out = tmp_path / "train"
     with pytest.raises(TrainingError, match="non-finite .* at step 3"):
         train.run(
@@ -262,13 +255,3 @@ def test_missing_inputs_are_user_errors(tiny_model, data_dirs, tmp_path):
         train.run(tiny_model, str(tmp_path), None, "sks", "square", tiny_config(), str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="prior_loss_weight: 0"):
         train.run(tiny_model, data_dirs[0], None, "sks", "square", tiny_config(), str(tmp_path / "o"))
-
-
-def test_bench_times_both_loops(tiny_model, capsys):
-    from benchmarks.train_speed import bench_train
-
-    result = bench_train(model=tiny_model, steps=2, resolution=RES, device="cpu", warmup=1)
-    assert result["reference_s_per_step"] > 0 and result["ours_s_per_step"] > 0
-    assert result["speedup"] == pytest.approx(result["reference_s_per_step"] / result["ours_s_per_step"])
-    printed = capsys.readouterr().out
-    assert "diffusers-style" in printed and "speed-up" in printed

@@ -1,8 +1,8 @@
 """Base models: loading (local folder, gs://, hub id; safetensors), the CLIP tokenizer, device and dtype, LoRA,
 sampling, and the base-model families."""
 
-from dreambooth_lib.models.device import compile_module, resolve_device, resolve_dtype
-from dreambooth_lib.models.families import is_sdxl, sd_pipeline_from_parts, sdxl_pipeline_from_parts
+from dreambooth_lib.models.device import compile_module, peak_memory_bytes, resolve_device, resolve_dtype
+from dreambooth_lib.models.families import FAMILIES, ModelFamily, PromptConditioning, family_named, family_of
 from dreambooth_lib.models.loading import (
     HUB_ID,
     LORA_MARKER_NAME,

@@ -32,3 +32,15 @@ def resolve_device(device: str = "auto") -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
+
+
+def peak_memory_bytes(device) -> int:
+    """The peak memory of this process on `device`: CUDA's max_memory_allocated, else the peak RSS."""
+    import resource
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,7 +1,9 @@
 """Seeded, batched sampling from a diffusers pipeline: the one sampler used by prior, generate and evaluate.
 
-Each image has its own seed and its own torch.Generator, so an image depends only on (prompt, seed, settings),
-never on which batch it landed in: a prior set can be extended, or a run resumed, and give the same pixels.
+Each image has its own seed and its own torch.Generator, so its starting noise and every sampler draw depend only
+on (prompt, seed, settings), not on which batch it landed in: a prior set can be extended, or a run resumed, and
+give the same images. Not bit-identical ones across batch sizes: batched kernels sum in another order, so pixels
+can differ by float rounding when the same seed is sampled in a batch of another size or with other prompts.
 """
 
 from __future__ import annotations
@@ -38,18 +40,19 @@ def make_scheduler(pipe: Any, sampler: str):
 
 def compile_for_sampling(pipe: Any) -> Any:
     """Make `pipe` sample faster, in place: on CUDA the UNet and VAE in channels-last memory format (the layout
-    cuDNN's tensor-core convolutions want), and the UNet torch.compile'd. Compiling costs minutes up front (the
+    cuDNN's tensor-core convolutions want), and the denoiser torch.compile'd. Compiling costs minutes up front (the
     first batch, and again for a new batch shape), so it pays off for long runs: a 1000-image prior set, or a
     large evaluation, not a 200-image set (see docs/performance.md). Batches keep one shape (prior.run draws full
     batches) so the UNet compiles once."""
     import torch
 
-    from dreambooth_lib.models import compile_module
+    from dreambooth_lib.models import compile_module, family_of
 
+    name = family_of(pipe).denoiser_name
     if pipe.device.type == "cuda":
-        pipe.unet.to(memory_format=torch.channels_last)
+        getattr(pipe, name).to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    pipe.unet = compile_module(pipe.unet)
+    setattr(pipe, name, compile_module(getattr(pipe, name)))
     return pipe
 
 
@@ -60,7 +63,9 @@ def default_guidance_scale(pipe: Any) -> float:
 
 
 def default_resolution(pipe: Any) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    from dreambooth_lib.models.families import family_of
+
+    return family_of(pipe).default_resolution(pipe)
 
 
 def image_seed(base_seed: int, index: int) -> int:

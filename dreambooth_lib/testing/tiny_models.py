@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from dreambooth_lib import storage
-from dreambooth_lib.models.families import sd_pipeline_from_parts, sdxl_pipeline_from_parts
+from dreambooth_lib.models.families import StableDiffusion, StableDiffusionXL
 from dreambooth_lib.models.tokenizer import clip_bpe_vocab_and_merges, write_clip_tokenizer
 
 
@@ -90,7 +90,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) 
     tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
     return _save_tiny(
-        sd_pipeline_from_parts(unet, vae, text_encoder, tokenizer), out, tok_dir, ("tokenizer",)
+        StableDiffusion.pipeline_from_parts(unet, vae, text_encoder, tokenizer), out, tok_dir, ("tokenizer",)
     )
 
 
@@ -132,5 +132,7 @@ def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int =
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
     tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    pipe = sdxl_pipeline_from_parts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer)
+    pipe = StableDiffusionXL.pipeline_from_parts(
+        unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer
+    )
     return _save_tiny(pipe, out, tok_dir, ("tokenizer", "tokenizer_2"))

@@ -3,7 +3,7 @@
 A checkpoint is a folder `<root>/step-XXXXXXX/` (local or gs://) holding
     weights.safetensors     the trained parameters, by name
     optimizer.safetensors   the optimizer's tensors (Adam moments, step counts), keyed `state/<i>/<name>`
-    rng.safetensors         torch CPU/CUDA and training-generator states (byte tensors; packed runs: one per subject)
+    rng.safetensors         torch CPU/CUDA states and each subject's training-generator state (byte tensors)
     state.json              everything else: optimizer param groups and scalars, python/numpy RNG, losses, ...
     checkpoint_manifest.json   written LAST, with the sha256 of every file above
 A folder without a manifest is an interrupted write and is ignored. Nothing is unpickled: torch.load of a
@@ -29,7 +29,7 @@ from dreambooth_lib.errors import TrainingError
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one training generator per subject, also for a single subject
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -51,26 +51,21 @@ class Checkpoint:
 # --- RNG ---------------------------------------------------------------------------------------------------------
 
 
-def capture_rng_state(
-    generator: torch.Generator | None, generators: Sequence[torch.Generator] = ()
-) -> dict[str, Any]:
-    """Every RNG a step may touch: torch CPU, each CUDA device, python, numpy and the training generator (or, for
-    packed training, one generator per subject: `generators`)."""
+def capture_rng_state(generators: Sequence[torch.Generator]) -> dict[str, Any]:
+    """Every RNG a step may touch: torch CPU, each CUDA device, python, numpy and each subject's training
+    generator."""
     version, mt_state, gauss_next = random.getstate()
     np_state = np.random.get_state()
     return {
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state() if generator is not None else None,
         "generators": [g.get_state() for g in generators],
         "python": [version, list(mt_state), gauss_next],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
 
 
-def restore_rng_state(
-    state: dict[str, Any], generator: torch.Generator | None, generators: Sequence[torch.Generator] = ()
-) -> None:
+def restore_rng_state(state: dict[str, Any], generators: Sequence[torch.Generator]) -> None:
     saved = state.get("generators") or []
     if len(saved) != len(generators):
         raise TrainingError(
@@ -83,8 +78,6 @@ def restore_rng_state(
     if cuda_states and torch.cuda.is_available():
         for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
-    if generator is not None and state.get("generator") is not None:
-        generator.set_state(state["generator"])
     version, mt_state, gauss_next = state["python"]
     random.setstate((version, tuple(mt_state), gauss_next))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -95,8 +88,6 @@ def _split_rng(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str
     tensors = {"torch_cpu": state["torch_cpu"]}
     for i, s in enumerate(state["torch_cuda"]):
         tensors[f"torch_cuda/{i}"] = s
-    if state["generator"] is not None:
-        tensors["generator"] = state["generator"]
     for i, s in enumerate(state.get("generators") or []):
         tensors[f"generators/{i}"] = s
     return tensors, {
@@ -111,7 +102,6 @@ def _join_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[s
     return {
         "torch_cpu": tensors["torch_cpu"],
         "torch_cuda": [tensors[f"torch_cuda/{i}"] for i in range(plain["cuda_devices"])],
-        "generator": tensors.get("generator"),
         "generators": [tensors[f"generators/{i}"] for i in range(plain.get("generators", 0))],
         "python": plain["python"],
         "numpy": plain["numpy"],
@@ -143,7 +133,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-# --- a trainer's state <-> a Checkpoint (shared by train.py and packed.py) ------------------------------------------
+# --- a trainer's state <-> a Checkpoint --------------------------------------------------------------------------
 
 
 def snapshot(
@@ -151,8 +141,7 @@ def snapshot(
     named_params: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     info: dict[str, Any],
-    generator: torch.Generator | None = None,
-    generators: Sequence[torch.Generator] = (),
+    generators: Sequence[torch.Generator],
     scaler: Any = None,
 ) -> Checkpoint:
     """The restorable state of a run at the end of `step`: its trained parameters by name, the optimizer, every
@@ -163,7 +152,7 @@ def snapshot(
         step=step,
         weights={name: p.detach() for name, p in named_params.items()},
         optimizer=optimizer.state_dict(),
-        rng=capture_rng_state(generator, generators),
+        rng=capture_rng_state(generators),
         info=info,
     )
 
@@ -172,8 +161,7 @@ def restore(
     ckpt: Checkpoint,
     named_params: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator | None = None,
-    generators: Sequence[torch.Generator] = (),
+    generators: Sequence[torch.Generator],
     scaler: Any = None,
 ) -> None:
     """Put `ckpt` back into a freshly set-up run: parameters, optimizer state, scaler and every RNG."""
@@ -192,7 +180,7 @@ def restore(
     )
     if scaler is not None and "grad_scaler" in ckpt.info:
         scaler.load_state_dict(ckpt.info["grad_scaler"])
-    restore_rng_state(ckpt.rng, generator, generators)
+    restore_rng_state(ckpt.rng, generators)
 
 
 # --- saving and finding ------------------------------------------------------------------------------------------

@@ -4,31 +4,15 @@
 
 The first term binds the identifier prompt c ("a [V] dog") to the subject images x; the second, on images x_pr the
 frozen base model generated for the class prompt c_pr ("a dog"), keeps the class prior from drifting (language
-drift) and the outputs diverse. Each term has its own noise ε, ε' and timesteps t, t'. Stable Diffusion predicts
-the noise (or the velocity) instead of x; the weighting w_t is the usual constant of the simplified objective.
+drift) and the outputs diverse. Each term has its own noise ε, ε' and timesteps t, t'. What the denoiser predicts
+instead of x (the noise, the velocity) is its model family's (`ModelFamily.noised`); the weighting w_t is the usual
+constant of the simplified objective.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from dreambooth_lib.errors import TrainingError
-
-
-def diffusion_target(
-    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet must predict for these noised latents, per the base scheduler's `prediction_type`."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise TrainingError(
-        f"scheduler prediction_type {kind!r} is not supported for training; the base model's "
-        "scheduler/scheduler_config.json must say 'epsilon' or 'v_prediction'"
-    )
 
 
 def dreambooth_loss(

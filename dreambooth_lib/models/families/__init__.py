@@ -1,0 +1,31 @@
+"""The base-model families we train, each behind the seam of `families.base.ModelFamily`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.models.families.base import ModelFamily, PromptConditioning
+from dreambooth_lib.models.families.sd import StableDiffusion
+from dreambooth_lib.models.families.sdxl import StableDiffusionXL
+
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL)
+
+
+def family_of(pipe: Any) -> ModelFamily:
+    """The family of a loaded diffusers pipeline; a ConfigError for a pipeline none of them trains."""
+    for family in FAMILIES:
+        if family.matches(pipe):
+            return family()
+    names = ", ".join(f.pipeline_class for f in FAMILIES)
+    raise ConfigError(
+        f"a {type(pipe).__name__} is not a base model this tool trains; use one of: {names} "
+        "(Stable Diffusion 1.x/2.x, SDXL)"
+    )
+
+
+def family_named(name: str) -> ModelFamily:
+    for family in FAMILIES:
+        if family.name == name:
+            return family()
+    raise ConfigError(f"model family {name!r} is unknown; use one of {', '.join(f.name for f in FAMILIES)}")

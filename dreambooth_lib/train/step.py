@@ -1,0 +1,112 @@
+"""One training step of Eq. 2 for every subject in the batch: draw, noise, predict, loss, backward, update.
+
+A step is split into its random draws (`draw_step_batch`: each subject's latents, noise and timesteps from its own
+generator) and everything else (`step_on_batch`), so a CUDA graph can capture the second part and replay it
+while the draws stay eager (cuda_graph.py). Nothing is read back to the host: the [K] losses stay on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dreambooth_lib.models import PromptConditioning
+from dreambooth_lib.train.data import TrainingData
+from dreambooth_lib.train.loss import dreambooth_loss
+from dreambooth_lib.train.trainer import Trainer
+
+
+def draw_batch(
+    data: TrainingData, gen: torch.Generator, bs: int, t: Trainer
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, noise, timesteps) of one subject's rows: `bs` subject rows, then `bs` prior rows (when there is
+    a prior term), all drawn from `gen` in a fixed order, so a subject's draws never depend on the others'."""
+    device = t.speed.device
+    latents = [
+        data.instance.sample(torch.randint(len(data.instance), (bs,), generator=gen, device=device), gen)
+    ]
+    if t.prior_loss_weight > 0:  # each term with its own images, noise and timesteps, in one batch
+        latents.append(
+            data.prior.sample(torch.randint(len(data.prior), (bs,), generator=gen, device=device), gen)
+        )
+    latents = torch.cat(latents)
+    noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+    timesteps = t.family.draw_timesteps(t.noise_scheduler, latents.shape[0], gen, device)
+    return latents, noise, timesteps
+
+
+def draw_step_batch(t: Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's random draws: every active subject's rows, in subject order."""
+    draws = [draw_batch(t.data[k], t.generators[k], t.batch_size, t) for k in t.active]
+    return tuple(torch.cat([d[i] for d in draws]) for i in range(3))
+
+
+def _conditioning(t: Trainer) -> PromptConditioning:
+    if not t.trained_encoders:
+        return t.prompts
+    embeds, added = t.family.trainable_conditioning(t.trained_encoders, t.prompts)
+    return PromptConditioning(embeds=embeds, added=added, input_ids=t.prompts.input_ids)
+
+
+def step_on_batch(
+    t: Trainer,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    zero_grad: bool = True,
+) -> torch.Tensor:
+    """Forward, each subject's Eq. 2, backward, clipping and the optimizer step on one drawn batch; returns the [K]
+    losses on the device (0 for subjects no longer in the batch).
+
+    Capture-safe when `t.speed.cuda_graph` (cuda_graph.GraphedStep captures it with zero_grad=False: the gradients
+    a captured backward writes are the graph's static buffers, overwritten by every replay)."""
+    adapter_index, prompt_rows, active = t.layout()
+    if t.grouped is not None:
+        t.grouped.router.index = adapter_index
+    model_input, target = t.family.noised(t.noise_scheduler, latents, noise, timesteps)
+    dtype = t.speed.autocast_dtype
+    with torch.autocast(
+        t.speed.device.type,
+        dtype=dtype or torch.bfloat16,
+        enabled=dtype is not None,
+        # the cast-weight cache would hold tensors made during capture and freed after it
+        cache_enabled=not t.speed.cuda_graph,
+    ):
+        embeds, added = _conditioning(t).rows(prompt_rows)
+        pred = t.family.predict(t.denoiser_forward, model_input, timesteps, embeds, added)
+
+    bs, prior = t.batch_size, t.prior_loss_weight > 0
+    rows = bs * (2 if prior else 1)
+    subject_losses = []
+    for j in range(len(t.active)):
+        p, y = pred[j * rows : (j + 1) * rows], target[j * rows : (j + 1) * rows]
+        subject_losses.append(
+            dreambooth_loss(
+                p[:bs], y[:bs], p[bs:] if prior else None, y[bs:] if prior else None, t.prior_loss_weight
+            )
+        )
+    subject_losses = torch.stack(subject_losses)
+    # the sum: d(total)/d(adapter k) is d(loss k)/d(adapter k), since no other subject's loss reaches adapter k
+    total = subject_losses.sum()
+
+    if t.scaler is not None:
+        t.scaler.scale(total).backward()
+        t.scaler.unscale_(t.optimizer)
+    else:
+        total.backward()
+    t.clip_gradients()
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+    if zero_grad:
+        t.optimizer.zero_grad(set_to_none=True)
+    losses = torch.zeros(t.num_subjects, device=t.speed.device)
+    losses[active] = subject_losses.detach()
+    return losses
+
+
+def train_step(t: Trainer) -> torch.Tensor:
+    """One optimizer step of Eq. 2 on fresh draws; returns the [K] losses, on the device."""
+    return step_on_batch(t, *draw_step_batch(t))
