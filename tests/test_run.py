@@ -85,6 +85,8 @@ def test_run_writes_every_artifact_and_registers(tiny_model, tiny_evaluators, su
     assert curve and len(curve.group(1).split()) == len(summary["losses"])
     assert 'id="training-facts"' in page and f"<th>steps</th><td>{summary['steps']}</td>" in page
     assert out["registered"]["version"] == 1
+    steps = ["ingest", "identifier", "prior", "train", "samples", "evaluate", "register"]
+    assert list(out["step_times_s"]) == steps, "every step's wall time, in the order they ran"
     listed = runner.invoke(app, ["models", "list", "--registry", registry, "--json"])
     entries = json.loads(listed.stdout)
     assert [(e["subject"], e["version"], e["identifier"]) for e in entries] == [
@@ -291,3 +293,4 @@ def test_unevaluated_model_is_registered_as_not_evaluated(tiny_model, tiny_evalu
     assert "Quality gate: not evaluated." in storage.read_text(registered["card_uri"])
     assert str(stale) not in storage.read_text(registered["lineage_uri"])
     assert "(v1, not evaluated)" in result.summary()
+    assert list(result.step_times_s) == ["ingest", "identifier", "prior", "train", "register"]

@@ -213,6 +213,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
         evaluate_run(config, result, ingest_dir, prior_result, clock)
     gate_error = register_if_configured(config, result, clock)
     result.wall_time_s = round(time.perf_counter() - t0, 3)
+    result.step_times_s = clock.times  # pydantic copied the dict: evaluate and register came after
     storage.write_json(storage.join(rd, "run_result.json"), result.model_dump(mode="json"))
     if gate_error is not None:  # the run's artifacts are kept; only the registration is refused
         raise gate_error
