@@ -90,20 +90,23 @@ def build_batch_personalize(placement: Placement):
                 )
                 on_gpu(prior.set_display_name("class-prior images"), placement)
 
+            # what both the pack step and the subject step lay onto the run options: the same arguments, so they
+            # build the same RunConfig and a subject finds the model its pack trained as its own
+            run_settings = {
+                "base_model": base_model,
+                "batch_root": batch_root,
+                "job_id": job_id,
+                "resolution": resolution,
+                "steps": steps,
+                "prior_loss_weight": prior_loss_weight,
+                "prior_size": prior_size,
+                "mode": mode,
+                "prior_options": prior_options,
+                "run_options": run_options,
+                "allow_pickle": allow_pickle,
+            }
             pack = train_packed_loras(
-                subjects=plan.outputs["Output"],
-                base_model=base_model,
-                batch_root=batch_root,
-                job_id=job_id,
-                pack_size=pack_size,
-                resolution=resolution,
-                steps=steps,
-                prior_loss_weight=prior_loss_weight,
-                prior_size=prior_size,
-                mode=mode,
-                prior_options=prior_options,
-                run_options=run_options,
-                allow_pickle=allow_pickle,
+                subjects=plan.outputs["Output"], pack_size=pack_size, **run_settings
             ).after(prior)
             pack.set_display_name("train packed LoRA").set_caching_options(False)  # writes the run dirs
             # Retried like the other GPU steps: a rerun retrains the pack; its subjects' own failures never
@@ -115,22 +118,12 @@ def build_batch_personalize(placement: Placement):
             ) as subject:
                 one = personalize_subject(
                     subject=subject,
-                    base_model=base_model,
                     base_model_digest=subject.base_model_digest,
                     prior_root=subject.prior_root,
-                    batch_root=batch_root,
-                    job_id=job_id,
-                    resolution=resolution,
-                    steps=steps,
-                    prior_loss_weight=prior_loss_weight,
-                    prior_size=prior_size,
-                    mode=mode,
                     eval_prompts=eval_prompts,
                     gate_thresholds=gate_thresholds,
-                    prior_options=prior_options,
-                    run_options=run_options,
                     registry_uri=registry_uri,
-                    allow_pickle=allow_pickle,
+                    **run_settings,
                 ).after(pack)
                 one.set_display_name("personalize subject").set_caching_options(False)  # writes the registry
                 # No retry: the task never fails on a subject's error; it records it.

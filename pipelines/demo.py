@@ -92,7 +92,11 @@ def init_local(pipeline_root: Path) -> None:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
 
 
-def run_personalize(out: Path, paths: dict[str, str], subject_dir: Path, registry: Path) -> dict[str, Any]:
+def run_personalize(
+    out: Path, paths: dict[str, str], subject_dir: Path, registry: Path | None, **arguments: Any
+) -> dict[str, Any]:
+    """The personalize pipeline on one subject (registered when `registry` is given); `arguments` override the
+    tiny settings."""
     from pipelines.personalize import personalize
 
     steps = tiny_step_options(paths)
@@ -101,12 +105,12 @@ def run_personalize(out: Path, paths: dict[str, str], subject_dir: Path, registr
         images_uri=str(subject_dir),
         subject_name="red-square",
         class_noun="square",
-        registry_uri=str(registry),
+        registry_uri=str(registry) if registry else "",
         checkpoint_root=str(out / "checkpoints"),
         ingest_options=steps["ingest"],
         train_options=steps["train"],
         eval_options=steps["eval"],
-        **tiny_settings(paths),
+        **{**tiny_settings(paths), **arguments},
     )
     metrics = task.outputs["metrics"]
     report = task.outputs["report"]

@@ -48,6 +48,17 @@ def test_personalize_end_to_end(demo_env):
     assert priors and len(list(priors[0].parent.glob("*.png"))) == 4
 
 
+def test_personalize_without_a_prior_trains_with_no_prior_loss(demo_env):
+    """prior_size 0 with the default λ: the prior task makes an empty set and fine-tune trains with λ 0 (it used
+    to fail for want of prior images)."""
+    demo, out, paths = demo_env
+    subject = demo.make_subject(out / "subjects" / "no-prior", seed=2)
+    result = demo.run_personalize(out, paths, subject, registry=None, prior_size=0)
+    summary = json.loads((Path(result["model"]) / "train_summary.json").read_text())
+    assert summary["num_prior_images"] == 0 and summary["config"]["prior_loss_weight"] == 0.0
+    assert {"dino", "clip_i", "clip_t"} <= set(result["metrics"])
+
+
 def test_batch_isolates_failures_and_summarizes(demo_env):
     demo, out, paths = demo_env
     good = demo.make_subject(out / "subjects" / "blue-square", color=(30, 60, 220), seed=1)
