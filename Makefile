@@ -38,11 +38,12 @@ demo: $(STAMP)
 compile: $(STAMP)
 	$(BIN)/python -m pipelines.compile
 
-# Printed figures: a diffusers-style DreamBooth step vs ours on the same model and device (BENCH_ARGS=--sd15-shape on a GPU).
+# Printed figures: a diffusers-style DreamBooth step vs ours on the same model and device (BENCH_ARGS=--sd15-shape on a
+# GPU). The benchmark lives in benchmarks/, not in the installed package: `python -m benchmarks --help` lists the rest.
 bench: $(STAMP)
-	$(BIN)/dreambooth bench train $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks train $(BENCH_ARGS)
 
-# The issue-6 table on a GPU machine, in one call (writes $$OUT/bench.md).
+# The issue-6 table on a GPU machine, in one call (writes $$OUT/bench.md; GPU_BENCH_SMOKE=1: the same on the CPU, tiny).
 bench-gpu: $(STAMP)
 	PYTHON=$(BIN)/python bash scripts/gpu_bench.sh
 

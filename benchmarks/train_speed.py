@@ -5,6 +5,8 @@ with a GradScaler on CUDA (fp32 on CPU), the VAE and the text encoder run every 
 clipping at 1.0, the loss read back every step for the progress bar. (Its data is given to it as tensors already
 on the device, which flatters it: the script decodes and transforms images in a DataLoader.) Ours is
 `train.train_step` itself, on a Trainer from `train.setup_training`: the very code `train.run` runs.
+
+The functions return their figures and print only progress, on stderr; `python -m benchmarks` prints the tables.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import copy
 import gc
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,9 @@ from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
 
 IDENTIFIER, CLASS_NOUN = "sks", "dog"
 NUM_IMAGES = 4  # subject images, and as many prior images
+PRIOR_PROMPT = f"a {CLASS_NOUN}"
+TINY_MODEL_NAME = "tiny (random weights)"
+SD15_MODEL_NAME = "sd15-shaped (random weights)"
 
 
 def build_sd15_shaped_pipeline(seed: int = 0):
@@ -36,6 +43,8 @@ def build_sd15_shaped_pipeline(seed: int = 0):
     UNet, 84M VAE, 123M CLIP-L text encoder with the real vocabulary."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dreambooth_lib.models.families import StableDiffusion
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -83,7 +92,7 @@ def build_sd15_shaped_pipeline(seed: int = 0):
     )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(models.write_clip_tokenizer(tmp)))
-    return models.sd_pipeline_from_parts(unet, vae, text_encoder, tokenizer)
+    return StableDiffusion.pipeline_from_parts(unet, vae, text_encoder, tokenizer)
 
 
 def _write_images(folder: Path, n: int, resolution: int, seed: int) -> list[str]:
@@ -98,6 +107,52 @@ def _write_images(folder: Path, n: int, resolution: int, seed: int) -> list[str]
         Image.fromarray(pixels).save(folder / f"{i:02d}.png")
         uris.append(str(folder / f"{i:02d}.png"))
     return uris
+
+
+@dataclass
+class BenchModel:
+    """The base pipeline every row works on a copy of, and the subject and prior images it trains on."""
+
+    name: str
+    pipe: Any
+    uri: str | None  # None: built in memory (the SD-1.5-shaped model), saved only if a row needs a folder
+    folder: Path  # a scratch folder for this benchmark's files
+    resolution: int
+    instance_uris: list[str]
+    prior_uris: list[str]
+
+    def pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subject and prior images as tensors: the reference step's input, decoded once."""
+        return (
+            torch.stack([load_image(u, self.resolution) for u in self.instance_uris]),
+            torch.stack([load_image(u, self.resolution) for u in self.prior_uris]),
+        )
+
+
+def prepare_model(model: str | None, sd15_shape: bool, resolution: int | None, folder: Path) -> BenchModel:
+    """The base model (`model`, an SD-1.5-shaped random one, or else a fresh tiny one) and its images in `folder`.
+
+    resolution: None = the model's own (64 px tiny, 512 px SD-1.5).
+    """
+    from dreambooth_lib.models.sampling import default_resolution
+    from dreambooth_lib.testing.tiny_models import build_tiny_model
+
+    if sd15_shape:
+        name, pipe, uri = SD15_MODEL_NAME, build_sd15_shaped_pipeline(), None
+    else:
+        name = model or TINY_MODEL_NAME
+        uri = model or str(build_tiny_model(folder / "tiny"))
+        pipe = models.load_pipeline(uri)
+    resolution = resolution or default_resolution(pipe)
+    return BenchModel(
+        name=name,
+        pipe=pipe,
+        uri=uri,
+        folder=folder,
+        resolution=resolution,
+        instance_uris=_write_images(folder / "instance", NUM_IMAGES, resolution, seed=1),
+        prior_uris=_write_images(folder / "prior", NUM_IMAGES, resolution, seed=2),
+    )
 
 
 def reference_step_fn(
@@ -162,117 +217,11 @@ def reference_step_fn(
     return step
 
 
-def _time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[float, int]:
-    """(seconds per step, peak memory bytes) over `steps` steps after `warmup` untimed ones."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = int(torch.cuda.max_memory_allocated(device))
-    else:
-        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    return (time.perf_counter() - started) / steps, peak
+def reference_label(device: torch.device, name: str = "diffusers-style") -> str:
+    return f"{name} ({'fp16+GradScaler' if device.type == 'cuda' else 'fp32'}, VAE+CLIP per step)"
 
 
-def bench_train(
-    model: str | None = None,
-    sd15_shape: bool = False,
-    steps: int = 20,
-    resolution: int | None = None,
-    device: str = "auto",
-    *,
-    batch_size: int = 1,
-    warmup: int = 2,
-    mode: str = "full",
-    compile: bool = False,
-) -> dict[str, Any]:
-    """Time the reference step and ours on the same model and device; print a table and return the figures.
-
-    model: a base model URI (default: a fresh tiny model); sd15_shape: an SD-1.5-sized random model instead.
-    resolution: None = the model's own (64 px tiny, 512 px SD-1.5). On CPU, peak memory is the process's peak
-    RSS, which only grows: ours (measured second) includes the reference's.
-    """
-    from dreambooth_lib.models.sampling import default_resolution
-
-    dev = torch.device(models.resolve_device(device))
-    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
-        if sd15_shape:
-            model_name, base = "sd15-shaped (random weights)", build_sd15_shaped_pipeline()
-        else:
-            model_name = model or "tiny (random weights)"
-            uri = model or str(models.build_tiny_model(Path(tmp) / "tiny"))
-            base = models.load_pipeline(uri)
-        resolution = resolution or default_resolution(base)
-        instance_uris = _write_images(Path(tmp) / "instance", NUM_IMAGES, resolution, seed=1)
-        prior_uris = _write_images(Path(tmp) / "prior", NUM_IMAGES, resolution, seed=2)
-        config = TrainConfig(
-            mode=mode,
-            resolution=resolution,
-            batch_size=batch_size,
-            steps=steps,
-            device=str(dev),
-            compile=compile,
-        )
-
-        reference = reference_step_fn(
-            copy.deepcopy(base),
-            torch.stack([load_image(u, resolution) for u in instance_uris]),
-            torch.stack([load_image(u, resolution) for u in prior_uris]),
-            config,
-            dev,
-        )
-        ref_s, ref_peak = _time_steps(reference, steps, warmup, dev)
-        del reference
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-
-        trainer = setup_training(
-            base, instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}", config, dev
-        )
-        ours_s, ours_peak = _time_steps(lambda: train_step(trainer), steps, warmup, dev)
-
-    ours_label = f"ours ({trainer.speed.precision}, cached latents, {'fused ' if trainer.speed.fused_adam else ''}AdamW)"
-    ref_label = f"diffusers-style ({'fp16+GradScaler' if dev.type == 'cuda' else 'fp32'}, VAE+CLIP per step)"
-    result = {
-        "model": model_name,
-        "device": str(dev),
-        "resolution": resolution,
-        "batch_size": batch_size,
-        "mode": mode,
-        "steps": steps,
-        "reference_s_per_step": ref_s,
-        "ours_s_per_step": ours_s,
-        "speedup": ref_s / ours_s if ours_s > 0 else float("inf"),
-        "reference_peak_memory_bytes": ref_peak,
-        "ours_peak_memory_bytes": ours_peak,
-        "peak_memory_kind": "cuda max_memory_allocated"
-        if dev.type == "cuda"
-        else "process peak RSS (cumulative)",
-    }
-    width = max(len(ours_label), len(ref_label))
-    print(
-        f"model: {model_name}   device: {dev}   {resolution} px   {batch_size}+{batch_size} images/step   {steps} steps"
-    )
-    print(f"{'loop':<{width}}  {'s/step':>8}  {'peak memory':>12}")
-    print(f"{ref_label:<{width}}  {ref_s:8.4f}  {ref_peak / 2**30:9.2f} GiB")
-    print(f"{ours_label:<{width}}  {ours_s:8.4f}  {ours_peak / 2**30:9.2f} GiB")
-    print(
-        f"speed-up (reference / ours): {result['speedup']:.2f}x   peak memory: {result['peak_memory_kind']}"
-    )
-    return result
-
-
-# --- prior sampling, packed LoRA, and everything in one table ------------------------------------------------------
-
-PRIOR_PROMPT = f"a {CLASS_NOUN}"
+# --- timing --------------------------------------------------------------------------------------------------------
 
 
 def _sync(device: torch.device) -> None:
@@ -291,6 +240,127 @@ def _peak(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _time_steps(
+    step: Callable[[], Any],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, int]:
+    """(seconds per step, peak memory bytes) over `steps` steps after `warmup` untimed ones."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    started = clock()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (clock() - started) / steps, _peak(device)
+
+
+def time_row(
+    label: str,
+    step: Callable[[], Any],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    subjects: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """One training row: s/step over `steps` timed steps, and subjects·steps/s (a step trains `subjects`)."""
+    s, peak = _time_steps(step, steps, warmup, device, clock)
+    return {"row": label, "s_per_step": s, "subject_steps_per_s": subjects / s, "peak_memory_bytes": peak}
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# --- one training step, reference against ours --------------------------------------------------------------------
+
+
+def bench_train(
+    model: str | None = None,
+    sd15_shape: bool = False,
+    steps: int = 20,
+    resolution: int | None = None,
+    device: str = "auto",
+    *,
+    batch_size: int = 1,
+    warmup: int = 2,
+    mode: str = "full",
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Time the reference step and ours on the same model and device; return the figures (`render_train_table`).
+
+    model: a base model URI (default: a fresh tiny model); sd15_shape: an SD-1.5-sized random model instead.
+    resolution: None = the model's own (64 px tiny, 512 px SD-1.5). On CPU, peak memory is the process's peak
+    RSS, which only grows: ours (measured second) includes the reference's.
+    """
+    dev = torch.device(models.resolve_device(device))
+    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
+        bm = prepare_model(model, sd15_shape, resolution, Path(tmp))
+        base, resolution, instance_uris, prior_uris = bm.pipe, bm.resolution, bm.instance_uris, bm.prior_uris
+        config = TrainConfig(
+            mode=mode,
+            resolution=resolution,
+            batch_size=batch_size,
+            steps=steps,
+            device=str(dev),
+            compile=compile,
+        )
+        reference = reference_step_fn(copy.deepcopy(base), *bm.pixels(), config, dev)
+        ref_s, ref_peak = _time_steps(reference, steps, warmup, dev)
+        del reference
+        _reset_peak(dev)
+
+        trainer = setup_training(
+            base, instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}", config, dev
+        )
+        ours_s, ours_peak = _time_steps(lambda: train_step(trainer), steps, warmup, dev)
+
+    return {
+        "model": bm.name,
+        "device": str(dev),
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "mode": mode,
+        "steps": steps,
+        "reference": reference_label(dev),
+        "ours": f"ours ({trainer.speed.precision}, cached latents, "
+        f"{'fused ' if trainer.speed.fused_adam else ''}AdamW)",
+        "reference_s_per_step": ref_s,
+        "ours_s_per_step": ours_s,
+        "speedup": ref_s / ours_s if ours_s > 0 else float("inf"),
+        "reference_peak_memory_bytes": ref_peak,
+        "ours_peak_memory_bytes": ours_peak,
+        "peak_memory_kind": "cuda max_memory_allocated"
+        if dev.type == "cuda"
+        else "process peak RSS (cumulative)",
+    }
+
+
+def render_train_table(result: dict[str, Any]) -> str:
+    """bench_train's figures as a plain-text table with the speed-up."""
+    r = result
+    width = max(len(r["ours"]), len(r["reference"]))
+    lines = [
+        f"model: {r['model']}   device: {r['device']}   {r['resolution']} px   "
+        f"{r['batch_size']}+{r['batch_size']} images/step   {r['steps']} steps",
+        f"{'loop':<{width}}  {'s/step':>8}  {'peak memory':>12}",
+        f"{r['reference']:<{width}}  {r['reference_s_per_step']:8.4f}  "
+        f"{r['reference_peak_memory_bytes'] / 2**30:9.2f} GiB",
+        f"{r['ours']:<{width}}  {r['ours_s_per_step']:8.4f}  {r['ours_peak_memory_bytes'] / 2**30:9.2f} GiB",
+        f"speed-up (reference / ours): {r['speedup']:.2f}x   peak memory: {r['peak_memory_kind']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- prior sampling ------------------------------------------------------------------------------------------------
 
 
 def bench_prior(
@@ -362,6 +432,48 @@ def bench_prior(
     return figures
 
 
+def prior_ways(figures: dict[str, Any]) -> list[str]:
+    """The ways bench_prior timed, in its order: naive, ours, and compiled when it was asked for."""
+    return [way for way in ("naive", "ours", "compiled") if way in figures]
+
+
+def prior_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """bench_prior's figures as rows of the one table (images/s and peak memory)."""
+    rows = []
+    for way in prior_ways(figures):
+        p = figures[way]
+        how = "torch.compile, " if way == "compiled" else ""
+        compile_note = f"; {p['compile_s']:.0f} s to compile" if way == "compiled" else ""
+        rows.append(
+            {
+                "row": f"prior sampling, {way} ({how}{p['dtype']}, batch {p['batch_size']}, "
+                f"{figures['steps']} steps{compile_note})",
+                "images_per_s": p["images_per_s"],
+                "peak_memory_bytes": p["peak_memory_bytes"],
+            }
+        )
+    return rows
+
+
+def render_prior_table(figures: dict[str, Any]) -> str:
+    """bench_prior's figures as their own Markdown table, with each way's warm-up (for compiled: compiling)."""
+    lines = [
+        f"| prior sampling, {figures['resolution']} px, {figures['steps']} steps | images/s | warm-up s | "
+        "peak memory GiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for way in prior_ways(figures):
+        f = figures[way]
+        lines.append(
+            f"| {way} ({f['dtype']}, batch {f['batch_size']}) | {f['images_per_s']:.2f} | {f['warm_up_s']:.1f} | "
+            f"{f['peak_memory_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- packed LoRA and one subject end to end ------------------------------------------------------------------------
+
+
 def _packed_step_fn(base, k: int, config: TrainConfig, dev: torch.device, folder: Path, resolution: int):
     """A packed K-subject LoRA step on a copy of `base` (each subject NUM_IMAGES images, one shared prior set)."""
     from dreambooth_lib.train import multi_subject as packed
@@ -385,6 +497,46 @@ def _packed_step_fn(base, k: int, config: TrainConfig, dev: torch.device, folder
     return lambda: packed.packed_step(trainer)
 
 
+def _end_to_end_config(root: Path, model_uri: str, dev: torch.device, resolution: int, *, mode: str,
+                       prior_images: int, train_steps: int, eval_prompts: int, images_per_prompt: int,
+                       sample_steps: int, prior_batch_size: int, cuda_graph: bool):  # fmt: skip
+    """The RunConfig of bench_end_to_end's subject: photos under `root`, tiny random DINO and CLIP evaluators."""
+    from dreambooth_lib.config import EvalConfig, IngestConfig, PriorConfig, RunConfig, Subject
+    from dreambooth_lib.testing import evaluators
+
+    _write_images(root / "photos", NUM_IMAGES, resolution, seed=7)
+    return RunConfig(
+        base_model=model_uri,
+        subject=Subject(name="bench", class_noun=CLASS_NOUN, images=str(root / "photos")),
+        run_dir=str(root / "run"),
+        ingest=IngestConfig(resolution=resolution, min_side=min(256, resolution)),
+        prior=PriorConfig(
+            num_images=prior_images, steps=sample_steps, batch_size=prior_batch_size, device=str(dev)
+        ),
+        train=TrainConfig(
+            mode=mode,
+            steps=train_steps,
+            resolution=resolution,
+            learning_rate=1e-4 if mode == "lora" else 5e-6,
+            checkpoint_every=0,
+            log_every=max(train_steps // 10, 1),
+            device=str(dev),
+            cuda_graph=cuda_graph,
+        ),
+        eval=EvalConfig(
+            max_prompts=eval_prompts,
+            images_per_prompt=images_per_prompt,
+            pres_images=0,
+            steps=sample_steps,
+            batch_size=prior_batch_size,
+            dino_model=str(evaluators.build_tiny_dino(root / "dino")),
+            clip_model=str(evaluators.build_tiny_clip(root / "clip")),
+            device=str(dev),
+        ),
+        samples_per_prompt=0,
+    )
+
+
 def bench_end_to_end(
     model_uri: str,
     device: str | torch.device = "auto",
@@ -403,60 +555,160 @@ def bench_end_to_end(
     """One subject through `dreambooth run` (personalize.run): ingest → identifier → `prior_images` priors →
     `train_steps` steps → evaluation (`eval_prompts` × `images_per_prompt` images). The DINO and CLIP evaluators
     are tiny random models (nothing is downloaded): the real ViT-S/16 and CLIP B/32 cost a few seconds more.
-    cuda_graph: train with train.cuda_graph (CUDA only; ignored elsewhere, as in any run)."""
-    from dreambooth_lib.config import EvalConfig, IngestConfig, PriorConfig, RunConfig, Subject
+    cuda_graph: train with train.cuda_graph (CUDA only; ignored elsewhere, as in any run). The counts reported
+    are what the run recorded (its prior set, its training summary, its metrics.json), not what was asked."""
+    from dreambooth_lib import storage
+    from dreambooth_lib.evaluate import METRICS_NAME
     from dreambooth_lib.runs import personalize
-    from dreambooth_lib.testing import evaluators
+    from dreambooth_lib.train import SUMMARY_NAME
 
     dev = torch.device(models.resolve_device(str(device)))
     with tempfile.TemporaryDirectory(prefix="dreambooth-e2e-", dir=work_dir) as tmp:
-        root = Path(tmp)
-        _write_images(root / "photos", NUM_IMAGES, resolution, seed=7)
-        config = RunConfig(
-            base_model=model_uri,
-            subject=Subject(name="bench", class_noun=CLASS_NOUN, images=str(root / "photos")),
-            run_dir=str(root / "run"),
-            ingest=IngestConfig(resolution=resolution, min_side=min(256, resolution)),
-            prior=PriorConfig(
-                num_images=prior_images, steps=sample_steps, batch_size=prior_batch_size, device=str(dev)
-            ),
-            train=TrainConfig(
-                mode=mode,
-                steps=train_steps,
-                resolution=resolution,
-                learning_rate=1e-4 if mode == "lora" else 5e-6,
-                checkpoint_every=0,
-                log_every=max(train_steps // 10, 1),
-                device=str(dev),
-                cuda_graph=cuda_graph,
-            ),
-            eval=EvalConfig(
-                max_prompts=eval_prompts,
-                images_per_prompt=images_per_prompt,
-                pres_images=0,
-                steps=sample_steps,
-                batch_size=prior_batch_size,
-                dino_model=str(evaluators.build_tiny_dino(root / "dino")),
-                clip_model=str(evaluators.build_tiny_clip(root / "clip")),
-                device=str(dev),
-            ),
-            samples_per_prompt=0,
-        )
+        config = _end_to_end_config(
+            Path(tmp), model_uri, dev, resolution, mode=mode, prior_images=prior_images, train_steps=train_steps,
+            eval_prompts=eval_prompts, images_per_prompt=images_per_prompt, sample_steps=sample_steps,
+            prior_batch_size=prior_batch_size, cuda_graph=cuda_graph,
+        )  # fmt: skip
         _reset_peak(dev)
         started = time.perf_counter()
         result = personalize.run(config)
         _sync(dev)
         wall = time.perf_counter() - started
+        run_dir = config.run_dir
+        prior_record = storage.read_json(storage.join(run_dir, "prior.json"))
+        train_record = storage.read_json(storage.join(run_dir, "train", SUMMARY_NAME))
+        eval_record = storage.read_json(storage.join(run_dir, "eval", METRICS_NAME))
     return {
         "mode": mode,
         "cuda_graph": cuda_graph and dev.type == "cuda",
-        "prior_images": prior_images,
-        "train_steps": train_steps,
-        "eval_images": eval_prompts * images_per_prompt,
+        "prior_images": len(prior_record["images"]),
+        "train_steps": train_record["steps"],
+        "eval_images": eval_record["counts"]["generated"],
         "wall_time_s": wall,
         "step_times_s": result.step_times_s,
         "peak_memory_bytes": _peak(dev),
     }
+
+
+# --- every figure in one table -------------------------------------------------------------------------------------
+
+
+class BenchTable:
+    """The rows measured so far; rewritten to `out_markdown` after every row, so a run cut off by a time limit
+    still leaves what it measured."""
+
+    def __init__(self, title: str, out_markdown: str | None) -> None:
+        self.title = title
+        self.out_markdown = out_markdown
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, *rows: dict[str, Any]) -> None:
+        for row in rows:
+            self.rows.append(row)
+            shown = f"{row['s_per_step']:.4f} s/step" if "s_per_step" in row else "done"
+            _progress(f"  {row['row']}: {shown}")
+        self.write(self.title + " (partial)")
+
+    def write(self, title: str) -> str:
+        table = render_bench_table(self.rows, title)
+        if self.out_markdown:
+            from dreambooth_lib import storage
+
+            storage.write_text(self.out_markdown, table)
+        return table
+
+
+def _training_rows(
+    bm: BenchModel, dev: torch.device, table: BenchTable, *, steps: int, warmup: int,
+    ks: tuple[int, ...], cuda_graph: bool,
+) -> None:  # fmt: skip
+    """The diffusers-style step, our full and LoRA steps (each also as a CUDA graph with `cuda_graph` on CUDA),
+    and the packed K-subject LoRA step for each K."""
+    cuda = dev.type == "cuda"
+    base, resolution, instance_uris, prior_uris = bm.pipe, bm.resolution, bm.instance_uris, bm.prior_uris
+    full = TrainConfig(mode="full", resolution=resolution, steps=steps, device=str(dev))
+    lora_config = full.model_copy(update={"mode": "lora", "learning_rate": 1e-4})
+
+    def timed(
+        label: str, make_step: Callable[[], Callable[[], Any]], subjects: int = 1, extra_warmup: int = 0
+    ):
+        _reset_peak(dev)
+        step = make_step()
+        table.add(time_row(label, step, steps, warmup + extra_warmup, dev, subjects))
+        del step
+
+    pixels = bm.pixels()
+    timed(
+        reference_label(dev, "diffusers-style full FT"),
+        lambda: reference_step_fn(copy.deepcopy(base), *pixels, full, dev),
+    )
+
+    def ours(config: TrainConfig):
+        trainer = setup_training(
+            copy.deepcopy(base), instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}",
+            config, dev,
+        )  # fmt: skip
+        if trainer.speed.cuda_graph:  # one eager warm-up step, then capture: the timed steps are replays
+            return graphs.GraphedStep(trainer, warmup=1)
+        return lambda: train_step(trainer)
+
+    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    full_label = f"ours full FT ({precision}, cached latents{', fused AdamW' if cuda else ''})"
+    lora_label = f"ours LoRA r{lora_config.lora_rank} ({precision})"
+    for row_label, config in ((full_label, full), (lora_label, lora_config)):
+        timed(row_label, lambda config=config: ours(config))
+        if cuda and cuda_graph:
+            graph_config = config.model_copy(update={"cuda_graph": True})
+            timed(f"{row_label} + CUDA graph", lambda c=graph_config: ours(c), extra_warmup=1)
+    for k in ks:
+        folder = bm.folder / f"packed-{k}"
+        timed(
+            f"packed LoRA, K={k} subjects",
+            lambda k=k, folder=folder: _packed_step_fn(base, k, lora_config, dev, folder, resolution),
+            subjects=k,
+        )
+
+
+# CPU end-to-end counts: tiny, so the row takes seconds; on CUDA bench_end_to_end's defaults (the issue-6 run)
+CPU_END_TO_END_COUNTS = {
+    "prior_images": 4,
+    "train_steps": 10,
+    "eval_prompts": 2,
+    "images_per_prompt": 1,
+    "sample_steps": 2,
+}
+
+
+def _end_to_end_row(
+    bm: BenchModel, dev: torch.device, table: BenchTable, *, mode: str, cuda_graph: bool,
+    counts: dict[str, int] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """One subject end to end on the benchmark's model (saved to a folder first if it lives in memory only)."""
+    graphed = cuda_graph and dev.type == "cuda"
+    if bm.uri is None:  # the run loads its model from a folder, like any run
+        bm.uri = str(bm.folder / "sd15")
+        bm.pipe.save_pretrained(bm.uri, safe_serialization=True)
+    bm.pipe = None  # the run loads its own copy
+    gc.collect()
+    figures = bench_end_to_end(
+        bm.uri,
+        dev,
+        resolution=bm.resolution,
+        mode=mode,
+        cuda_graph=graphed,
+        work_dir=bm.folder,
+        **(({} if dev.type == "cuda" else CPU_END_TO_END_COUNTS) | (counts or {})),
+    )
+    table.add(
+        {
+            "row": f"one subject end to end ({mode}{' + CUDA graph' if graphed else ''}: "
+            f"{figures['prior_images']} priors, {figures['train_steps']} steps, "
+            f"{figures['eval_images']} eval images)",
+            "wall_time_s": figures["wall_time_s"],
+            "peak_memory_bytes": figures["peak_memory_bytes"],
+        }
+    )
+    return figures
 
 
 def bench_all(
@@ -478,173 +730,56 @@ def bench_all(
     prior_compile: bool = False,
     out_markdown: str | None = None,
 ) -> dict[str, Any]:
-    """Every speed figure for one model on one device, in one process, printed as one Markdown table:
+    """Every speed figure for one model on one device, in one process, as one Markdown table (`markdown`):
     the diffusers-style step, our full fine-tune step, our LoRA step, the packed K-subject LoRA step for each K
     (s/step and subjects·steps/s), prior sampling (naive vs ours, images/s), and with `e2e` one subject end to end.
 
     model: a base model URI (default: a fresh tiny model); sd15_shape: an SD-1.5-sized random model instead.
     resolution: None = the model's own (64 px tiny, 512 px SD-1.5). prior_images / prior_batch_size: None = 32 / 16
     on CUDA, 4 / 2 on CPU. e2e_counts: overrides of bench_end_to_end's counts (prior_images, train_steps,
-    eval_prompts, images_per_prompt, sample_steps); on CPU the defaults are tiny (4 priors, 10 steps, 2 × 1 images).
+    eval_prompts, images_per_prompt, sample_steps); on CPU the defaults are tiny (CPU_END_TO_END_COUNTS).
     cuda_graph: on CUDA, also time the full and LoRA steps as replayed CUDA graphs (train.cuda_graph), and run
     the end-to-end subject with it. prior_compile: also time prior sampling with a torch.compile'd UNet (minutes
     of compiling, reported in the row). out_markdown: also write the table there (local or gs://), after every
-    row, so a run cut off by a time limit still leaves what it measured. Peak memory on CPU is the process's peak
-    RSS, which only grows; on CUDA each row's own max_memory_allocated.
+    row. Peak memory on CPU is the process's peak RSS, which only grows; on CUDA each row's own
+    max_memory_allocated. Progress goes to stderr; nothing is printed on stdout.
     """
-    from dreambooth_lib import storage
-    from dreambooth_lib.models.sampling import default_resolution
-
     dev = torch.device(models.resolve_device(device))
     cuda = dev.type == "cuda"
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
-        root = Path(tmp)
-        if sd15_shape:
-            model_name, base, model_uri = "sd15-shaped (random weights)", build_sd15_shaped_pipeline(), None
-        else:
-            model_name = model or "tiny (random weights)"
-            model_uri = model or str(models.build_tiny_model(root / "tiny"))
-            base = models.load_pipeline(model_uri)
-        resolution = resolution or default_resolution(base)
-        instance_uris = _write_images(root / "instance", NUM_IMAGES, resolution, seed=1)
-        prior_uris = _write_images(root / "prior", NUM_IMAGES, resolution, seed=2)
-        full = TrainConfig(mode="full", resolution=resolution, steps=steps, device=str(dev))
-        lora_config = full.model_copy(update={"mode": "lora", "learning_rate": 1e-4})
-
-        def partial_table() -> None:
-            if out_markdown:
-                storage.write_text(out_markdown, render_bench_table(rows, f"model: {model_name} (partial)"))
-
-        def timed(label: str, step_fn_factory, subjects: int = 1, extra_warmup: int = 0) -> None:
-            _reset_peak(dev)
-            step_fn = step_fn_factory()
-            s, peak = _time_steps(step_fn, steps, warmup + extra_warmup, dev)
-            rows.append(
-                {
-                    "row": label,
-                    "s_per_step": s,
-                    "subject_steps_per_s": subjects / s,
-                    "peak_memory_bytes": peak,
-                }
-            )
-            print(f"  {label}: {s:.4f} s/step", flush=True)
-            del step_fn
-            partial_table()
-
-        pixels = (
-            torch.stack([load_image(u, resolution) for u in instance_uris]),
-            torch.stack([load_image(u, resolution) for u in prior_uris]),
+        bm = prepare_model(model, sd15_shape, resolution, Path(tmp))
+        title = (
+            f"model: {bm.name}   device: {dev}   {bm.resolution} px   1+1 images/step   {steps} timed steps"
         )
-        timed(
-            f"diffusers-style full FT ({'fp16+GradScaler' if cuda else 'fp32'}, VAE+CLIP per step)",
-            lambda: reference_step_fn(copy.deepcopy(base), *pixels, full, dev),
-        )
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-        label = f"ours full FT ({precision}, cached latents{', fused AdamW' if cuda else ''})"
-
-        def ours(config: TrainConfig):
-            trainer = setup_training(
-                copy.deepcopy(base), instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}",
-                config, dev,
-            )  # fmt: skip
-            if trainer.speed.cuda_graph:  # one eager warm-up step, then capture: the timed steps are replays
-                return graphs.GraphedStep(trainer, warmup=1)
-            return lambda: train_step(trainer)
-
-        graphed = cuda and cuda_graph
-        lora_label = f"ours LoRA r{lora_config.lora_rank} ({precision})"
-        for row_label, config in ((label, full), (lora_label, lora_config)):
-            timed(row_label, lambda config=config: ours(config))
-            if graphed:
-                graph_config = config.model_copy(update={"cuda_graph": True})
-                timed(f"{row_label} + CUDA graph", lambda c=graph_config: ours(c), extra_warmup=1)
-        for k in ks:
-            folder = root / f"packed-{k}"
-            timed(
-                f"packed LoRA, K={k} subjects",
-                lambda k=k, folder=folder: _packed_step_fn(base, k, lora_config, dev, folder, resolution),
-                subjects=k,
-            )
-
+        table = BenchTable(title, out_markdown)
+        _training_rows(bm, dev, table, steps=steps, warmup=warmup, ks=ks, cuda_graph=cuda_graph)
         n_prior = prior_images or (32 if cuda else 4)
         prior = bench_prior(
-            base,
+            bm.pipe,
             dev,
             num_images=n_prior,
             naive_images=max(2, n_prior // 8),
             steps=prior_steps if cuda else min(prior_steps, 4),
             batch_size=prior_batch_size or (16 if cuda else 2),
-            resolution=resolution,
+            resolution=bm.resolution,
             compiled=prior_compile,
         )
-        for label in ("naive", "ours", "compiled")[: 3 if prior_compile else 2]:
-            p = prior[label]
-            how = "torch.compile, " if label == "compiled" else ""
-            compile_note = f"; {p['compile_s']:.0f} s to compile" if label == "compiled" else ""
-            rows.append(
-                {
-                    "row": f"prior sampling, {label} ({how}{p['dtype']}, batch {p['batch_size']}, "
-                    f"{prior['steps']} steps{compile_note})",
-                    "images_per_s": p["images_per_s"],
-                    "peak_memory_bytes": p["peak_memory_bytes"],
-                }
-            )
-        partial_table()
-
-        end_to_end = None
-        if e2e:
-            counts = (
-                {}
-                if cuda
-                else {
-                    "prior_images": 4,
-                    "train_steps": 10,
-                    "eval_prompts": 2,
-                    "images_per_prompt": 1,
-                    "sample_steps": 2,
-                }
-            )
-            counts |= e2e_counts or {}
-            if model_uri is None:  # the run loads its model from a folder, like any run
-                model_uri = str(root / "sd15")
-                base.save_pretrained(model_uri, safe_serialization=True)
-            del base
-            gc.collect()
-            end_to_end = bench_end_to_end(
-                model_uri,
-                dev,
-                resolution=resolution,
-                mode=e2e_mode,
-                cuda_graph=graphed,
-                work_dir=tmp,
-                **counts,
-            )
-            rows.append(
-                {
-                    "row": f"one subject end to end ({e2e_mode}{' + CUDA graph' if graphed else ''}: "
-                    f"{end_to_end['prior_images']} priors, "
-                    f"{end_to_end['train_steps']} steps, {end_to_end['eval_images']} eval images)",
-                    "wall_time_s": end_to_end["wall_time_s"],
-                    "peak_memory_bytes": end_to_end["peak_memory_bytes"],
-                }
-            )
-
-    title = f"model: {model_name}   device: {dev}   {resolution} px   1+1 images/step   {steps} timed steps"
-    table = render_bench_table(rows, title)
-    print(table)
-    if out_markdown:
-        storage.write_text(out_markdown, table)
+        table.add(*prior_rows(prior))
+        end_to_end = (
+            _end_to_end_row(bm, dev, table, mode=e2e_mode, cuda_graph=cuda_graph, counts=e2e_counts)
+            if e2e
+            else None
+        )
     return {
-        "model": model_name,
+        "model": bm.name,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
-        "resolution": resolution,
+        "resolution": bm.resolution,
         "steps": steps,
-        "rows": rows,
+        "rows": table.rows,
         "prior": prior,
         "end_to_end": end_to_end,
-        "markdown": table,
+        "markdown": table.write(title),
     }
 
 

@@ -56,7 +56,8 @@ AllowPickleOpt = Annotated[
 ]
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Only errors from the libraries underneath, and no progress bars of theirs: a command's output is its own."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -67,8 +68,10 @@ def _quiet_libraries() -> None:
     import logging
 
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components": noise on every load
+    transformers_logging.disable_progress_bar()  # "Loading weights", per component
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "diffusers", "httpx", "urllib3", "google", "kfp"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -81,7 +84,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from dreambooth_lib.errors import DreamboothError
 
-        _quiet_libraries()
+        quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except DreamboothError as err:

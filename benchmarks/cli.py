@@ -1,0 +1,167 @@
+"""`python -m benchmarks`: the speed benchmarks from a checkout (they are not part of the installed package).
+
+Each command prints its table on stdout, or with --json only one JSON object; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="Speed benchmarks, run from a checkout: printed figures against a baseline run in the same process.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="print only the figures, as one JSON object, on stdout")
+]
+ModelOpt = Annotated[str | None, typer.Option(help="base model (default: a fresh tiny model)")]
+Sd15Opt = Annotated[bool, typer.Option(help="an SD-1.5-sized random-weight model (GPU runs)")]
+ResolutionOpt = Annotated[int | None, typer.Option(help="image side (default: the model's own)")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+OutOpt = Annotated[str | None, typer.Option(help="also write the table as Markdown here (local or gs://)")]
+
+
+@app.callback()
+def _quiet() -> None:
+    from dreambooth_lib.cli import quiet_libraries
+
+    quiet_libraries()
+
+
+def _emit(result: dict[str, Any], table: str, as_json: bool) -> None:
+    typer.echo(json.dumps(result, default=str) if as_json else table, nl=as_json)
+
+
+@app.command()
+def train(
+    model: ModelOpt = None,
+    sd15_shape: Sd15Opt = False,
+    steps: int = 20,
+    resolution: ResolutionOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+):
+    """Time a diffusers-style DreamBooth step against ours, same model and device, one process.
+
+    Example: python -m benchmarks train --sd15-shape --resolution 512 --steps 50
+    """
+    from benchmarks.train_speed import bench_train, render_train_table
+
+    result = bench_train(
+        model=model, sd15_shape=sd15_shape, steps=steps, resolution=resolution, device=device
+    )
+    _emit(result, render_train_table(result), as_json)
+
+
+@app.command("all")
+def all_rows(
+    model: ModelOpt = None,
+    sd15_shape: Sd15Opt = False,
+    resolution: ResolutionOpt = None,
+    device: DeviceOpt = "auto",
+    steps: Annotated[int, typer.Option(help="timed steps per training row")] = 10,
+    warmup: Annotated[int, typer.Option(help="untimed steps before each training row")] = 2,
+    ks: Annotated[str, typer.Option(help="packed subject counts, comma-separated")] = "1,4,8,16",
+    prior_images: Annotated[
+        int | None, typer.Option(help="prior images timed (default: 32 CUDA, 4 CPU)")
+    ] = None,
+    prior_steps: Annotated[int, typer.Option(help="sampler steps per prior image (at most 4 on CPU)")] = 25,
+    e2e: Annotated[bool, typer.Option(help="also one subject end to end")] = False,
+    e2e_mode: Annotated[str, typer.Option(help="lora or full")] = "lora",
+    e2e_steps: Annotated[
+        int | None, typer.Option(help="end-to-end training steps (default: 1000 CUDA, 10 CPU)")
+    ] = None,
+    e2e_priors: Annotated[
+        int | None, typer.Option(help="end-to-end prior images (default: 200 CUDA, 4 CPU)")
+    ] = None,
+    cuda_graph: Annotated[
+        bool, typer.Option(help="on CUDA, also time full/LoRA steps as CUDA graphs (and the e2e run)")
+    ] = True,
+    prior_compile: Annotated[
+        bool, typer.Option(help="also time prior sampling with a torch.compile'd UNet (minutes)")
+    ] = False,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Full table: diffusers-style vs our full-FT step, LoRA, packed K-subject LoRA, prior images/s, end to end.
+
+    Example: python -m benchmarks all --sd15-shape --resolution 512 --e2e --out bench.md
+    """
+    from benchmarks.train_speed import bench_all
+
+    counts = {"train_steps": e2e_steps, "prior_images": e2e_priors}
+    result = bench_all(
+        model=model,
+        sd15_shape=sd15_shape,
+        resolution=resolution,
+        device=device,
+        steps=steps,
+        ks=tuple(int(k) for k in ks.split(",") if k.strip()),
+        e2e=e2e,
+        warmup=warmup,
+        prior_images=prior_images,
+        prior_steps=prior_steps,
+        e2e_mode=e2e_mode,
+        e2e_counts={k: v for k, v in counts.items() if v is not None},
+        cuda_graph=cuda_graph,
+        prior_compile=prior_compile,
+        out_markdown=out,
+    )
+    _emit(result, result["markdown"], as_json)
+
+
+@app.command()
+def prior(
+    model: ModelOpt = None,
+    sd15_shape: Sd15Opt = False,
+    resolution: ResolutionOpt = None,
+    device: DeviceOpt = "auto",
+    images: Annotated[int, typer.Option(help="images timed, ours and compiled")] = 32,
+    naive_images: Annotated[int, typer.Option(help="images timed one per call")] = 4,
+    steps: Annotated[int, typer.Option(help="sampler steps per image")] = 25,
+    batch_size: int = 16,
+    compiled: Annotated[
+        bool, typer.Option(help="also a torch.compile'd UNet (compiling takes minutes)")
+    ] = False,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Class-prior sampling, images/s: one image per call (naive) against ours (batched, fp16 on CUDA).
+
+    Example: python -m benchmarks prior --sd15-shape --resolution 512 --images 64 --batch-size 32 --compiled
+    """
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.train_speed import bench_prior, prepare_model, render_prior_table
+
+    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
+        bm = prepare_model(model, sd15_shape, resolution, Path(tmp))
+        result = bench_prior(
+            bm.pipe, device, num_images=images, naive_images=naive_images, steps=steps, batch_size=batch_size,
+            resolution=bm.resolution, compiled=compiled,
+        )  # fmt: skip
+    table = render_prior_table(result)
+    if out:
+        from dreambooth_lib import storage
+
+        storage.write_text(out, table)
+    _emit(result, table, as_json)
+
+
+@app.command("host-syncs")
+def host_syncs(device: DeviceOpt = "cuda", as_json: JsonOpt = False):
+    """Check that our eager full and packed training steps read nothing back to the host (CUDA's sync debug mode).
+
+    Example: python -m benchmarks host-syncs --device cuda
+    """
+    from benchmarks.host_syncs import check_host_syncs
+
+    found = check_host_syncs(device)
+    _emit(found, "".join(f"host syncs in {name}: {what}\n" for name, what in found.items()), as_json)
