@@ -96,10 +96,19 @@ class PriorConfig(_Strict):
     )
 
 
+DEFAULT_LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}
+
+
 class TrainConfig(_Strict):
     mode: Literal["full", "lora"] = "full"
     steps: int = Field(1000, ge=1, le=1_000_000)
-    learning_rate: float = Field(5e-6, gt=0, le=1.0, description="the paper's 5e-6 for a full SD fine-tune")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1.0,
+        description="None: by mode, the paper's 5e-6 for a full fine-tune, 1e-4 for LoRA (as diffusers' LoRA "
+        "script: few, zero-initialised parameters need ~20x the rate)",
+    )
     prior_loss_weight: float = Field(1.0, ge=0, description="lambda of Eq. 2; 0 turns prior preservation off")
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = Field(None, gt=0)
@@ -133,6 +142,14 @@ class TrainConfig(_Strict):
     )
     log_every: int = Field(10, ge=1)
     device: str = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learning_rate_follows_the_mode(cls, data: Any) -> Any:
+        # filled in here, not left None, so every summary, fingerprint and checkpoint records the rate that ran
+        if isinstance(data, dict) and data.get("learning_rate") is None:
+            data = {**data, "learning_rate": DEFAULT_LEARNING_RATES.get(data.get("mode", "full"), 5e-6)}
+        return data
 
     @model_validator(mode="after")
     def _cuda_graph_is_capturable(self) -> TrainConfig:
@@ -277,7 +294,15 @@ def load_run_config(uri: str | Path, overrides: dict[str, Any] | None = None) ->
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parents):
+            if node.get(p) is None:  # absent, or `registry: null`: the override creates the section
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"{uri}: cannot set {dotted}: {where} is {type(node).__name__}, not a section; "
+                    f"set {where} itself instead"
+                )
         node[leaf] = value
     return parse_config(RunConfig, data, uri)

@@ -110,8 +110,7 @@ def exists(uri: str | Path) -> bool:
             return _client().bucket(bucket).exists()
         if _gcs_call(uri, _blob(uri).exists):
             return True
-        # a "folder": any object under the prefix
-        return any(True for _ in _client().list_blobs(bucket, prefix=name.rstrip("/") + "/", max_results=1))
+        return _any_object_under(uri, bucket, name.rstrip("/") + "/")  # a "folder"
     return Path(uri).exists()
 
 
@@ -119,9 +118,23 @@ def is_dir(uri: str | Path) -> bool:
     uri = str(uri)
     if is_gcs(uri):
         bucket, name = split_gcs(uri)
-        prefix = name.rstrip("/") + "/" if name else ""
-        return any(True for _ in _client().list_blobs(bucket, prefix=prefix, max_results=1))
+        return _any_object_under(uri, bucket, name.rstrip("/") + "/" if name else "")
     return Path(uri).is_dir()
+
+
+def _any_object_under(uri: str, bucket: str, prefix: str) -> bool:
+    """Whether any object's name starts with `prefix`; False in a bucket that does not exist (as for a local
+    path whose parent is missing), while other errors (permissions) still raise StorageError."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        return _gcs_call(
+            uri, lambda: any(True for _ in _client().list_blobs(bucket, prefix=prefix, max_results=1))
+        )
+    except StorageError as err:
+        if isinstance(err.__cause__, gexc.NotFound):
+            return False
+        raise
 
 
 def read_bytes(uri: str | Path) -> bytes:

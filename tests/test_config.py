@@ -32,6 +32,15 @@ def test_defaults_follow_the_paper():
     assert cfg.identifier.max_chars == 3
 
 
+def test_the_default_learning_rate_follows_the_mode():
+    # the paper's rate for a full fine-tune; LoRA's few zero-initialised parameters need ~20x (diffusers' LoRA script)
+    assert parse_config(TrainConfig, {}).learning_rate == 5e-6
+    assert parse_config(TrainConfig, {"mode": "lora"}).learning_rate == 1e-4
+    assert parse_config(TrainConfig, {"mode": "lora", "learning_rate": 3e-4}).learning_rate == 3e-4
+    lora = parse_config(RunConfig, {**GOOD, "train": {"mode": "lora", "learning_rate": None}})
+    assert lora.train.learning_rate == 1e-4  # an explicit null means "the mode's default", as absent does
+
+
 def test_bad_value_names_field_value_and_rule():
     data = {**GOOD, "train": {"learning_rate": -1}}
     with pytest.raises(ConfigError) as err:
@@ -85,6 +94,16 @@ def test_load_yaml_and_json_with_overrides(tmp_path):
     assert cfg.train.steps == 7 and cfg.prior.num_images == 3
     (tmp_path / "run.json").write_text(json.dumps(GOOD))
     assert load_run_config(tmp_path / "run.json").subject.live is True
+
+
+def test_an_override_fills_a_section_the_file_leaves_null(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "base_model: m\nrun_dir: r\nsubject: {name: dog, class_noun: dog, images: p}\nregistry: null\n"
+    )
+    cfg = load_run_config(tmp_path / "run.yaml", {"registry.uri": "gs://b/registry"})
+    assert cfg.registry.uri == "gs://b/registry"
+    with pytest.raises(ConfigError, match=r"cannot set subject\.name\.x: subject\.name is str"):
+        load_run_config(tmp_path / "run.yaml", {"subject.name.x": 1})
 
 
 def test_load_reports_missing_and_malformed_files(tmp_path):

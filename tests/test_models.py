@@ -110,3 +110,21 @@ def test_model_digest_is_content_based(tiny_model, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model, copy)
     assert models.model_digest(str(copy)) == models.model_digest(tiny_model)
+
+
+def test_a_model_has_one_digest_on_gcs_and_on_disk(tiny_model, gcs_bucket, tmp_path):
+    """Prior-set reuse and identifier uniqueness key on the digest: the same bytes give the same key wherever
+    they live (a gs:// prefix, a local copy, a /gcs/ mount), and other bytes another."""
+    import shutil
+
+    from dreambooth_lib import storage
+
+    uri = f"{gcs_bucket}/models/tiny"
+    storage.copy_prefix(tiny_model, uri)
+    assert models.model_digest(uri) == models.model_digest(tiny_model)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model, changed)
+    (changed / "scheduler" / "scheduler_config.json").write_text("{}")
+    storage.copy_prefix(str(changed), f"{gcs_bucket}/models/changed")
+    assert models.model_digest(f"{gcs_bucket}/models/changed") == models.model_digest(str(changed))
+    assert models.model_digest(str(changed)) != models.model_digest(tiny_model)

@@ -210,6 +210,24 @@ def test_settings_that_would_couple_subjects_are_refused(tiny_model, data, tmp_p
         packed.run_packed(tiny_model, subjects(data, tmp_path), CONFIG.model_copy(update=override))
 
 
+def test_every_setting_that_would_couple_subjects_is_named_at_once(tiny_model, data, tmp_path):
+    everything = {
+        "mode": "full",
+        "train_text_encoder": True,
+        "mixed_precision": "fp16",
+        "use_8bit_adam": True,
+    }
+    with pytest.raises(ConfigError) as refused:
+        packed.run_packed(tiny_model, subjects(data, tmp_path), CONFIG.model_copy(update=everything))
+    for named in (
+        "train.mode: lora",
+        "train_text_encoder: false",
+        "mixed_precision: bf16",
+        "use_8bit_adam: false",
+    ):
+        assert named in str(refused.value)
+
+
 def test_subject_without_images_is_named(tiny_model, data, tmp_path):
     bad = subjects(data, tmp_path)
     bad[1] = bad[1].model_copy(update={"instance_dir": str(tmp_path / "empty")})

@@ -49,6 +49,14 @@ def test_missing_file_is_a_clear_error(root):
         storage.read_bytes(storage.join(root, "nope.txt"))
 
 
+def test_a_missing_bucket_holds_nothing(gcs_emulator):
+    """As a local path under a missing folder: nothing exists there (no raw client exception escapes)."""
+    missing = "gs://no-such-bucket-here/models/base"
+    assert not storage.exists(missing) and not storage.is_dir(missing)
+    with pytest.raises(StorageError, match="not found"):
+        storage.read_bytes(missing + "/model_index.json")
+
+
 def test_gcs_generation_precondition(gcs_bucket):
     uri = gcs_bucket + "/index.json"
     storage.write_text(uri, "v1", if_generation_match=0)  # create only if absent

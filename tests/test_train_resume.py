@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -59,12 +58,13 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_sigkilled_run_resumes_bit_identically(tiny_model, data_dirs, uninterrupted, tmp_path):
+# the step right after the first checkpoint (3), and the last one before the end (checkpoints at 3, 6, 9, 12)
+@pytest.mark.parametrize("kill_at", [4, 11])
+def test_sigkilled_run_resumes_bit_identically(tiny_model, data_dirs, uninterrupted, tmp_path, kill_at):
     ref_out, ref = uninterrupted
     assert sorted(p.name for p in Path(ref.checkpoint_dir).iterdir()) == ["step-0000009", "step-0000012"]
     assert Path(ref.checkpoint_dir).parent == ref_out / "checkpoints"  # the default root, keyed by content
 
-    kill_at = random.randint(4, 11)  # any step after the first checkpoint (step 3) is complete
     out = tmp_path / "train"
     proc = subprocess.Popen(
         [sys.executable, str(WORKER), tiny_model, *data_dirs, str(out), CONFIG.model_dump_json()],

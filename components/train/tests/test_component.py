@@ -24,6 +24,22 @@ def test_writes_model_and_lineage(trained):
 
 
 def test_named_params_override_options(ingested, no_prior, tiny_model_dir, tmp_path):
+    """The pipeline's typed parameters win over the same fields in train_options (a stale options dict must not
+    change what the DAG says it trains)."""
+    stale = {"steps": 50, "mode": "full", "resolution": 32, "prior_loss_weight": 1.0, "log_every": 1}
+    out = artifact(Model, tmp_path / "m")
+    fine_tune.python_func(
+        base_model=tiny_model_dir, base_model_digest="", instance_images=ingested, instance_digest="",
+        prior_set=no_prior, checkpoint_root="", identifier="zwx", class_noun="square", resolution=64, steps=1,
+        prior_loss_weight=0.0, mode="lora", trained_model=out, train_options=stale,
+    )  # fmt: skip
+    summary = json.loads((Path(out.path) / "train_summary.json").read_text())
+    assert (summary["steps"], summary["mode"], summary["num_prior_images"]) == (1, "lora", 0)
+    assert (summary["config"]["resolution"], summary["config"]["prior_loss_weight"]) == (64, 0.0)
+    assert summary["config"]["log_every"] == 1  # fields without a typed parameter still come from the options
+
+
+def test_a_bad_mode_is_a_config_error(ingested, no_prior, tiny_model_dir, tmp_path):
     from dreambooth_lib.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mode"):
