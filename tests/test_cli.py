@@ -203,16 +203,28 @@ def _command(name: str):
 def test_options_left_out_leave_every_config_default_in_place(command, step_calls):
     result = runner.invoke(app, [command, *REQUIRED_ARGS[command], "--json"])
     assert result.exit_code == 0, result.output
-    config = _config_passed(step_calls, command)
-    assert config.model_fields_set == set()  # the CLI set no field: a changed default reaches the step as is
-    assert config == CONFIG_OF[command]()
+    config, empty = _config_passed(step_calls, command), CONFIG_OF[command]()
+    # the CLI set no field (only what the model fills in itself): a changed default reaches the step as is
+    assert config.model_fields_set == empty.model_fields_set and config == empty
 
 
 def test_an_option_given_sets_only_its_field(step_calls):
     result = runner.invoke(app, ["train", *REQUIRED_ARGS["train"], "--steps", "7", "--no-compile", "--json"])
     assert result.exit_code == 0, result.output
     config = _config_passed(step_calls, "train")
-    assert config.model_fields_set == {"steps", "compile"} and config.steps == 7 and config.compile is False
+    assert config.model_fields_set == {"steps", "compile"} | TrainConfig().model_fields_set
+    assert config.steps == 7 and config.compile is False
+
+
+def test_lora_without_a_learning_rate_gets_the_config_default_for_lora(step_calls):
+    result = runner.invoke(app, ["train", *REQUIRED_ARGS["train"], "--mode", "lora", "--json"])
+    assert result.exit_code == 0, result.output
+    config = _config_passed(step_calls, "train")
+    assert (
+        config.learning_rate
+        == TrainConfig(mode="lora").learning_rate
+        != TrainConfig(mode="full").learning_rate
+    )
 
 
 @pytest.mark.parametrize("command", sorted(CONFIG_OF))
