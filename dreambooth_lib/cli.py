@@ -625,6 +625,16 @@ def _kfp_auth(existing_token: str | None, token_file: str | None, cookies: str |
     return KfpAuth(existing_token=existing_token, token_file=token_file, cookies=cookies)
 
 
+def _run_target(pipeline: str, params: str | None, **where: Any) -> dict[str, Any]:
+    """The keyword arguments submit_run and schedule_run share: the pipeline's parameters read from `params`,
+    where the run goes (host, experiment, namespace, pipeline root, service account) and the credentials."""
+    from dreambooth_lib import submit as kfp_submit
+
+    auth = _kfp_auth(where.pop("existing_token"), where.pop("token_file"), where.pop("cookies"))
+    values = kfp_submit.load_params(params, pipeline) if params else {}
+    return {"params": values, "auth": auth, **where}
+
+
 @app.command()
 @user_errors
 def submit(
@@ -647,18 +657,11 @@ def submit(
     """
     from dreambooth_lib import submit as kfp_submit
 
-    values = kfp_submit.load_params(params, pipeline) if params else {}
-    result = kfp_submit.submit_run(
-        pipeline,
-        host=host,
-        params=values,
-        experiment=experiment,
-        run_name=run_name,
-        namespace=namespace,
-        pipeline_root=pipeline_root,
-        service_account=service_account,
-        auth=_kfp_auth(existing_token, token_file, cookies),
-    )
+    target = _run_target(
+        pipeline, params, host=host, experiment=experiment, namespace=namespace, pipeline_root=pipeline_root,
+        service_account=service_account, existing_token=existing_token, token_file=token_file, cookies=cookies,
+    )  # fmt: skip
+    result = kfp_submit.submit_run(pipeline, run_name=run_name, **target)
     _emit(result, as_json, f"submitted run {result}")
 
 
@@ -687,19 +690,12 @@ def schedule(
     """
     from dreambooth_lib import submit as kfp_submit
 
-    values = kfp_submit.load_params(params, pipeline) if params else {}
+    target = _run_target(
+        pipeline, params, host=host, experiment=experiment, namespace=namespace, pipeline_root=pipeline_root,
+        service_account=service_account, existing_token=existing_token, token_file=token_file, cookies=cookies,
+    )  # fmt: skip
     result = kfp_submit.schedule_run(
-        pipeline,
-        host=host,
-        params=values,
-        cron=cron,
-        experiment=experiment,
-        job_name=job_name,
-        max_concurrency=max_concurrency,
-        namespace=namespace,
-        pipeline_root=pipeline_root,
-        service_account=service_account,
-        auth=_kfp_auth(existing_token, token_file, cookies),
+        pipeline, cron=cron, job_name=job_name, max_concurrency=max_concurrency, **target
     )
     _emit(result, as_json, f"scheduled recurring run {result}")
 
