@@ -76,7 +76,7 @@ def _is_single_token(tokenizer, candidate: str, class_noun: str, token_id: int) 
 def candidate_pool(tokenizer, class_noun: str, config: IdentifierConfig) -> list[tuple[int, str]]:
     """(token id, string) of every identifier allowed by the config, before exclusions, sorted by id."""
     specials = set(tokenizer.all_special_ids)
-    hi = config.max_token_id if config.max_token_id is not None else len(tokenizer)
+    hi = _upper_token_id(tokenizer, config)
     lo = config.min_token_id
     if lo >= hi:
         raise ConfigError(f"identifier.min_token_id ({lo}) must be below max_token_id ({hi})")
@@ -119,7 +119,7 @@ def choose_identifier(
     """Draw an identifier uniformly (seeded) from the rare range, skipping blocked and excluded strings."""
     blocked = builtin_blocklist() | {w.lower() for w in config.blocklist}
     excluded = {e.lower() for e in exclude}
-    hi = config.max_token_id if config.max_token_id is not None else len(tokenizer)
+    hi = _upper_token_id(tokenizer, config)
     if config.identifier is not None:
         v = config.identifier.strip().lower()
         ids = tokenizer(f"a {v} {class_noun}", add_special_tokens=False).input_ids
@@ -138,17 +138,8 @@ def choose_identifier(
             raise ConfigError(
                 f"identifier.identifier {config.identifier!r} is {why}; choose another or unset it"
             )
-        return IdentifierResult(
-            identifier=v,
-            token_id=token_id,
-            class_noun=class_noun,
-            prompt=f"a {v} {class_noun}",
-            candidates=1,
-            range=(config.min_token_id, hi),
-            seed=config.seed,
-            excluded=[],
-            chosen_by="config",
-            vocab_size=len(tokenizer),
+        return _result(
+            tokenizer, config, class_noun, v, token_id, candidates=1, excluded=[], chosen_by="config"
         )
     pool = candidate_pool(tokenizer, class_noun, config)
     skipped = sorted({t for _, t in pool if t in blocked or t in excluded})
@@ -160,18 +151,37 @@ def choose_identifier(
             "or set identifier.letters_only=false"
         )
     token_id, text = random.Random(config.seed).choice(allowed)
-    return IdentifierResult(
-        identifier=text,
-        token_id=token_id,
-        class_noun=class_noun,
-        prompt=f"a {text} {class_noun}",
+    return _result(
+        tokenizer,
+        config,
+        class_noun,
+        text,
+        token_id,
         candidates=len(allowed),
-        range=(config.min_token_id, hi),
-        seed=config.seed,
         excluded=skipped,
         chosen_by="search",
+    )
+
+
+def _result(tokenizer, config: IdentifierConfig, class_noun: str, identifier: str, token_id: int, *,
+            candidates: int, excluded: list[str], chosen_by: str) -> IdentifierResult:  # fmt: skip
+    return IdentifierResult(
+        identifier=identifier,
+        token_id=token_id,
+        class_noun=class_noun,
+        prompt=f"a {identifier} {class_noun}",
+        candidates=candidates,
+        range=(config.min_token_id, _upper_token_id(tokenizer, config)),
+        seed=config.seed,
+        excluded=excluded,
+        chosen_by=chosen_by,
         vocab_size=len(tokenizer),
     )
+
+
+def _upper_token_id(tokenizer, config: IdentifierConfig) -> int:
+    """The exclusive end of the identifier range: max_token_id, else the end of the regular vocabulary."""
+    return config.max_token_id if config.max_token_id is not None else len(tokenizer)
 
 
 def run(
