@@ -15,7 +15,7 @@ from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.testing.synthetic import make_subject_images
-from dreambooth_lib.train import checkpoint, cuda_graph, step, trainer
+from dreambooth_lib.train import checkpoint, cuda_graph, grouped_lora, step, trainer
 from dreambooth_lib.train import multi_subject as packed
 from dreambooth_lib.train import resume as resuming
 from dreambooth_lib.train.data import LatentCache
@@ -162,8 +162,8 @@ def test_grouped_lora_routes_each_row_through_its_adapter():
     base = torch.nn.Linear(6, 5)
     k, r = 3, 2
     a, b = torch.randn(k, r, 6), torch.randn(k, 5, r)
-    router = packed.AdapterRouter()
-    layer = packed.GroupedLoRALinear(base, a.clone(), b.clone(), 0.5, router)
+    router = grouped_lora.AdapterRouter()
+    layer = grouped_lora.GroupedLoRALinear(base, a.clone(), b.clone(), 0.5, router)
     x = torch.randn(4, 7, 6)
     router.index = torch.tensor([2, 0, 2, 1])
     y = layer(x)
@@ -186,7 +186,7 @@ def test_per_adapter_clipping_is_each_adapters_own_global_norm_clip():
     grads[1][1] *= 1e-3
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
-    packed.clip_grad_norm_per_adapter(params, 0.5)
+    grouped_lora.clip_grad_norm_per_adapter(params, 0.5)
     for k in range(3):
         single = [torch.nn.Parameter(torch.zeros_like(g[k])) for g in grads]
         for p, g in zip(single, grads, strict=True):

@@ -1,14 +1,9 @@
 """Packed multi-subject LoRA training: K subjects, K adapters, one process, one denoiser batch per step.
 
 A LoRA step on one subject (1 subject + 1 prior image) leaves a large GPU mostly idle: the frozen denoiser's
-weights are read once per forward whatever the batch. Packing trains K subjects in one batch: each targeted Linear
-(the family's `denoiser_lora_targets`) becomes one `GroupedLoRALinear` holding all K adapters, A: [K, r, in] and
-B: [K, out, r], and each row of the batch goes through its own subject's adapter,
-
-    y = base(x) + scale * ((x @ A[idx]^T) @ B[idx]^T)        idx: the adapter of each row,
-
-as two batched matmuls over the gathered per-row weights (not K passes). A subject's prior rows go through its
-own adapter too: in Eq. 2 they regularise that subject's model.
+weights are read once per forward whatever the batch. Packing trains K subjects in one batch, each row through
+its own subject's adapter (grouped_lora.py). A subject's prior rows go through its own adapter too: in Eq. 2 they
+regularise that subject's model.
 
 Packing is equivalent to K single-subject runs, not an approximation of them:
 - the loss is the sum of the subjects' own Eq. 2 losses, and rows never mix in the denoiser (GroupNorm and
@@ -26,15 +21,13 @@ that isolation and are refused, as are full fine-tunes and text-encoder training
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from dreambooth_lib import models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, DreamboothError
-from dreambooth_lib.models import lora
+from dreambooth_lib.train.loop import train_subjects
 from dreambooth_lib.train.results import SubjectOutcome
 from dreambooth_lib.train.subjects import TrainSubject
 
@@ -97,108 +90,6 @@ def check_packable(config: TrainConfig) -> None:
         raise ConfigError("; ".join(messages) + "; or train such subjects one at a time (pack_size: 1)")
 
 
-# --- the grouped LoRA layer ---------------------------------------------------------------------------------------
-
-
-class AdapterRouter:
-    """The adapter index of each row of the next forward, shared by every GroupedLoRALinear of the model."""
-
-    def __init__(self) -> None:
-        self.index: torch.Tensor | None = None  # [rows] long, on the training device
-
-
-class GroupedLoRALinear(torch.nn.Module):
-    """A frozen Linear plus K LoRA adapters; each row of the batch goes through the adapter `router.index` names."""
-
-    def __init__(
-        self, base: torch.nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, router
-    ):
-        super().__init__()
-        self.base_layer = base
-        self.lora_A = torch.nn.Parameter(lora_a)  # [K, r, in]
-        self.lora_B = torch.nn.Parameter(lora_b)  # [K, out, r]
-        self.scaling = float(scaling)
-        self.router = router
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        index = self.router.index
-        if index is None or index.shape[0] != x.shape[0]:
-            raise RuntimeError(
-                f"GroupedLoRALinear: {x.shape[0]} rows but the router holds "
-                f"{None if index is None else index.shape[0]} adapter indices; set router.index first"
-            )
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [rows, tokens, in]
-        down = torch.bmm(rows, self.lora_A[index].transpose(1, 2))  # [rows, tokens, r]
-        up = torch.bmm(down, self.lora_B[index].transpose(1, 2))  # [rows, tokens, out]
-        return result + up.reshape(result.shape) * self.scaling
-
-
-@dataclass
-class _Slot:
-    """Where a peft LoRA layer sat in the denoiser and the grouped layer that replaces it while training."""
-
-    parent: torch.nn.Module
-    child: str
-    peft_layer: torch.nn.Module
-    grouped: GroupedLoRALinear
-
-
-class GroupedAdapters:
-    """The K adapters of a pack inside the denoiser: made from its peft LoRA layers, each of the K starting as the
-    adapter a single run would make, and put back into those layers one subject at a time for export."""
-
-    def __init__(self, denoiser: torch.nn.Module, num_adapters: int):
-        self.router = AdapterRouter()
-        self.slots: list[_Slot] = []
-        for name, module in list(denoiser.named_modules()):
-            if not (hasattr(module, "lora_A") and lora.ADAPTER_NAME in getattr(module, "lora_A", {})):
-                continue
-            a = module.lora_A[lora.ADAPTER_NAME].weight.detach()
-            b = module.lora_B[lora.ADAPTER_NAME].weight.detach()
-            grouped = GroupedLoRALinear(
-                module.base_layer,
-                a.unsqueeze(0).repeat(num_adapters, 1, 1),
-                b.unsqueeze(0).repeat(num_adapters, 1, 1),
-                module.scaling[lora.ADAPTER_NAME],
-                self.router,
-            )
-            parent_name, _, child = name.rpartition(".")
-            parent = denoiser.get_submodule(parent_name)
-            setattr(parent, child, grouped)
-            self.slots.append(_Slot(parent, child, module, grouped))
-        if not self.slots:
-            raise RuntimeError("no LoRA layers found in the denoiser; add its LoRA adapters first")
-
-    def ungroup(self) -> None:
-        """Put the peft layers back in the denoiser (after training; then `load(k)` fills them)."""
-        self.router.index = None
-        for s in self.slots:
-            setattr(s.parent, s.child, s.peft_layer)
-
-    @torch.no_grad()
-    def load(self, k: int) -> None:
-        """Copy adapter k into the peft layers, so the denoiser is subject k's LoRA model."""
-        for s in self.slots:
-            s.peft_layer.lora_A[lora.ADAPTER_NAME].weight.copy_(s.grouped.lora_A[k])
-            s.peft_layer.lora_B[lora.ADAPTER_NAME].weight.copy_(s.grouped.lora_B[k])
-
-
-def clip_grad_norm_per_adapter(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` applied to each adapter k alone (slice k of every [K, ...] parameter), as
-    each single-subject run clips its own gradients. Returns the [K] norms before clipping, on the device."""
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
-    norms = squares.sqrt()
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch's formula, eps included
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-    return norms
-
-
-# --- entry points --------------------------------------------------------------------------------------------------
-
-
 def run_packed(
     base_model: str,
     subjects: list[TrainSubject],
@@ -213,8 +104,6 @@ def run_packed(
 
     Checkpoints go to `<checkpoint_root>/<key of the pack's content>` (default root: checkpoints/ beside the first
     subject's out), so a preempted pack rerun with resume=True continues from its newest complete checkpoint."""
-    from dreambooth_lib.train.loop import train_subjects
-
     check_packable(config)
     if not subjects:
         raise ConfigError("run_packed: no subjects given")
@@ -255,8 +144,6 @@ def train_packed_subjects(
     Each pack checkpoints under `work_dir` (default: checkpoints/ beside the first subject's out), keyed by the
     pack's content, and with resume (the default: a preempted node's rerun) continues from its newest complete
     checkpoint. Full fine-tunes, text-encoder training and pack_size 1 train each subject alone."""
-    from dreambooth_lib.train.loop import train_subjects
-
     if pack_size is None:
         pack_size = default_pack_size(
             config.device, config.resolution, config.batch_size, base_model=base_model

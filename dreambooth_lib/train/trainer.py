@@ -18,7 +18,7 @@ from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.models import ModelFamily, PromptConditioning, lora
 from dreambooth_lib.train.data import LatentCache, TrainingData, encode_images
-from dreambooth_lib.train.multi_subject import GroupedAdapters, clip_grad_norm_per_adapter
+from dreambooth_lib.train.grouped_lora import GroupedAdapters, clip_grad_norm_per_adapter
 from dreambooth_lib.train.speed import SpeedOptions, make_optimizer, seed_everything, speed_options
 from dreambooth_lib.train.subjects import TrainSubject
 
