@@ -14,11 +14,11 @@ import time
 from pydantic import BaseModel
 
 from dreambooth_lib import models, storage
+from dreambooth_lib.artifacts import GENERATE_RECORD_NAME as RESULT_NAME
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.images import png_bytes
 from dreambooth_lib.models import sampling
 
-RESULT_NAME = "generate.json"
 SLUG_MAX_CHARS = 60
 
 

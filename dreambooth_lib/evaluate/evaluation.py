@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import METRICS_NAME, REPORT_NAME
 from dreambooth_lib.config import EvalConfig
 from dreambooth_lib.errors import ConfigError, IngestError, StorageError
 from dreambooth_lib.evaluate.gate import GateVerdict, evaluate_gate
@@ -35,8 +36,6 @@ from dreambooth_lib.evaluate.report import METRICS, render_report
 if TYPE_CHECKING:
     from dreambooth_lib.evaluate.scores import Scorer
 
-METRICS_NAME = "metrics.json"
-REPORT_NAME = "report.html"
 PRES_DIR = "_pres"
 BASE_DIR = "_base"
 METRIC_KEYS = tuple(key for key, _, _ in METRICS)

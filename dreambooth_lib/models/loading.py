@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import LORA_MARKER_NAME, LORA_WEIGHTS_NAME
 from dreambooth_lib.errors import ModelLoadError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-LORA_MARKER_NAME = "dreambooth_lora.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dreambooth_lib.models.loading import LORA_MARKER_NAME, LORA_WEIGHTS_NAME
+from dreambooth_lib.artifacts import LORA_MARKER_NAME, LORA_WEIGHTS_NAME
 
 ADAPTER_NAME = "default"
 

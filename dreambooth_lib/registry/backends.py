@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import REGISTRY_INDEX_NAME as INDEX_NAME
 from dreambooth_lib.errors import ConfigError, PreconditionFailed, StorageError
 from dreambooth_lib.registry.entries import PENDING_LEASE_S, Status, lease_end, now
-from dreambooth_lib.registry.layout import INDEX_NAME
 from dreambooth_lib.registry.store import Registry
 
 # GCS read-modify-write retries: full-jitter exponential backoff, ~1 min in all before giving up.

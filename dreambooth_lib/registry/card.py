@@ -9,8 +9,8 @@ import yaml
 
 import dreambooth_lib
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import LINEAGE_NAME, REPORT_NAME
 from dreambooth_lib.evaluate.report import METRICS, PAPER_REAL_IMAGES, PAPER_SD_DREAMBOOTH, format_value
-from dreambooth_lib.registry.layout import LINEAGE_NAME, REPORT_NAME
 from dreambooth_lib.registry.lineage import json_digest
 from dreambooth_lib.registry.model_folder import pipeline_class
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import MODEL_FOLDER, REPORT_NAME, SUMMARY_NAME
 from dreambooth_lib.errors import ConfigError, DreamboothError, StorageError
 from dreambooth_lib.registry.backends import open_registry
 from dreambooth_lib.registry.entries import RegisteredModel
-from dreambooth_lib.registry.layout import MAX_CARD_SAMPLES, MODEL_FOLDER, REPORT_NAME
+from dreambooth_lib.registry.layout import MAX_CARD_SAMPLES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-SUMMARY_NAME = "train_summary.json"  # train.SUMMARY_NAME; not imported to keep the registry torch-free
 
 
 def register_from_dirs(

@@ -13,13 +13,9 @@ Under the root (a local folder or a gs:// prefix):
 from __future__ import annotations
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import LINEAGE_NAME, MODEL_FOLDER, REPORT_NAME, SAMPLES_FOLDER
+from dreambooth_lib.artifacts import MODEL_CARD_NAME as CARD_NAME
 
-INDEX_NAME = "index.json"
-MODEL_FOLDER = "model"
-CARD_NAME = "model_card.md"
-LINEAGE_NAME = "lineage.json"
-REPORT_NAME = "report.html"
-SAMPLES_FOLDER = "samples"
 MAX_CARD_SAMPLES = 8
 
 

@@ -4,9 +4,7 @@ class loads it (by the base model's family). Torch-free: it reads file names and
 from __future__ import annotations
 
 from dreambooth_lib import storage
-
-# models.LORA_WEIGHTS_NAME; not imported to keep the registry torch-free
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+from dreambooth_lib.artifacts import LORA_WEIGHTS_NAME
 
 # family -> the diffusers class of its pipelines; a new family (sd3: StableDiffusion3Pipeline, flux:
 # FluxPipeline) is one more row

@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import REGISTRY_INDEX_NAME as INDEX_NAME
 from dreambooth_lib.config import SUBJECT_NAME_PATTERN
 from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed, PreconditionFailed, StorageError
 from dreambooth_lib.evaluate.report import METRICS
 from dreambooth_lib.registry.card import DEFAULT_LICENSE_NOTE, render_model_card
 from dreambooth_lib.registry.entries import RegisteredModel, holds_identifier, identifier_key, lease_expired
-from dreambooth_lib.registry.layout import INDEX_NAME, MAX_CARD_SAMPLES, sample_path, version_files
+from dreambooth_lib.registry.layout import MAX_CARD_SAMPLES, sample_path, version_files
 from dreambooth_lib.registry.lineage import json_digest, lineage_record
 from dreambooth_lib.registry.model_folder import model_family, model_mode
 

@@ -25,9 +25,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import CHECKPOINT_MANIFEST_NAME as MANIFEST_NAME
 from dreambooth_lib.errors import TrainingError
 
-MANIFEST_NAME = "checkpoint_manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 FORMAT_VERSION = 2  # 2: one training generator per subject, also for a single subject
 

@@ -13,26 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth_lib import models, storage
+from dreambooth_lib.artifacts import MODEL_FOLDER, MODEL_MARKER_NAME, SUMMARY_NAME
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.models import lora
 from dreambooth_lib.train.results import TrainResult
 from dreambooth_lib.train.subjects import TrainSubject
 from dreambooth_lib.train.trainer import Trainer
 
-SUMMARY_NAME = "train_summary.json"
-MODEL_MARKER_NAME = "dreambooth_model.json"
-
 
 def publish(out: str, write_model: Callable[[Path], None], started: float, **fields: Any) -> TrainResult:
     """Write the model with `write_model(folder)` and publish it with its summary. `fields` are TrainResult's, less
     what is known only here (model_uri, final_loss, wall_time_s since `started`)."""
-    model_uri = storage.join(out, "model")
+    model_uri = storage.join(out, MODEL_FOLDER)
     with storage.local_dir_for_writing(out) as stage:
         partial = Path(stage) / "model.partial"
         storage.delete_prefix(str(partial))
         write_model(partial)
-        storage.delete_prefix(str(Path(stage) / "model"))
-        storage.rename_prefix(str(partial), str(Path(stage) / "model"))
+        storage.delete_prefix(str(Path(stage) / MODEL_FOLDER))
+        storage.rename_prefix(str(partial), str(Path(stage) / MODEL_FOLDER))
         losses = fields["losses"]
         result = TrainResult(
             model_uri=model_uri,
