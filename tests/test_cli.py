@@ -260,9 +260,10 @@ def test_train_options_override_a_config_file(tmp_path, step_calls):
 # --- bugs --------------------------------------------------------------------------------------------------------
 
 
-def test_ingest_refuses_an_empty_class_noun_naming_the_flag(tmp_path):
+@pytest.mark.parametrize("noun", ["", " "])
+def test_ingest_refuses_an_empty_class_noun_naming_the_flag(tmp_path, noun):
     photos = make_subject_images(tmp_path / "photos", n=3, size=64)
-    args = ["ingest", str(photos), str(tmp_path / "out"), "--class-noun", " ", "--min-side", "32"]
+    args = ["ingest", str(photos), str(tmp_path / "out"), "--class-noun", noun, "--min-side", "32"]
     result = runner.invoke(app, [*args, "--resolution", "64"])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
