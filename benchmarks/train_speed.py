@@ -558,9 +558,8 @@ def bench_end_to_end(
     cuda_graph: train with train.cuda_graph (CUDA only; ignored elsewhere, as in any run). The counts reported
     are what the run recorded (its prior set, its training summary, its metrics.json), not what was asked."""
     from dreambooth_lib import storage
-    from dreambooth_lib.evaluate import METRICS_NAME
+    from dreambooth_lib.artifacts import METRICS_NAME, SUMMARY_NAME
     from dreambooth_lib.runs import personalize
-    from dreambooth_lib.train import SUMMARY_NAME
 
     dev = torch.device(models.resolve_device(str(device)))
     with tempfile.TemporaryDirectory(prefix="dreambooth-e2e-", dir=work_dir) as tmp:

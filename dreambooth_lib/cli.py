@@ -452,6 +452,7 @@ def evaluate(
     """
     from dreambooth_lib import evaluate as step
     from dreambooth_lib import storage
+    from dreambooth_lib.artifacts import REPORT_NAME
 
     class_noun = _class_noun(class_noun)
     cfg = _config(
@@ -482,7 +483,7 @@ def evaluate(
         result,
         as_json,
         f"DINO {m.get('dino')}  CLIP-I {m.get('clip_i')}  CLIP-T {m.get('clip_t')}  PRES {m.get('pres')}  "
-        f"DIV {m.get('div')}  gate {verdict}; report: {storage.join(out, 'report.html')}",
+        f"DIV {m.get('div')}  gate {verdict}; report: {storage.join(out, REPORT_NAME)}",
     )
 
 

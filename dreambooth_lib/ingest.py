@@ -28,10 +28,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from dreambooth_lib import storage
+from dreambooth_lib.artifacts import INGEST_MANIFEST_NAME
 from dreambooth_lib.config import IngestConfig
 from dreambooth_lib.errors import IngestError
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = INGEST_MANIFEST_NAME
 OUTPUT_NAME = re.compile(r"^\d{2,}\.png$")
 # Files a desktop leaves beside photos; never the user's images.
 IGNORED_NAMES = frozenset({MANIFEST_NAME, "Thumbs.db", "desktop.ini"})
