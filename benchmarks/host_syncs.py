@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import train_speed as bench
-from dreambooth_lib import models, train
+from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.testing.tiny_models import build_tiny_model
+from dreambooth_lib.train.step import train_step
+from dreambooth_lib.train.tracking import LossTracker
 
 RESOLUTION = 64  # the tiny model's own
 
@@ -30,18 +32,16 @@ def check_host_syncs(device: str = "cuda") -> dict[str, str]:
         tiny = str(build_tiny_model(Path(tmp) / "tiny"))
         uris = bench._write_images(Path(tmp) / "i", 2, RESOLUTION, seed=1)
         config = TrainConfig(resolution=RESOLUTION, device=str(dev))
-        t = train.setup_training(
-            models.load_pipeline(tiny), uris, uris, "a sks dog", "a dog", config, str(dev)
-        )
+        t = bench.ours_trainer(models.load_pipeline(tiny), [(uris, uris)], config, dev)
         step_p = bench._packed_step_fn(models.load_pipeline(tiny), 3, config.model_copy(update={"mode": "lora"}),
                                        dev, Path(tmp) / "p", RESOLUTION)  # fmt: skip
-        tracker = train.LossTracker(dev)
+        tracker = LossTracker(1, dev)
         for s in range(3):
-            tracker.add(train.train_step(t), s)
+            tracker.add(train_step(t), s)
             step_p()
         bench._sync(dev)
         for name, fn in (
-            ("train_step", lambda: tracker.add(train.train_step(t), 9)),
+            ("train_step", lambda: tracker.add(train_step(t), 9)),
             ("packed_step", step_p),
         ):
             if not cuda:

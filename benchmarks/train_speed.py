@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import resource
 import sys
 import tempfile
 import time
@@ -25,11 +24,13 @@ from typing import Any
 import torch
 
 from dreambooth_lib import models
-from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.train import cuda_graph as graphs
-from dreambooth_lib.train import setup_training, train_step
+from dreambooth_lib.config import DEFAULT_LEARNING_RATES, TrainConfig
+from dreambooth_lib.models.families.sd import diffusion_target
+from dreambooth_lib.train import TrainSubject
 from dreambooth_lib.train.data import load_image
-from dreambooth_lib.train.loss import diffusion_target, dreambooth_loss
+from dreambooth_lib.train.loss import dreambooth_loss
+from dreambooth_lib.train.step import train_step
+from dreambooth_lib.train.trainer import Trainer, setup_trainer
 
 IDENTIFIER, CLASS_NOUN = "sks", "dog"
 NUM_IMAGES = 4  # subject images, and as many prior images
@@ -236,12 +237,6 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def _time_steps(
     step: Callable[[], Any],
     steps: int,
@@ -259,7 +254,7 @@ def _time_steps(
     for _ in range(steps):
         step()
     _sync(device)
-    return (clock() - started) / steps, _peak(device)
+    return (clock() - started) / steps, models.peak_memory_bytes(device)
 
 
 def time_row(
@@ -318,9 +313,7 @@ def bench_train(
         del reference
         _reset_peak(dev)
 
-        trainer = setup_training(
-            base, instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}", config, dev
-        )
+        trainer = ours_trainer(base, [(instance_uris, prior_uris)], config, dev)
         ours_s, ours_peak = _time_steps(lambda: train_step(trainer), steps, warmup, dev)
 
     return {
@@ -422,7 +415,7 @@ def bench_prior(
             "batch_size": bs,
             "dtype": str(dtype).removeprefix("torch."),
             "images_per_s": n / elapsed,
-            "peak_memory_bytes": _peak(dev),
+            "peak_memory_bytes": models.peak_memory_bytes(dev),
             "warm_up_s": warm_up_s,
         }
         del pipe
@@ -474,27 +467,27 @@ def render_prior_table(figures: dict[str, Any]) -> str:
 # --- packed LoRA and one subject end to end ------------------------------------------------------------------------
 
 
+def ours_trainer(pipe, inputs: list[tuple[list[str], list[str]]], config: TrainConfig, dev) -> Trainer:
+    """Our trainer for K = len(inputs) subjects (instance URIs, prior URIs) on `pipe`, set up as `train.run` (K=1)
+    or a pack (K>1) sets it up."""
+    subjects = [
+        TrainSubject(
+            name=f"s{i}", instance_dir="", prior_dir="", identifier=IDENTIFIER, class_noun=CLASS_NOUN, out=""
+        )
+        for i in range(len(inputs))
+    ]
+    return setup_trainer(pipe, subjects, inputs, config, dev)
+
+
 def _packed_step_fn(base, k: int, config: TrainConfig, dev: torch.device, folder: Path, resolution: int):
     """A packed K-subject LoRA step on a copy of `base` (each subject NUM_IMAGES images, one shared prior set)."""
-    from dreambooth_lib.train import multi_subject as packed
-
     prior_uris = _write_images(folder / "prior", NUM_IMAGES, resolution, seed=2)
-    subjects, inputs = [], []
-    for i in range(k):
-        uris = _write_images(folder / f"subject{i}", NUM_IMAGES, resolution, seed=100 + i)
-        subjects.append(
-            packed.PackedSubject(
-                name=f"s{i}",
-                instance_dir=str(folder / f"subject{i}"),
-                prior_dir=str(folder / "prior"),
-                identifier=IDENTIFIER,
-                class_noun=CLASS_NOUN,
-                out=str(folder / "out" / f"s{i}"),
-            )
-        )
-        inputs.append((uris, prior_uris))
-    trainer = packed.setup_packed(copy.deepcopy(base), subjects, inputs, config, dev)
-    return lambda: packed.packed_step(trainer)
+    inputs = [
+        (_write_images(folder / f"subject{i}", NUM_IMAGES, resolution, seed=100 + i), prior_uris)
+        for i in range(k)
+    ]
+    trainer = ours_trainer(copy.deepcopy(base), inputs, config, dev)
+    return lambda: train_step(trainer)
 
 
 def _end_to_end_config(root: Path, model_uri: str, dev: torch.device, resolution: int, *, mode: str,
@@ -517,7 +510,6 @@ def _end_to_end_config(root: Path, model_uri: str, dev: torch.device, resolution
             mode=mode,
             steps=train_steps,
             resolution=resolution,
-            learning_rate=1e-4 if mode == "lora" else 5e-6,
             checkpoint_every=0,
             log_every=max(train_steps // 10, 1),
             device=str(dev),
@@ -585,7 +577,7 @@ def bench_end_to_end(
         "eval_images": eval_record["counts"]["generated"],
         "wall_time_s": wall,
         "step_times_s": result.step_times_s,
-        "peak_memory_bytes": _peak(dev),
+        "peak_memory_bytes": models.peak_memory_bytes(dev),
     }
 
 
@@ -626,7 +618,7 @@ def _training_rows(
     cuda = dev.type == "cuda"
     base, resolution, instance_uris, prior_uris = bm.pipe, bm.resolution, bm.instance_uris, bm.prior_uris
     full = TrainConfig(mode="full", resolution=resolution, steps=steps, device=str(dev))
-    lora_config = full.model_copy(update={"mode": "lora", "learning_rate": 1e-4})
+    lora_config = full.model_copy(update={"mode": "lora", "learning_rate": DEFAULT_LEARNING_RATES["lora"]})
 
     def timed(
         label: str, make_step: Callable[[], Callable[[], Any]], subjects: int = 1, extra_warmup: int = 0
@@ -643,12 +635,9 @@ def _training_rows(
     )
 
     def ours(config: TrainConfig):
-        trainer = setup_training(
-            copy.deepcopy(base), instance_uris, prior_uris, f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}",
-            config, dev,
-        )  # fmt: skip
+        trainer = ours_trainer(copy.deepcopy(base), [(instance_uris, prior_uris)], config, dev)
         if trainer.speed.cuda_graph:  # one eager warm-up step, then capture: the timed steps are replays
-            return graphs.GraphedStep(trainer, warmup=1)
+            return cuda_graph.GraphedStep(trainer, warmup=1)
         return lambda: train_step(trainer)
 
     precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"

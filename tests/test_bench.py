@@ -18,9 +18,12 @@ from typer.testing import CliRunner
 
 from benchmarks import train_speed as bench
 from benchmarks.cli import app
-from dreambooth_lib import models, train
+from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.train.data import list_png
+from dreambooth_lib.train.step import train_step
+from dreambooth_lib.train.tracking import LossTracker
 
 REPO = Path(__file__).resolve().parents[1]
 EVERY_ROW = [
@@ -88,10 +91,10 @@ def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, monkeyp
     prior = make_subject_images(tmp_path / "p", n=2, size=32, seed=1)
     pipe = models.load_pipeline(tiny_model)
     config = TrainConfig(resolution=32, steps=2, device="cpu", checkpoint_every=0)
-    t = train.setup_training(
-        pipe, train.list_png(str(instance)), train.list_png(str(prior)), "a sks dog", "a dog", config, "cpu"
+    t = bench.ours_trainer(
+        pipe, [(list_png(str(instance)), list_png(str(prior)))], config, torch.device("cpu")
     )
-    train.train_step(t)
+    train_step(t)
     reads = []
 
     def record(name):
@@ -104,8 +107,8 @@ def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, monkeyp
         monkeypatch.setattr(
             torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: record(_n) or _o(self, *a, **k)
         )
-    tracker = train.LossTracker(torch.device("cpu"))
-    tracker.add(train.train_step(t), 1)  # what the loop does between log steps
+    tracker = LossTracker(1, torch.device("cpu"))
+    tracker.add(train_step(t), 1)  # what the loop does between log steps
     monkeypatch.undo()
     assert reads == []
 
