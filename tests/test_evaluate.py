@@ -246,13 +246,15 @@ def _fresh_lora(tiny_model: str, out: Path) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth_lib.models.lora import add_lora_adapters, save_lora_model
+    from dreambooth_lib.models import family_of, lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    family = family_of(pipe)
     torch.manual_seed(0)
-    add_lora_adapters(pipe.unet, None, rank=4, alpha=None)
+    lora.add_denoiser_adapter(pipe.unet, family.denoiser_lora_targets, rank=4, alpha=None)
     marker = {"base_model": tiny_model, "identifier": "sks", "class_noun": "dog", "rank": 4, "alpha": 4.0}
-    return save_lora_model(out, pipe.unet, None, marker)
+    family.save_lora(out, pipe.unet, {}, marker)
+    return out
 
 
 def test_lora_artifact_is_compared_to_the_base_its_marker_names(setup, tiny_model, tmp_path):

@@ -47,9 +47,9 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def subjects(data: Path, out: Path) -> list[packed.PackedSubject]:
+def subjects(data: Path, out: Path) -> list[train.TrainSubject]:
     return [
-        packed.PackedSubject(
+        train.TrainSubject(
             name=name,
             instance_dir=str(data / name),
             prior_dir=str(data / "prior"),
@@ -243,7 +243,7 @@ def test_batch_entry_point_packs_and_isolates(tiny_model, data, tmp_path, monkey
         packs.append([s.name for s in pack])
         if "c" in packs[-1]:
             raise MemoryError("CUDA out of memory")
-        return [packed.PackedResult(name=s.name, ok=True) for s in pack]
+        return [train.SubjectOutcome(name=s.name, ok=True) for s in pack]
 
     monkeypatch.setattr(packed, "run_packed", fake_run_packed)
     results = packed.train_packed_subjects(tiny_model, subjects(data, tmp_path), CONFIG, pack_size=2)

@@ -144,7 +144,7 @@ def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, data, tmp_path, m
 def test_packed_sdxl_subjects_equal_their_single_runs(sdxl_model, data, tmp_path):
     config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
     subjects = [
-        packed.PackedSubject(
+        train.TrainSubject(
             name=name,
             instance_dir=str(data / name),
             prior_dir=str(data / "prior"),

@@ -73,27 +73,3 @@ def save_lora_weights(
     )
     (out / LORA_MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
     return out
-
-
-# Transitional: the Stable Diffusion spellings of the two calls above, for callers not yet on the family seam.
-_SD_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-
-
-def add_lora_adapters(unet, text_encoder, rank: int, alpha: float | None) -> None:
-    add_denoiser_adapter(unet, _SD_UNET_TARGETS, rank, alpha)
-    if text_encoder is not None:
-        add_text_encoder_adapter(text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"), rank, alpha)
-
-
-def save_lora_model(out_dir, unet, text_encoder, marker, sdxl: bool = False, text_encoder_2=None) -> Path:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    return save_lora_weights(
-        out_dir,
-        StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline,
-        "unet",
-        unet,
-        {k: v for k, v in encoders.items() if v is not None},
-        marker,
-    )

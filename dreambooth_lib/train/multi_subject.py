@@ -39,10 +39,6 @@ MAX_PACK_SIZE = 16
 PACKED_SUBJECT_BYTES_512 = 4 * 2**30  # one subject, 1 subject + 1 prior image at 512 px
 PACKED_FIXED_BYTES = 6 * 2**30  # the frozen UNet, the CUDA context and workspace
 
-# Transitional names of the batch code (runs/batch) for the general ones.
-PackedSubject = TrainSubject
-PackedResult = SubjectOutcome
-
 
 def default_pack_size(
     device: str | torch.device = "auto",

@@ -58,6 +58,7 @@ def train_pack(
     the batch. Raises nothing for a subject's failure.
     """
     from dreambooth_lib.runs import personalize
+    from dreambooth_lib.train import SubjectOutcome, TrainSubject
     from dreambooth_lib.train import multi_subject as packed
 
     planned = [PlannedSubject.of(s) for s in subjects]
@@ -77,7 +78,7 @@ def train_pack(
     if size < 2:
         return []
 
-    to_pack: list[packed.PackedSubject] = []
+    to_pack: list[TrainSubject] = []
     priors: dict[str, Any] = {}  # class noun -> its PriorResult (None without a prior): one look-up per class
     for s in planned:
         if s.name in configs:
@@ -91,7 +92,7 @@ def train_pack(
                 base_model, to_pack, train_config, pack_size=size, allow_pickle=allow_pickle
             )
         except Exception as err:  # e.g. a bad pack_size: every subject trains alone instead
-            results = [packed.PackedResult(name=p.name, ok=False, error=_reason(err)) for p in to_pack]
+            results = [SubjectOutcome(name=p.name, ok=False, error=_reason(err)) for p in to_pack]
         for r in results:
             statuses[r.name] = PackStatus(subject=r.name, packed=r.ok, model_uri=r.model_uri, reason=r.error)
     ordered = [statuses[s.name] for s in planned if s.name in statuses]
@@ -124,7 +125,7 @@ def _packed_subject(subject: PlannedSubject, config: RunConfig, priors: dict[str
     per class: `priors`)."""
     from dreambooth_lib import ingest
     from dreambooth_lib.runs import personalize
-    from dreambooth_lib.train import multi_subject as packed
+    from dreambooth_lib.train import TrainSubject
 
     ingest_dir = storage.join(config.run_dir, "ingest")
     ingest.run(subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun)
@@ -132,7 +133,7 @@ def _packed_subject(subject: PlannedSubject, config: RunConfig, priors: dict[str
         with_prior = personalize.training_config(config)[1].on
         priors[subject.class_noun] = personalize.class_prior(config) if with_prior else None
     prior_result = priors[subject.class_noun]
-    return packed.PackedSubject(
+    return TrainSubject(
         name=subject.name,
         instance_dir=ingest_dir,
         prior_dir=prior_result.uri if prior_result else None,
