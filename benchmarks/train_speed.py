@@ -550,7 +550,7 @@ def bench_end_to_end(
     cuda_graph: train with train.cuda_graph (CUDA only; ignored elsewhere, as in any run). The counts reported
     are what the run recorded (its prior set, its training summary, its metrics.json), not what was asked."""
     from dreambooth_lib import storage
-    from dreambooth_lib.artifacts import METRICS_NAME, SUMMARY_NAME
+    from dreambooth_lib.artifacts import METRICS_NAME, RUN_PRIOR_NAME, SUMMARY_NAME
     from dreambooth_lib.runs import personalize
 
     dev = torch.device(models.resolve_device(str(device)))
@@ -566,7 +566,7 @@ def bench_end_to_end(
         _sync(dev)
         wall = time.perf_counter() - started
         run_dir = config.run_dir
-        prior_record = storage.read_json(storage.join(run_dir, "prior.json"))
+        prior_record = storage.read_json(storage.join(run_dir, RUN_PRIOR_NAME))
         train_record = storage.read_json(storage.join(run_dir, "train", SUMMARY_NAME))
         eval_record = storage.read_json(storage.join(run_dir, "eval", METRICS_NAME))
     return {

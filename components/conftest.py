@@ -90,7 +90,7 @@ def no_prior(tiny_model_dir, tmp_path_factory):
     out = artifact(Dataset, tmp_path_factory.mktemp("no-prior") / "prior_set")
     make_prior_set.python_func(
         base_model=tiny_model_dir, base_model_digest="md", class_noun="square", resolution=64, prior_size=0,
-        prior_root="", prior_set=out,
+        prior_root="", prior_set=out, prior_loss_weight=0.0,
     )  # fmt: skip
     return out
 

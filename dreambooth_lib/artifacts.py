@@ -29,8 +29,8 @@ REPORT_NAME = "report.html"
 
 # a run directory (dreambooth run)
 RUN_CONFIG_NAME = "config.json"
+RUN_PRIOR_NAME = "prior.json"  # the prior set the run trained with (prior.PriorResult)
 RUN_RESULT_NAME = "run_result.json"
-REGISTRATION_NAME = "registration.json"
 
 # registry: <root>/index.json, <root>/<subject>/<version>/{model/, model_card.md, lineage.json, report.html, samples/}
 REGISTRY_INDEX_NAME = "index.json"

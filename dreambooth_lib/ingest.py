@@ -31,6 +31,7 @@ from dreambooth_lib import storage
 from dreambooth_lib.artifacts import INGEST_MANIFEST_NAME
 from dreambooth_lib.config import IngestConfig
 from dreambooth_lib.errors import IngestError
+from dreambooth_lib.images import png_bytes
 
 MANIFEST_NAME = INGEST_MANIFEST_NAME
 OUTPUT_NAME = re.compile(r"^\d{2,}\.png$")
@@ -324,12 +325,6 @@ def candidate_files(src: str) -> list[str]:
     ]
 
 
-def _encode_png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")  # no metadata: equal pixels give equal bytes, so the digest is a content key
-    return buf.getvalue()
-
-
 def output_digest(images: list[IngestedImage]) -> str:
     h = hashlib.sha256()
     for img in images:
@@ -439,7 +434,7 @@ def run(src: str, out: str, config: IngestConfig, class_noun: str | None = None)
                 "fine detail will be soft"
             )
         square = photo.square.resize((config.resolution, config.resolution), Image.Resampling.LANCZOS)
-        png = _encode_png(square)
+        png = png_bytes(square)
         encoded.append(png)
         images.append(
             IngestedImage(

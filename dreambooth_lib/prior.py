@@ -13,7 +13,6 @@ never rewrites them.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import sys
@@ -24,6 +23,7 @@ from pydantic import BaseModel
 from dreambooth_lib import models, storage
 from dreambooth_lib.config import PriorConfig
 from dreambooth_lib.errors import ConfigError, StorageError
+from dreambooth_lib.images import png_bytes
 from dreambooth_lib.models import sampling
 
 SET_RECORD_NAME = "prior_set.json"
@@ -169,12 +169,6 @@ def load_prior_images(uri: str, n: int | None = None) -> list[str]:
             )
         count = n
     return [storage.join(uri, image_name(i)) for i in range(count)]
-
-
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _check_record(set_uri: str, fields: dict) -> dict:
@@ -324,7 +318,7 @@ def _sample_missing(
             written = 0
             for i, image in zip(batch, images, strict=True):
                 if i in wanted:
-                    storage.write_bytes(storage.join(set_uri, image_name(i)), _png_bytes(image))
+                    storage.write_bytes(storage.join(set_uri, image_name(i)), png_bytes(image))
                     written += 1
             bar.update(written)
     return guidance_used

@@ -24,7 +24,7 @@ def summarize_batch(
     or the run failed before it started), with the run's own error when there is one. It never fails on the
     batch's outcome: `check_batch` does (see its docstring for why that is not this task's job).
     """
-    from dreambooth_lib import storage
+    from dreambooth_lib import artifacts, storage
     from dreambooth_lib.runs.batch.manifest import load_manifest
     from dreambooth_lib.runs.batch.status import read_statuses, status_dir, with_unfinished
     from dreambooth_lib.runs.batch.summary import render_summary, summary_record
@@ -40,8 +40,10 @@ def summarize_batch(
     markdown, page = render_summary(statuses, job_id=job_id, run_error=run_error)
     storage.write_text(summary.path, markdown)
     storage.write_text(summary_html.path, page)
-    storage.write_text(storage.join(batch_root, job_id, "summary.md"), markdown)
-    storage.write_json(storage.join(batch_root, job_id, "summary.json"), summary_record(statuses, job_id))
+    storage.write_text(storage.join(batch_root, job_id, artifacts.BATCH_SUMMARY_MD_NAME), markdown)
+    storage.write_json(
+        storage.join(batch_root, job_id, artifacts.BATCH_SUMMARY_JSON_NAME), summary_record(statuses, job_id)
+    )
     summary.metadata.update({"succeeded": sum(s.ok for s in statuses), "subjects": len(statuses)})
     print(markdown)
 

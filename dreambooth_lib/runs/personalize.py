@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
-from dreambooth_lib import prior, storage
+from dreambooth_lib import artifacts, prior, storage
 from dreambooth_lib.config import RunConfig, TrainConfig, parse_config
 from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed
 
@@ -179,7 +179,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
     t0 = time.perf_counter()
     clock = StepClock()
     rd, subject = config.run_dir, config.subject
-    storage.write_json(storage.join(rd, "config.json"), config.model_dump(mode="json"))
+    storage.write_json(storage.join(rd, artifacts.RUN_CONFIG_NAME), config.model_dump(mode="json"))
     train_config, preservation = training_config(config)
     if preservation.warning:
         log.warning(preservation.warning)
@@ -191,7 +191,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
     chosen = bound_identifier(config, clock)
     prior_result = clock.timed("prior", class_prior, config) if preservation.on else None
     if prior_result is not None:
-        prior_result.write(storage.join(rd, "prior.json"))
+        prior_result.write(storage.join(rd, artifacts.RUN_PRIOR_NAME))
     trained, reused = train_subject(config, train_config, chosen.identifier, prior_result, clock,
                                     resume=resume, reuse_training=reuse_training)  # fmt: skip
     result = RunResult(
@@ -214,7 +214,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
     gate_error = register_if_configured(config, result, clock)
     result.wall_time_s = round(time.perf_counter() - t0, 3)
     result.step_times_s = clock.times  # pydantic copied the dict: evaluate and register came after
-    storage.write_json(storage.join(rd, "run_result.json"), result.model_dump(mode="json"))
+    storage.write_json(storage.join(rd, artifacts.RUN_RESULT_NAME), result.model_dump(mode="json"))
     if gate_error is not None:  # the run's artifacts are kept; only the registration is refused
         raise gate_error
     return result
@@ -224,7 +224,7 @@ def bound_identifier(config: RunConfig, clock: StepClock):
     """The run directory's identifier: chosen once and kept (its model is bound to it), or chosen now."""
     from dreambooth_lib import identifier
 
-    id_uri = storage.join(config.run_dir, "identifier.json")
+    id_uri = storage.join(config.run_dir, artifacts.IDENTIFIER_NAME)
     if storage.exists(id_uri):
         return identifier.IdentifierResult.model_validate(storage.read_json(id_uri))
     chosen = clock.timed(
@@ -362,7 +362,7 @@ def register_run(
     from dreambooth_lib import registry
 
     if config is None:
-        config_uri = storage.join(run_dir, "config.json")
+        config_uri = storage.join(run_dir, artifacts.RUN_CONFIG_NAME)
         if not storage.exists(config_uri):
             raise DreamboothError(f"{run_dir}: no config.json; is this the run_dir of a `dreambooth run`?")
         config = parse_config(RunConfig, storage.read_json(config_uri), config_uri)

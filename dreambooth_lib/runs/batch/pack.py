@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dreambooth_lib import storage
+from dreambooth_lib import artifacts, storage
 from dreambooth_lib.config import RunConfig, TrainConfig
 from dreambooth_lib.errors import DreamboothError
 from dreambooth_lib.runs.batch.plan import PlannedSubject
@@ -34,7 +34,7 @@ class PackStatus(BaseModel):
 
 def packed_record_uri(batch_root: str, job_id: str) -> str:
     """`<batch>/packed.json`: beside, not inside, status/ (whose every file is a SubjectStatus)."""
-    return storage.join(batch_root, job_id, "packed.json")
+    return storage.join(batch_root, job_id, artifacts.PACKED_RECORD_NAME)
 
 
 def train_pack(

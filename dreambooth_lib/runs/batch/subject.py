@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dreambooth_lib import storage
+from dreambooth_lib import artifacts, storage
 from dreambooth_lib.config import RunConfig, parse_config
 from dreambooth_lib.errors import GateFailed
 from dreambooth_lib.runs import defaults
@@ -120,7 +120,7 @@ def run_subject(
     except GateFailed as err:
         # The run's artifacts are kept; its run_result.json holds the metrics that failed the gate.
         status.status, status.error = "gate failed", str(err)
-        result_uri = storage.join(run_dir, "run_result.json")
+        result_uri = storage.join(run_dir, artifacts.RUN_RESULT_NAME)
         if storage.exists(result_uri):
             status.fill_from_result(storage.read_json(result_uri))
     except Exception as err:  # the isolation boundary of one subject: its failure is reported, not raised

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from dreambooth_lib import storage
+from dreambooth_lib import artifacts, storage
 from dreambooth_lib.errors import DreamboothError
 from dreambooth_lib.runs.batch.manifest import load_manifest
 from dreambooth_lib.runs.batch.status import SubjectStatus, read_statuses, status_dir, with_unfinished
@@ -54,4 +54,4 @@ def check_batch(batch_root: str, job_id: str, manifest_uri: str = "") -> str:
             names = load_manifest(manifest_uri).names
         except DreamboothError:
             names = []  # a manifest the plan refused has already failed the run, with its own message
-    return verdict(statuses, names, job_id, storage.join(batch_root, job_id, "summary.md"))
+    return verdict(statuses, names, job_id, storage.join(batch_root, job_id, artifacts.BATCH_SUMMARY_MD_NAME))
