@@ -238,6 +238,23 @@ def _publish_mode(fd_or_path: int | str) -> None:
     os.chmod(fd_or_path, 0o666 & ~_current_umask())
 
 
+@contextlib.contextmanager
+def _replaced_atomically(dst: Path) -> Iterator[str]:
+    """A temporary file beside `dst` for the block to fill: renamed onto `dst` (readable by others) when the block
+    ends, deleted when it raises, so a reader sees the old file or the whole new one, never half of it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        _publish_mode(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_bytes(uri: str | Path, data: bytes, *, if_generation_match: int | None = None) -> None:
     """Write atomically. On GCS, `if_generation_match` (0 = must not exist) raises PreconditionFailed on a race."""
     uri = str(uri)
@@ -247,23 +264,14 @@ def write_bytes(uri: str | Path, data: bytes, *, if_generation_match: int | None
         _gcs_call(uri, blob.upload_from_string, data, **kwargs)
         return
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if if_generation_match is not None:
         current = path.stat().st_mtime_ns if path.exists() else 0
         if current != if_generation_match:
             raise PreconditionFailed(f"{uri}: changed by another writer since it was read")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        _publish_mode(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(uri: str | Path, text: str, **kwargs) -> None:
@@ -280,28 +288,14 @@ def upload_file(local_path: str | Path, uri: str) -> None:
     if is_gcs(uri):
         _gcs_call(uri, _blob(uri).upload_from_filename, str(local_path))
         return
-    dst = Path(uri)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
-    os.close(fd)
-    try:
+    with _replaced_atomically(Path(uri)) as tmp:
         shutil.copyfile(local_path, tmp)
-        _publish_mode(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def download_file(uri: str, local_path: str | Path) -> None:
     """Copy one object/file to a local path, atomically."""
     uri = str(uri)
-    dst = Path(local_path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
-    os.close(fd)
-    try:
+    with _replaced_atomically(Path(local_path)) as tmp:
         if is_gcs(uri):
             _gcs_call(uri, _blob(uri).download_to_filename, tmp)
         else:
@@ -309,12 +303,6 @@ def download_file(uri: str, local_path: str | Path) -> None:
                 shutil.copyfile(uri, tmp)
             except FileNotFoundError:
                 raise StorageError(f"{uri}: file not found") from None
-        _publish_mode(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def copy(src: str, dst: str) -> None:
