@@ -132,6 +132,22 @@ class TrainConfig(_Strict):
         "replay it; needs bf16 or fp32, torch AdamW, no gradient checkpointing",
     )
     gradient_checkpointing: bool = False
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] | None = Field(
+        None,
+        description="flow-matching families only (SD3, FLUX.1): the timestep density and loss weighting; None: "
+        "the family's default (FLUX.1 none, SD3 logit_normal, as diffusers' DreamBooth scripts)",
+    )
+    logit_mean: float = Field(0.0, description="weighting_scheme logit_normal: mean of the normal")
+    logit_std: float = Field(1.0, gt=0, description="weighting_scheme logit_normal: its standard deviation")
+    mode_scale: float = Field(1.29, description="weighting_scheme mode: the scale of the mode density")
+    guidance_scale: float = Field(
+        3.5, ge=0, description="FLUX.1-dev only: the guidance its distilled guidance embedding is trained at"
+    )
+    lora_target_modules: list[str] | None = Field(
+        None,
+        description="module names the LoRA adapters wrap in the denoiser; None: the family's (attention "
+        "projections; FLUX.1 adds the double-stream blocks' feed-forward)",
+    )
     use_8bit_adam: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0)
     adam_weight_decay: float = Field(1e-2, ge=0)

@@ -15,23 +15,34 @@ import torch
 import torch.nn.functional as F
 
 
+def denoising_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The mean squared error of one term, in float32; each row weighted by its w_t when `weights` [rows] are given
+    (flow-matching families weight timesteps; DDPM's simplified objective does not)."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    squared = (pred.float() - target.float()) ** 2
+    return (weights.float().view(-1, *([1] * (squared.dim() - 1))) * squared).mean()
+
+
 def dreambooth_loss(
     model_pred_inst: torch.Tensor,
     target_inst: torch.Tensor,
     model_pred_prior: torch.Tensor | None,
     target_prior: torch.Tensor | None,
     prior_loss_weight: float,
+    weights_inst: torch.Tensor | None = None,
+    weights_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 2: MSE(subject) + λ·MSE(prior), in float32 whatever the autocast dtype of the predictions.
 
     With λ = 0 (or no prior batch) the prior term is absent, not multiplied by zero: the caller does not even
     compute the prior predictions then.
     """
-    loss = F.mse_loss(model_pred_inst.float(), target_inst.float(), reduction="mean")
+    loss = denoising_loss(model_pred_inst, target_inst, weights_inst)
     if prior_loss_weight > 0 and model_pred_prior is not None:
         if target_prior is None:
             raise ValueError("model_pred_prior was given without target_prior")
-        loss = loss + prior_loss_weight * F.mse_loss(
-            model_pred_prior.float(), target_prior.float(), reduction="mean"
-        )
+        loss = loss + prior_loss_weight * denoising_loss(model_pred_prior, target_prior, weights_prior)
     return loss

@@ -39,6 +39,12 @@ RESUME_MUST_MATCH = (
     "max_grad_norm",
     "adam_weight_decay",
     "use_8bit_adam",
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "guidance_scale",
+    "lora_target_modules",
 )
 
 

@@ -63,7 +63,7 @@ def step_on_batch(
     adapter_index, prompt_rows, active = t.layout()
     if t.grouped is not None:
         t.grouped.router.index = adapter_index
-    model_input, target = t.family.noised(t.noise_scheduler, latents, noise, timesteps)
+    model_input, target, weights = t.family.noised(t.noise_scheduler, latents, noise, timesteps)
     dtype = t.speed.autocast_dtype
     with torch.autocast(
         t.speed.device.type,
@@ -75,17 +75,7 @@ def step_on_batch(
         embeds, added = _conditioning(t).rows(prompt_rows)
         pred = t.family.predict(t.denoiser_forward, model_input, timesteps, embeds, added)
 
-    bs, prior = t.batch_size, t.prior_loss_weight > 0
-    rows = bs * (2 if prior else 1)
-    subject_losses = []
-    for j in range(len(t.active)):
-        p, y = pred[j * rows : (j + 1) * rows], target[j * rows : (j + 1) * rows]
-        subject_losses.append(
-            dreambooth_loss(
-                p[:bs], y[:bs], p[bs:] if prior else None, y[bs:] if prior else None, t.prior_loss_weight
-            )
-        )
-    subject_losses = torch.stack(subject_losses)
+    subject_losses = _subject_losses(t, pred, target, weights)
     # the sum: d(total)/d(adapter k) is d(loss k)/d(adapter k), since no other subject's loss reaches adapter k
     total = subject_losses.sum()
 
@@ -105,6 +95,24 @@ def step_on_batch(
     losses = torch.zeros(t.num_subjects, device=t.speed.device)
     losses[active] = subject_losses.detach()
     return losses
+
+
+def _subject_losses(t: Trainer, pred, target, weights) -> torch.Tensor:
+    """[active subjects] Eq. 2 losses: each subject's rows are its `batch_size` instance rows, then its prior rows."""
+    bs, prior = t.batch_size, t.prior_loss_weight > 0
+    rows = bs * (2 if prior else 1)
+
+    def term(start: int, stop: int):  # (pred, target, weights) of rows start:stop; Nones for an absent term
+        if start == stop:
+            return None, None, None
+        return pred[start:stop], target[start:stop], weights[start:stop] if weights is not None else None
+
+    losses = []
+    for first in range(0, len(t.active) * rows, rows):
+        p_inst, y_inst, w_inst = term(first, first + bs)
+        p_prior, y_prior, w_prior = term(first + bs, first + rows)
+        losses.append(dreambooth_loss(p_inst, y_inst, p_prior, y_prior, t.prior_loss_weight, w_inst, w_prior))
+    return torch.stack(losses)
 
 
 def train_step(t: Trainer) -> torch.Tensor:

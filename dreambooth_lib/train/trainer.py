@@ -96,7 +96,8 @@ def _make_trainable(denoiser, encoders, family: ModelFamily, config: TrainConfig
     """Mark what trains (full: every denoiser weight; LoRA: adapters) and group a pack's adapters."""
     train_te = config.train_text_encoder
     if config.mode == "lora":
-        lora.add_denoiser_adapter(denoiser, family.denoiser_lora_targets, config.lora_rank, config.lora_alpha)
+        targets = config.lora_target_modules or family.denoiser_lora_targets
+        lora.add_denoiser_adapter(denoiser, targets, config.lora_rank, config.lora_alpha)
         for encoder in encoders.values() if train_te else []:
             lora.add_text_encoder_adapter(
                 encoder, family.text_encoder_lora_targets, config.lora_rank, config.lora_alpha
@@ -170,7 +171,7 @@ def setup_trainer(
         denoiser=denoiser,
         denoiser_forward=models.compile_module(denoiser) if speed.compile else denoiser,
         trained_encoders=trained,
-        noise_scheduler=family.noise_scheduler(pipe),
+        noise_scheduler=family.noise_scheduler(pipe, config),
         data=data,
         prompts=conditioning,
         generators=[torch.Generator(device=speed.device).manual_seed(config.seed) for _ in subjects],

@@ -78,8 +78,9 @@ class ModelFamily:
 
     # --- the training objective ---------------------------------------------------------------------------------
 
-    def noise_scheduler(self, pipe: Any) -> Any:
-        """The scheduler that defines the forward (noising) process for training."""
+    def noise_scheduler(self, pipe: Any, config: Any) -> Any:
+        """The forward (noising) process for training, from the pipeline's scheduler and the TrainConfig's
+        options for it (a flow-matching family's timestep density)."""
         raise NotImplementedError
 
     def draw_timesteps(
@@ -89,8 +90,9 @@ class ModelFamily:
 
     def noised(
         self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the denoiser's input, its regression target) for clean `latents` noised with `noise` at `timesteps`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the denoiser's input, its regression target, each row's loss weight or None) for clean `latents`
+        noised with `noise` at `timesteps`."""
         raise NotImplementedError
 
     def predict(

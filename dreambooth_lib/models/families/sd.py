@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dreambooth_lib.errors import TrainingError
+from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.models.families.base import ModelFamily, PromptConditioning
 
 
@@ -57,9 +57,14 @@ class StableDiffusion(ModelFamily):
     def trainable_conditioning(self, encoders, cond):
         return encoders["text_encoder"](cond.input_ids["text_encoder"])[0], cond.added
 
-    def noise_scheduler(self, pipe: Any) -> Any:
+    def noise_scheduler(self, pipe: Any, config: Any) -> Any:
         from diffusers import DDPMScheduler
 
+        if config.weighting_scheme is not None:
+            raise ConfigError(
+                f"train.weighting_scheme {config.weighting_scheme!r} weights the timesteps of flow-matching models "
+                f"(SD3, FLUX.1); a {self.pipeline_class} trains on DDPM's uniform timesteps: leave it unset"
+            )
         return DDPMScheduler.from_config(pipe.scheduler.config)
 
     def draw_timesteps(self, scheduler, n, generator, device):
@@ -69,9 +74,8 @@ class StableDiffusion(ModelFamily):
         )
 
     def noised(self, scheduler, latents, noise, timesteps):
-        return scheduler.add_noise(latents, noise, timesteps), diffusion_target(
-            scheduler, latents, noise, timesteps
-        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        return noisy, diffusion_target(scheduler, latents, noise, timesteps), None
 
     def predict(self, denoiser, model_input, timesteps, embeds, added):
         extra = {"added_cond_kwargs": added} if added is not None else {}
