@@ -10,7 +10,7 @@ import yaml
 import dreambooth_lib
 from dreambooth_lib import storage
 from dreambooth_lib.artifacts import LINEAGE_NAME, REPORT_NAME
-from dreambooth_lib.evaluate.report import METRICS, PAPER_REAL_IMAGES, PAPER_SD_DREAMBOOTH, format_value
+from dreambooth_lib.evaluate.report import METRIC_TABLE_COLUMNS, metric_table_rows
 from dreambooth_lib.registry.lineage import json_digest
 from dreambooth_lib.registry.model_folder import pipeline_class
 
@@ -167,23 +167,16 @@ def _readable_by_diffusers(uri: str, local_name: str) -> tuple[str, list[str]]:
     return f"./{local_name}", [f"gcloud storage cp -r {uri.rstrip('/')} ./{local_name}"]
 
 
+def _markdown_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _metrics_section(metrics: dict | None, reference: dict) -> list[str]:
     if metrics is None:
         return ["## Metrics", "", "Not evaluated.", ""]
-    lines = [
-        "## Metrics",
-        "",
-        "| metric | better | this model | real images (ceiling) | paper: DreamBooth (SD) | paper: real images |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key, label, better in METRICS:
-        cells = [
-            metrics.get(key),
-            reference.get(key),
-            PAPER_SD_DREAMBOOTH.get(key),
-            PAPER_REAL_IMAGES.get(key),
-        ]
-        lines.append(f"| {label} | {better} | " + " | ".join(format_value(v) for v in cells) + " |")
+    lines = ["## Metrics", "", _markdown_row(METRIC_TABLE_COLUMNS), "|---" * len(METRIC_TABLE_COLUMNS) + "|"]
+    for _, label, better, cells in metric_table_rows(metrics, reference):
+        lines.append(_markdown_row([label, better, *cells]))
     return lines + [
         "",
         "Real images (ceiling): the subject's real photos scored against each other. "
