@@ -20,36 +20,19 @@ ALEX_TAPS = [
     [("conv", 8, 1, 1), ("relu",)],
     [("conv", 10, 1, 1), ("relu",)],
 ]
+
+
+def _vgg_convs(*indices: int) -> list[tuple]:
+    """VGG's 3x3 convolutions (stride 1, padding 1) at these `features` indices, each followed by its ReLU."""
+    return [op for i in indices for op in (("conv", i, 1, 1), ("relu",))]
+
+
 VGG_TAPS = [
-    [("conv", 0, 1, 1), ("relu",), ("conv", 2, 1, 1), ("relu",)],
-    [("pool", 2), ("conv", 5, 1, 1), ("relu",), ("conv", 7, 1, 1), ("relu",)],
-    [
-        ("pool", 2),
-        ("conv", 10, 1, 1),
-        ("relu",),
-        ("conv", 12, 1, 1),
-        ("relu",),
-        ("conv", 14, 1, 1),
-        ("relu",),
-    ],
-    [
-        ("pool", 2),
-        ("conv", 17, 1, 1),
-        ("relu",),
-        ("conv", 19, 1, 1),
-        ("relu",),
-        ("conv", 21, 1, 1),
-        ("relu",),
-    ],
-    [
-        ("pool", 2),
-        ("conv", 24, 1, 1),
-        ("relu",),
-        ("conv", 26, 1, 1),
-        ("relu",),
-        ("conv", 28, 1, 1),
-        ("relu",),
-    ],
+    _vgg_convs(0, 2),
+    [("pool", 2), *_vgg_convs(5, 7)],
+    [("pool", 2), *_vgg_convs(10, 12, 14)],
+    [("pool", 2), *_vgg_convs(17, 19, 21)],
+    [("pool", 2), *_vgg_convs(24, 26, 28)],
 ]
 
 

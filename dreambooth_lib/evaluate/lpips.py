@@ -52,6 +52,23 @@ class _Net:
     channels: tuple[int, ...]
 
 
+# torchvision's VGG-16 ("D") as its config writes it: a width is a 3x3 conv (stride 1, padding 1) and its ReLU,
+# "M" a 2x2 max pool; LPIPS taps it after each block's last ReLU.
+_VGG16_WIDTHS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+def _vgg_convs(widths: tuple[int | str, ...]) -> dict[int, tuple[int, int, int, int, int]]:
+    """{features index: (in, out, kernel, stride, padding)} of each conv, at torchvision's indices."""
+    convs, index, cin = {}, 0, 3
+    for width in widths:
+        if width == "M":
+            index += 1
+            continue
+        convs[index] = (cin, int(width), 3, 1, 1)
+        cin, index = int(width), index + 2
+    return convs
+
+
 NETS = {
     "alex": _Net(
         convs={
@@ -67,24 +84,7 @@ NETS = {
         channels=(64, 192, 384, 256, 256),
     ),
     "vgg": _Net(
-        convs={
-            i: (cin, cout, 3, 1, 1)
-            for i, cin, cout in [
-                (0, 3, 64),
-                (2, 64, 64),
-                (5, 64, 128),
-                (7, 128, 128),
-                (10, 128, 256),
-                (12, 256, 256),
-                (14, 256, 256),
-                (17, 256, 512),
-                (19, 512, 512),
-                (21, 512, 512),
-                (24, 512, 512),
-                (26, 512, 512),
-                (28, 512, 512),
-            ]
-        },
+        convs=_vgg_convs(_VGG16_WIDTHS),
         pools=(4, 9, 16, 23),
         pool_kernel=2,
         slice_ends=(4, 9, 16, 23, 30),
