@@ -3,6 +3,7 @@ resolve, and the tags are the ones the compiled YAML references."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import os
 import re
@@ -244,15 +245,20 @@ def test_dockerignore_sends_only_what_the_dockerfiles_copy():
         assert _ignored(patterns, junk), f"{junk} would be sent as build context"
 
 
+def _container_script(name: str):
+    """scripts/containers/<name>.py imported as a module (the folder is not a package)."""
+    sys.path.insert(0, str(REPO / "scripts" / "containers"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def test_torch_index_serves_a_wheel_pip_installs(tmp_path):
     """scripts/containers/torch_index.py: a PEP 503 page with hashes and PEP 658 metadata that pip accepts."""
     import zipfile
 
-    sys.path.insert(0, str(REPO / "scripts" / "containers"))
-    try:
-        import torch_index
-    finally:
-        sys.path.pop(0)
+    torch_index = _container_script("torch_index")
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     with zipfile.ZipFile(wheels / "tiny_pkg-1.0+cpu-py3-none-any.whl", "w") as zf:
@@ -278,11 +284,7 @@ def test_torch_index_serves_a_wheel_pip_installs(tmp_path):
 
 
 def test_base_image_finds_the_debian_mirror_in_apt_sources(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts" / "containers"))
-    try:
-        import base_image
-    finally:
-        sys.path.pop(0)
+    base_image = _container_script("base_image")
     apt = tmp_path / "apt"
     (apt / "sources.list.d").mkdir(parents=True)
     assert base_image.debian_mirror(apt) == "http://deb.debian.org/debian"  # none configured

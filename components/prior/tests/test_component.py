@@ -12,12 +12,23 @@ from dreambooth_lib import prior
 OPTIONS = {"steps": 2, "batch_size": 2}
 
 
+def make_dog_prior(model: str, prior_set: Dataset, **parameters):
+    """The component's function on "a dog" at 64 px from `model`, writing `prior_set`."""
+    return make_prior_set.python_func(
+        base_model=model,
+        base_model_digest="d",
+        class_noun="dog",
+        resolution=64,
+        prior_set=prior_set,
+        **parameters,
+    )
+
+
 def test_own_artifact_then_shared_cache(tiny_model_dir, tmp_path):
     own = artifact(Dataset, tmp_path / "own")
-    key, n, weight = make_prior_set.python_func(
-        base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=2,
-        prior_loss_weight=0.5, prior_root="", prior_set=own, prior_options=OPTIONS,
-    )  # fmt: skip
+    key, n, weight = make_dog_prior(
+        tiny_model_dir, own, prior_size=2, prior_loss_weight=0.5, prior_root="", prior_options=OPTIONS
+    )
     assert n == 2 and own.metadata["key"] == key and own.metadata["generated"] == 2
     assert weight == 0.5 and own.metadata["prior_preservation"] is True
     # a consumer reads the set where the launcher staged the artifact for it, not where the producer wrote it
@@ -29,10 +40,7 @@ def test_own_artifact_then_shared_cache(tiny_model_dir, tmp_path):
     shared = str(tmp_path / "priors")
     for i in range(2):  # the second subject of the class finds the set made by the first
         out = artifact(Dataset, tmp_path / f"s{i}")
-        again = make_prior_set.python_func(
-            base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=2,
-            prior_root=shared, prior_set=out, prior_options=OPTIONS,
-        )  # fmt: skip
+        again = make_dog_prior(tiny_model_dir, out, prior_size=2, prior_root=shared, prior_options=OPTIONS)
         assert again[0] == key and out.metadata["reused"] == 2 * i
         ref = prior.open_artifact(out.path)  # the artifact names the shared set's durable URI
         assert ref.uri == str(Path(shared) / key) and len(ref.images) == 2
@@ -53,10 +61,7 @@ def no_pipeline(monkeypatch):
 def test_zero_loss_weight_samples_nothing(tiny_model_dir, tmp_path, no_pipeline):
     """λ 0 with the default 200 images: no prior preservation, so no image is sampled and no model is loaded."""
     out = artifact(Dataset, tmp_path / "p")
-    _, n, weight = make_prior_set.python_func(
-        base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=200,
-        prior_loss_weight=0.0, prior_root="", prior_set=out,
-    )  # fmt: skip
+    _, n, weight = make_dog_prior(tiny_model_dir, out, prior_size=200, prior_loss_weight=0.0, prior_root="")
     assert n == 0 and weight == 0.0 and prior.open_artifact(out.path).images == []
     assert out.metadata["prior_preservation"] is False and "warning" not in out.metadata
 
@@ -67,10 +72,7 @@ def test_zero_images_turns_the_prior_off_and_fine_tune_gets_no_weight(
     """prior_size 0 with λ > 0: the prior is off (λ 0 for fine-tune, which would refuse λ > 0 without images),
     and the log and the artifact say why."""
     out = artifact(Dataset, tmp_path / "p")
-    _, n, weight = make_prior_set.python_func(
-        base_model=tiny_model_dir, base_model_digest="d", class_noun="dog", resolution=64, prior_size=0,
-        prior_loss_weight=1.0, prior_root="", prior_set=out,
-    )  # fmt: skip
+    _, n, weight = make_dog_prior(tiny_model_dir, out, prior_size=0, prior_loss_weight=1.0, prior_root="")
     assert n == 0 and weight == 0.0 and prior.open_artifact(out.path).images == []
     warning = out.metadata["warning"]
     assert warning.startswith("prior_size is 0 but prior_loss_weight is 1.0: prior preservation is off")
