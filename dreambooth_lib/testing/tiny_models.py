@@ -1,5 +1,6 @@
-"""Tiny Stable Diffusion and SDXL pipelines built from configs (random weights, the real CLIP vocabulary): the
-models of the tests and the demo, saved and loaded through the same code as real ones. No hub is needed."""
+"""Tiny pipelines of every family (SD, SDXL, SD3, FLUX.1) built from configs: random weights, the real CLIP
+vocabulary, for T5 a small tokenizer built offline. The models of the tests and the demo, saved and loaded through
+the same code as real ones; no hub is needed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _tiny_vae(seed: int, sample_size: int, **overrides):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         block_out_channels=[16, 32],
         in_channels=3,
         out_channels=3,
@@ -26,8 +27,8 @@ def _tiny_vae(seed: int, sample_size: int, **overrides):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=sample_size * 2,
-        **overrides,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def _tiny_text_config():
@@ -136,3 +137,157 @@ def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int =
         unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer
     )
     return _save_tiny(pipe, out, tok_dir, ("tokenizer", "tokenizer_2"))
+
+
+# --- flow-matching families: a T5 encoder needs a tokenizer, built here offline ------------------------------------
+
+# Words a tiny T5 tokenizer keeps whole, besides those of the paper's prompt lists: what tests and the demo say.
+EXTRA_T5_WORDS = (
+    "a an photo of the dog cat square circle star backpack red green blue yellow purple background"
+)
+
+
+def tiny_t5_vocabulary() -> list[tuple[str, float]]:
+    """A word-level Unigram vocabulary, deterministic (a trained Unigram is not, run to run, which would change
+    every content digest): the specials T5 expects at ids 0-2, every word of the paper's prompt lists and a few
+    more as whole pieces, and single characters so that any text (an identifier such as "sks") still tokenizes,
+    piece by piece. Words score above characters, so a known word is one piece."""
+    import json
+    import re
+    import string
+    from importlib import resources
+
+    prompts = resources.files("dreambooth_lib").joinpath("assets/prompts.json").read_text()
+    templates = json.loads(prompts)
+    text = " ".join(templates["object_prompts"] + templates["live_subject_prompts"]) + " " + EXTRA_T5_WORDS
+    words = sorted(set(re.findall(r"[a-z]+", text.lower())))
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -2.0) for w in words]
+    seen = {p for p, _ in pieces}
+    pieces += [(p, -8.0) for p in ["▁", *("▁" + c for c in chars)] if p not in seen]
+    pieces += [(c, -10.0) for c in chars]
+    return pieces
+
+
+def write_tiny_t5_tokenizer(out_dir: str | Path):
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer(vocab=tiny_t5_vocabulary(), extra_ids=0, model_max_length=512)
+    tokenizer.save_pretrained(str(out_dir))
+    return T5Tokenizer.from_pretrained(str(out_dir))
+
+
+def _tiny_t5(vocab_size: int, d_model: int, seed: int):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            is_encoder_decoder=False,
+            use_cache=False,
+        )  # fmt: skip
+    )
+
+
+def _tiny_flow_vae(seed: int, shift_factor: float, scaling_factor: float):
+    """The tiny VAE with 16 latent channels and no quant convs, as FLUX.1's and SD3's VAEs (x2 downsampling)."""
+    return _tiny_vae(
+        seed, 32, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=shift_factor, scaling_factor=scaling_factor,
+    )  # fmt: skip
+
+
+def build_tiny_flux_model(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Write a tiny FLUX.1-shaped pipeline (dev with guidance_embeds, else schnell): a 1+1-block transformer over
+    2x2-packed 16-channel latents, CLIP (real vocabulary) for the pooled embedding, a tiny T5 with an offline
+    tokenizer for the sequence, and FLUX.1's scheduler (dev: dynamic shifting). A few MB."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )  # fmt: skip
+    vae = _tiny_flow_vae(seed + 1, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE constants
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_config())
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    t5_tokenizer = write_tiny_t5_tokenizer(out / "_t5_tokenizer_build")
+    text_encoder_2 = _tiny_t5(len(t5_tokenizer), d_model=32, seed=seed + 3)
+    if guidance_embeds:  # dev
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )  # fmt: skip
+    else:  # schnell
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)), text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer, transformer=transformer,
+    )  # fmt: skip
+    storage.delete_prefix(str(out / "_t5_tokenizer_build"))
+    return _save_tiny(pipe, out, tok_dir, ("tokenizer",))
+
+
+def build_tiny_sd3_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SD3-shaped pipeline: a 2-block MMDiT (the first with SD3.5's dual attention), CLIP-L and
+    CLIP-G (real vocabulary, with projections) and a tiny T5 (offline tokenizer), SD3's shifted scheduler."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )  # fmt: skip
+    vae = _tiny_flow_vae(seed + 1, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE constants
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_tiny_text_config())
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    t5_tokenizer = write_tiny_t5_tokenizer(out / "_t5_tokenizer_build")
+    text_encoder_3 = _tiny_t5(
+        len(t5_tokenizer), d_model=64, seed=seed + 4
+    )  # T5's width: the joint attention's
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
+    )  # fmt: skip
+    storage.delete_prefix(str(out / "_t5_tokenizer_build"))
+    return _save_tiny(pipe, out, tok_dir, ("tokenizer", "tokenizer_2"))
+
+
+TINY_BUILDERS = {
+    "sd": build_tiny_model,
+    "sdxl": build_tiny_sdxl_model,
+    "sd3": build_tiny_sd3_model,
+    "flux": build_tiny_flux_model,
+}

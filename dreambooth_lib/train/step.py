@@ -73,7 +73,7 @@ def step_on_batch(
         cache_enabled=not t.speed.cuda_graph,
     ):
         embeds, added = _conditioning(t).rows(prompt_rows)
-        pred = t.family.predict(t.denoiser_forward, model_input, timesteps, embeds, added)
+        pred = t.family.predict(t.denoiser_forward, t.noise_scheduler, model_input, timesteps, embeds, added)
 
     subject_losses = _subject_losses(t, pred, target, weights)
     # the sum: d(total)/d(adapter k) is d(loss k)/d(adapter k), since no other subject's loss reaches adapter k

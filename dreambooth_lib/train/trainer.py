@@ -92,20 +92,19 @@ def _encode_images(vae, subjects_images, config: TrainConfig, device) -> list[Tr
     ]
 
 
-def _make_trainable(denoiser, encoders, family: ModelFamily, config: TrainConfig, num_subjects: int):
-    """Mark what trains (full: every denoiser weight; LoRA: adapters) and group a pack's adapters."""
-    train_te = config.train_text_encoder
+def _make_trainable(denoiser, trained_encoders, family: ModelFamily, config: TrainConfig, num_subjects: int):
+    """Mark what trains (full: every weight of the denoiser and `trained_encoders`; LoRA: adapters on them) and
+    group a pack's adapters."""
     if config.mode == "lora":
         targets = config.lora_target_modules or family.denoiser_lora_targets
         lora.add_denoiser_adapter(denoiser, targets, config.lora_rank, config.lora_alpha)
-        for encoder in encoders.values() if train_te else []:
+        for encoder in trained_encoders.values():
             lora.add_text_encoder_adapter(
                 encoder, family.text_encoder_lora_targets, config.lora_rank, config.lora_alpha
             )
     else:
-        denoiser.requires_grad_(True)
-        for encoder in encoders.values():
-            encoder.requires_grad_(train_te)
+        for module in (denoiser, *trained_encoders.values()):
+            module.requires_grad_(True)
     return GroupedAdapters(denoiser, num_subjects) if num_subjects > 1 else None
 
 
@@ -138,14 +137,15 @@ def setup_trainer(
     conditioning = family.encode_prompts(pipe, prompts, speed.device, config.resolution)
     vae.to("cpu")
 
-    grouped = _make_trainable(denoiser, encoders, family, config, len(subjects))
-    denoiser.to(speed.device).train()
-    trained = {}
+    trained = family.trainable_text_encoders(pipe) if config.train_text_encoder else {}
     for name, encoder in encoders.items():
-        if config.train_text_encoder:
-            trained[name] = encoder.to(speed.device).train()
+        encoder.requires_grad_(False)
+        if name in trained:
+            encoder.to(speed.device).train()
         else:
-            encoder.requires_grad_(False).to("cpu")
+            encoder.to("cpu")  # frozen: its embeddings are cached
+    grouped = _make_trainable(denoiser, trained, family, config, len(subjects))
+    denoiser.to(speed.device).train()
     if speed.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for encoder in trained.values():

@@ -6,10 +6,12 @@ from typing import Any
 
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.models.families.base import ModelFamily, PromptConditioning
+from dreambooth_lib.models.families.flux import Flux
 from dreambooth_lib.models.families.sd import StableDiffusion
+from dreambooth_lib.models.families.sd3 import StableDiffusion3
 from dreambooth_lib.models.families.sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
 
 
 def family_of(pipe: Any) -> ModelFamily:
@@ -20,7 +22,7 @@ def family_of(pipe: Any) -> ModelFamily:
     names = ", ".join(f.pipeline_class for f in FAMILIES)
     raise ConfigError(
         f"a {type(pipe).__name__} is not a base model this tool trains; use one of: {names} "
-        "(Stable Diffusion 1.x/2.x, SDXL)"
+        "(Stable Diffusion 1.x/2.x, SDXL, SD3/3.5, FLUX.1)"
     )
 
 

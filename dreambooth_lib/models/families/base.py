@@ -42,6 +42,8 @@ class ModelFamily:
     pipeline_class: ClassVar[str]  # the diffusers class that loads the family's folders (model cards, export)
     denoiser_name: ClassVar[str] = "unet"  # the pipeline attribute of the module that denoises
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    # the encoders `train_text_encoder` trains (a T5 stays frozen); None: all of them
+    trainable_text_encoder_names: ClassVar[tuple[str, ...] | None] = None
     denoiser_lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -55,7 +57,12 @@ class ModelFamily:
         return getattr(pipe, self.denoiser_name)
 
     def text_encoders(self, pipe: Any) -> dict[str, torch.nn.Module]:
-        return {name: getattr(pipe, name) for name in self.text_encoder_names}
+        """Every text encoder the pipeline has (an optional one may be None: left out)."""
+        return {name: getattr(pipe, name) for name in self.text_encoder_names if getattr(pipe, name, None)}
+
+    def trainable_text_encoders(self, pipe: Any) -> dict[str, torch.nn.Module]:
+        names = self.trainable_text_encoder_names or self.text_encoder_names
+        return {name: encoder for name, encoder in self.text_encoders(pipe).items() if name in names}
 
     def default_resolution(self, pipe: Any) -> int:
         """The side the base model was trained at (its pipeline's default height)."""
@@ -98,6 +105,7 @@ class ModelFamily:
     def predict(
         self,
         denoiser: Any,
+        scheduler: Any,
         model_input: torch.Tensor,
         timesteps: torch.Tensor,
         embeds: torch.Tensor,

@@ -77,7 +77,7 @@ class StableDiffusion(ModelFamily):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         return noisy, diffusion_target(scheduler, latents, noise, timesteps), None
 
-    def predict(self, denoiser, model_input, timesteps, embeds, added):
+    def predict(self, denoiser, scheduler, model_input, timesteps, embeds, added):
         extra = {"added_cond_kwargs": added} if added is not None else {}
         return denoiser(model_input, timesteps, embeds, return_dict=False, **extra)[0]
 
