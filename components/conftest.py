@@ -23,12 +23,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def tiny_evaluators(tmp_path_factory) -> dict[str, str]:
     from dreambooth_lib.testing import evaluators
 
-    root = tmp_path_factory.mktemp("evaluators")
-    return {
-        "dino_model": str(evaluators.build_tiny_dino(root / "dino")),
-        "clip_model": str(evaluators.build_tiny_clip(root / "clip")),
-        "lpips_weights": str(evaluators.build_tiny_lpips(root / "lpips.safetensors")),
-    }
+    paths = evaluators.build_tiny_evaluators(tmp_path_factory.mktemp("evaluators"))
+    return {"dino_model": paths["dino"], "clip_model": paths["clip"], "lpips_weights": paths["lpips"]}
 
 
 @pytest.fixture

@@ -145,9 +145,7 @@ def tiny_model(
     if evaluators:
         from dreambooth_lib.testing import evaluators as ev
 
-        result["dino"] = str(ev.build_tiny_dino(out_dir / "evaluators" / "dino", seed=seed))
-        result["clip"] = str(ev.build_tiny_clip(out_dir / "evaluators" / "clip", seed=seed))
-        result["lpips"] = str(ev.build_tiny_lpips(out_dir / "evaluators" / "lpips.safetensors", seed=seed))
+        result.update(ev.build_tiny_evaluators(out_dir / "evaluators", seed=seed))
     _emit(result, as_json, f"wrote a tiny model to {out}")
 
 

@@ -105,6 +105,14 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_evaluators(tmp_path_factory) -> dict[str, str]:
+    """Tiny DINO, CLIP and LPIPS evaluators (built once per session): their paths under "dino", "clip", "lpips"."""
+    from dreambooth_lib.testing.evaluators import build_tiny_evaluators
+
+    return build_tiny_evaluators(tmp_path_factory.mktemp("evaluators"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def dreambench() -> Path:
     if not (DREAMBENCH / "dataset").is_dir():
         pytest.skip("shared/dreambench is not beside the checkout")

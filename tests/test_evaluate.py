@@ -13,19 +13,13 @@ from dreambooth_lib import evaluate, generate, storage
 from dreambooth_lib.config import EvalConfig, GateConfig
 from dreambooth_lib.errors import ConfigError, IngestError, ModelLoadError, StorageError
 from dreambooth_lib.evaluate import embedders, scores
-from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
 from dreambooth_lib.testing.synthetic import make_subject_images
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, str]:
+def setup(tmp_path_factory, tiny_evaluators) -> dict[str, str]:
     root = tmp_path_factory.mktemp("eval")
-    return {
-        "dino": str(build_tiny_dino(root / "dino", seed=0)),
-        "clip": str(build_tiny_clip(root / "clip", seed=0)),
-        "lpips": str(build_tiny_lpips(root / "lpips.safetensors", seed=0)),
-        "real": str(make_subject_images(root / "ingest", n=3, size=64)),
-    }
+    return {**tiny_evaluators, "real": str(make_subject_images(root / "ingest", n=3, size=64))}
 
 
 def _config(setup, **kwargs) -> EvalConfig:
@@ -216,26 +210,14 @@ def test_user_errors(setup, tiny_model, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestError, match="empty: no .png images"):
         evaluate.run(tiny_model, str(tmp_path / "empty"), "sks", "dog", False, cfg, str(tmp_path / "o"))
+
+    def evaluate_real(config: EvalConfig):
+        return evaluate.run(tiny_model, setup["real"], "sks", "dog", False, config, str(tmp_path / "o"))
+
     with pytest.raises(ConfigError, match=r"eval.prompts: template 'a \{2\} dog' cannot be rendered"):
-        evaluate.run(
-            tiny_model,
-            setup["real"],
-            "sks",
-            "dog",
-            False,
-            _config(setup, prompts=["a {2} dog"]),
-            str(tmp_path / "o"),
-        )
+        evaluate_real(_config(setup, prompts=["a {2} dog"]))
     with pytest.raises(ConfigError, match="compare_to_base.*base_model"):
-        evaluate.run(
-            tiny_model,
-            setup["real"],
-            "sks",
-            "dog",
-            False,
-            _config(setup, gate={"compare_to_base": True}),
-            str(tmp_path / "o"),
-        )
+        evaluate_real(_config(setup, gate={"compare_to_base": True}))
     with pytest.raises(StorageError, match="run the evaluate step"):
         evaluate.load_metrics(str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()  # refused before any sampling

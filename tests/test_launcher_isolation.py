@@ -52,9 +52,7 @@ def tiny_evaluators(tmp_path_factory) -> Path:
     from dreambooth_lib.testing import evaluators
 
     root = tmp_path_factory.mktemp("evaluators")
-    evaluators.build_tiny_dino(root / "dino", seed=0)
-    evaluators.build_tiny_clip(root / "clip", seed=0)
-    evaluators.build_tiny_lpips(root / "lpips.safetensors", seed=0)
+    evaluators.build_tiny_evaluators(root, seed=0)
     return root
 
 

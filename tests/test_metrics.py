@@ -11,17 +11,7 @@ from PIL import Image
 
 from dreambooth_lib.errors import ModelLoadError
 from dreambooth_lib.evaluate import embedders, lpips, prompts, scores
-from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino, build_tiny_lpips
-
-
-@pytest.fixture(scope="module")
-def evaluators(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("evaluators")
-    return {
-        "dino": str(build_tiny_dino(root / "dino", seed=0)),
-        "clip": str(build_tiny_clip(root / "clip", seed=0)),
-        "lpips": str(build_tiny_lpips(root / "lpips.safetensors", seed=0)),
-    }
+from dreambooth_lib.testing.evaluators import build_tiny_clip, build_tiny_dino
 
 
 def _images(n: int, size=(64, 64), seed: int = 0) -> list[Image.Image]:
@@ -52,11 +42,12 @@ def test_paper_prompts_and_clip_t_text():
     assert prompts.clip_t_text("a {1} on the beach", "dog") == "a dog on the beach"
 
 
-def test_dino_preprocessing_matches_transformers_processor():
-    """Resize the shorter side to 256 (bicubic), centre-crop 224, ImageNet mean/std: as an independent processor."""
+def _dino_reference_processor():
+    """DINO's eval transform (shorter side 256 bicubic, centre crop 224, ImageNet mean/std) as transformers'
+    own image processor: the independent computation our preprocessing is checked against."""
     from transformers import CLIPImageProcessor
 
-    ref = CLIPImageProcessor(
+    return CLIPImageProcessor(
         size={"shortest_edge": 256},
         crop_size={"height": 224, "width": 224},
         resample=Image.BICUBIC,
@@ -64,6 +55,11 @@ def test_dino_preprocessing_matches_transformers_processor():
         image_std=list(embedders.IMAGENET_STD),
         do_convert_rgb=True,
     )
+
+
+def test_dino_preprocessing_matches_transformers_processor():
+    """Resize the shorter side to 256 (bicubic), centre-crop 224, ImageNet mean/std: as an independent processor."""
+    ref = _dino_reference_processor()
     images = [*_images(2, size=(300, 400)), *_images(1, size=(64, 64), seed=1)]
     got = embedders.preprocess_images(images, embedders.dino_preprocess(224))
     want = torch.stack(
@@ -87,22 +83,16 @@ def test_dino_preprocessing_matches_transformers_processor():
     np.testing.assert_allclose(flat.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
 
 
-def test_dino_matches_direct_computation(evaluators):
+def test_dino_matches_direct_computation(tiny_evaluators):
     """CLS of last_hidden_state through ViTModel, preprocessed by transformers, averaged with numpy."""
-    from transformers import CLIPImageProcessor, ViTModel
+    from transformers import ViTModel
 
     generated, real = _images(3, seed=1), _images(2, size=(96, 120), seed=2)
-    dino = embedders.DinoEmbedder(evaluators["dino"])
+    dino = embedders.DinoEmbedder(tiny_evaluators["dino"])
     got = scores.mean_pairwise_cosine(dino.embed(generated), dino.embed(real))
 
-    proc = CLIPImageProcessor(
-        size={"shortest_edge": 256},
-        crop_size={"height": 224, "width": 224},
-        resample=Image.BICUBIC,
-        image_mean=list(embedders.IMAGENET_MEAN),
-        image_std=list(embedders.IMAGENET_STD),
-    )
-    model = ViTModel.from_pretrained(evaluators["dino"], add_pooling_layer=False).eval()
+    proc = _dino_reference_processor()
+    model = ViTModel.from_pretrained(tiny_evaluators["dino"], add_pooling_layer=False).eval()
 
     def cls(images):
         with torch.no_grad():
@@ -119,16 +109,16 @@ def test_dino_matches_direct_computation(evaluators):
     )
 
 
-def test_clip_i_matches_direct_computation(evaluators):
+def test_clip_i_matches_direct_computation(tiny_evaluators):
     """Projected CLIP image features via CLIPProcessor + vision tower + visual projection, numpy cosines."""
     from transformers import CLIPModel, CLIPProcessor
 
     generated, real = _images(3, seed=3), _images(2, size=(80, 64), seed=4)
-    clip = embedders.ClipEmbedder(evaluators["clip"])
+    clip = embedders.ClipEmbedder(tiny_evaluators["clip"])
     got = scores.mean_pairwise_cosine(clip.embed_images(generated), clip.embed_images(real))
 
-    proc = CLIPProcessor.from_pretrained(evaluators["clip"])
-    model = CLIPModel.from_pretrained(evaluators["clip"]).eval()
+    proc = CLIPProcessor.from_pretrained(tiny_evaluators["clip"])
+    model = CLIPModel.from_pretrained(tiny_evaluators["clip"]).eval()
 
     def emb(images):
         with torch.no_grad():
@@ -139,7 +129,7 @@ def test_clip_i_matches_direct_computation(evaluators):
     assert got == pytest.approx(_numpy_mean_cosine(emb(generated), emb(real)), abs=1e-6)
 
 
-def test_clip_t_matches_torchmetrics(evaluators):
+def test_clip_t_matches_torchmetrics(tiny_evaluators):
     """torchmetrics' CLIP score (x100, compared before its clamp at 0) through a transformers-5 adapter."""
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update
     from transformers import CLIPModel, CLIPProcessor
@@ -159,21 +149,24 @@ def test_clip_t_matches_torchmetrics(evaluators):
 
     images = _images(3, seed=5)
     texts = ["a dog on the beach", "a red dog", "a dog wearing a santa hat"]
-    clip = embedders.ClipEmbedder(evaluators["clip"])
+    clip = embedders.ClipEmbedder(tiny_evaluators["clip"])
     got = scores.paired_cosine(clip.embed_images(images), clip.embed_texts(texts)).numpy()
 
-    adapter = Adapter(CLIPModel.from_pretrained(evaluators["clip"]).eval())
+    adapter = Adapter(CLIPModel.from_pretrained(tiny_evaluators["clip"]).eval())
     tensors = [torch.from_numpy(np.asarray(i).transpose(2, 0, 1).copy()) for i in images]
     with torch.no_grad():
         score, n = _clip_score_update(
-            tensors, texts, adapter, CLIPProcessor.from_pretrained(evaluators["clip"])
+            tensors, texts, adapter, CLIPProcessor.from_pretrained(tiny_evaluators["clip"])
         )
     assert n == 3
     np.testing.assert_allclose(got, score.double().numpy() / 100, atol=1e-5)
 
 
-def test_invariants(evaluators):
-    dino, clip = embedders.DinoEmbedder(evaluators["dino"]), embedders.ClipEmbedder(evaluators["clip"])
+def test_invariants(tiny_evaluators):
+    dino, clip = (
+        embedders.DinoEmbedder(tiny_evaluators["dino"]),
+        embedders.ClipEmbedder(tiny_evaluators["clip"]),
+    )
     img = _images(1, seed=6)
     # identical images score 1.0, in every embedding
     assert scores.mean_pairwise_cosine(dino.embed(img), dino.embed(img)) == pytest.approx(1.0, abs=1e-9)
@@ -194,10 +187,10 @@ def test_invariants(evaluators):
     assert with_id == without and torch.equal(e[0], e[1])
 
 
-def test_lpips_diversity(evaluators):
+def test_lpips_diversity(tiny_evaluators):
     from dreambooth_lib.evaluate.lpips import load_lpips
 
-    model, _ = load_lpips(evaluators["lpips"])
+    model, _ = load_lpips(tiny_evaluators["lpips"])
     imgs = _images(3, seed=9)
     assert scores.lpips_diversity(model, [imgs[0], imgs[0]]) == 0.0  # identical images: no diversity
     assert scores.lpips_diversity(model, imgs[:1]) is None
@@ -208,18 +201,26 @@ def test_lpips_diversity(evaluators):
     assert min(pairs) > 0
 
 
-def test_tiny_evaluators_are_deterministic(tmp_path, evaluators):
+def test_tiny_evaluators_are_deterministic(tmp_path, tiny_evaluators):
     from dreambooth_lib.models import model_digest
 
-    assert model_digest(str(build_tiny_dino(tmp_path / "dino", seed=0))) == model_digest(evaluators["dino"])
-    assert model_digest(str(build_tiny_clip(tmp_path / "clip", seed=0))) == model_digest(evaluators["clip"])
-    assert model_digest(str(build_tiny_dino(tmp_path / "dino1", seed=1))) != model_digest(evaluators["dino"])
+    assert model_digest(str(build_tiny_dino(tmp_path / "dino", seed=0))) == model_digest(
+        tiny_evaluators["dino"]
+    )
+    assert model_digest(str(build_tiny_clip(tmp_path / "clip", seed=0))) == model_digest(
+        tiny_evaluators["clip"]
+    )
+    assert model_digest(str(build_tiny_dino(tmp_path / "dino1", seed=1))) != model_digest(
+        tiny_evaluators["dino"]
+    )
 
 
-def test_wrong_model_folder_is_a_user_error(tmp_path, evaluators):
+def test_wrong_model_folder_is_a_user_error(tmp_path, tiny_evaluators):
     with pytest.raises(ModelLoadError, match="eval.clip_model must be a clip model folder.*found vit"):
-        embedders.ClipEmbedder(evaluators["dino"])  # a ViT folder would load as a randomly initialised CLIP
+        embedders.ClipEmbedder(
+            tiny_evaluators["dino"]
+        )  # a ViT folder would load as a randomly initialised CLIP
     with pytest.raises(ModelLoadError, match="eval.dino_model must be a vit model folder.*found clip"):
-        embedders.DinoEmbedder(evaluators["clip"])
+        embedders.DinoEmbedder(tiny_evaluators["clip"])
     with pytest.raises(ModelLoadError, match="no such folder"):
         embedders.DinoEmbedder(str(tmp_path / "missing"))

@@ -13,18 +13,6 @@ from dreambooth_lib.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_evaluators(tmp_path_factory):
-    from dreambooth_lib.testing import evaluators
-
-    root = tmp_path_factory.mktemp("evaluators")
-    return {
-        "dino": str(evaluators.build_tiny_dino(root / "dino", seed=0)),
-        "clip": str(evaluators.build_tiny_clip(root / "clip", seed=0)),
-        "lpips": str(evaluators.build_tiny_lpips(root / "lpips.safetensors", seed=0)),
-    }
-
-
 def tiny_run_config(tiny_model, evaluators, images, run_dir, registry, prior_root=None) -> dict:
     return {
         "base_model": tiny_model,

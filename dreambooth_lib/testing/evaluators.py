@@ -84,3 +84,13 @@ def build_tiny_lpips(out_path: str | Path, seed: int = 0, net: str = "alex") -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_lpips_weights(random_lpips_state(net, seed), net, str(out))
     return out
+
+
+def build_tiny_evaluators(out_dir: str | Path, seed: int = 0) -> dict[str, str]:
+    """All three under `out_dir` (dino/, clip/, lpips.safetensors): their paths by metric family."""
+    out = Path(out_dir)
+    return {
+        "dino": str(build_tiny_dino(out / "dino", seed=seed)),
+        "clip": str(build_tiny_clip(out / "clip", seed=seed)),
+        "lpips": str(build_tiny_lpips(out / "lpips.safetensors", seed=seed)),
+    }
