@@ -254,7 +254,7 @@ class Launcher:
         root = self.spec["root"]
         params = self._pipeline_parameters(root.get("inputDefinitions", {}), arguments)
         records: dict[str, TaskRecord] = {}
-        outputs = self._run_dag(root["dag"], params, {}, run_id, "", records)
+        outputs = self._run_dag(root["dag"], {"parameters": params, "artifacts": {}}, run_id, "", records)
         return RunResult(run_id=run_id, outputs=outputs["artifacts"], tasks=records)
 
     def rerun_task(self, result: RunResult, name: str, parameters: dict[str, Any], run_id: str) -> TaskRecord:
@@ -304,13 +304,13 @@ class Launcher:
     def _run_dag(
         self,
         dag: dict[str, Any],
-        params: dict[str, Any],
-        artifacts: dict[str, RuntimeArtifact],
+        dag_inputs: dict[str, dict[str, Any]],
         run_id: str,
         prefix: str,
         records: dict[str, TaskRecord],
     ) -> dict[str, dict[str, Any]]:
-        """Every task of `dag` in dependency order; returns the DAG's outputs {"parameters", "artifacts"}."""
+        """Every task of `dag` in dependency order, given its inputs; returns its outputs. Inputs and outputs are
+        {"parameters": {name: value}, "artifacts": {name: RuntimeArtifact}}."""
         tasks = dag["tasks"]
         done: dict[str, TaskRecord] = {}
         for name in _dependency_order(tasks):
@@ -322,7 +322,7 @@ class Launcher:
             if any(done[d].state == "SKIPPED" for d in task.get("dependentTasks", [])):
                 record.state = "SKIPPED"  # KFP skips what depends on a skipped condition branch
                 continue
-            inputs = self._resolve_inputs(task, params, artifacts, done, path)
+            inputs = self._resolve_inputs(task, dag_inputs, done, path)
             component = self.spec["components"][task["componentRef"]["name"]]
             if "iteratorPolicy" in task or "parameterIterator" in task or "artifactIterator" in task:
                 raise NotImplementedError(f"{path}: ParallelFor is not modelled by this harness")
@@ -331,9 +331,7 @@ class Launcher:
                 record.state = "SKIPPED"
                 continue
             if "dag" in component:
-                out = self._run_dag(
-                    component["dag"], inputs["parameters"], inputs["artifacts"], run_id, f"{path}/", records
-                )
+                out = self._run_dag(component["dag"], inputs, run_id, f"{path}/", records)
                 record.parameters, record.artifacts = out["parameters"], out["artifacts"]
                 record.state = "SUCCEEDED"
                 continue
@@ -363,8 +361,7 @@ class Launcher:
     def _resolve_inputs(
         self,
         task: dict[str, Any],
-        params: dict[str, Any],
-        artifacts: dict[str, RuntimeArtifact],
+        dag_inputs: dict[str, dict[str, Any]],
         done: dict[str, TaskRecord],
         path: str,
     ) -> dict[str, dict[str, Any]]:
@@ -373,34 +370,32 @@ class Launcher:
         for name, source in task.get("inputs", {}).get("parameters", {}).items():
             if "componentInputParameter" in source:
                 key = source["componentInputParameter"]
-                if key in params:
-                    resolved["parameters"][name] = params[key]
+                if key in dag_inputs["parameters"]:
+                    resolved["parameters"][name] = dag_inputs["parameters"][key]
             elif "runtimeValue" in source:
                 resolved["parameters"][name] = source["runtimeValue"]["constant"]
-            elif "taskOutputParameter" in source:
-                producer = source["taskOutputParameter"]
-                upstream = done[producer["producerTask"]]
-                if upstream.state != "SUCCEEDED":
-                    raise RuntimeError(
-                        f"{path}: input {name!r} comes from {upstream.name}, which has not run"
-                    )
+            elif producer := source.get("taskOutputParameter"):
+                upstream = self._finished_upstream(done, producer["producerTask"], name, path)
                 resolved["parameters"][name] = upstream.parameters[producer["outputParameterKey"]]
             else:
                 raise NotImplementedError(f"{path}: input parameter {name!r} source {sorted(source)}")
         for name, source in task.get("inputs", {}).get("artifacts", {}).items():
             if "componentInputArtifact" in source:
-                resolved["artifacts"][name] = artifacts[source["componentInputArtifact"]]
-            elif "taskOutputArtifact" in source:
-                producer = source["taskOutputArtifact"]
-                upstream = done[producer["producerTask"]]
-                if upstream.state != "SUCCEEDED":
-                    raise RuntimeError(
-                        f"{path}: input {name!r} comes from {upstream.name}, which has not run"
-                    )
+                resolved["artifacts"][name] = dag_inputs["artifacts"][source["componentInputArtifact"]]
+            elif producer := source.get("taskOutputArtifact"):
+                upstream = self._finished_upstream(done, producer["producerTask"], name, path)
                 resolved["artifacts"][name] = upstream.artifacts[producer["outputArtifactKey"]]
             else:
                 raise NotImplementedError(f"{path}: input artifact {name!r} source {sorted(source)}")
         return resolved
+
+    @staticmethod
+    def _finished_upstream(done: dict[str, TaskRecord], task: str, name: str, path: str) -> TaskRecord:
+        """The upstream task an input comes from, which must have succeeded (the DAG order guarantees it)."""
+        upstream = done[task]
+        if upstream.state != "SUCCEEDED":
+            raise RuntimeError(f"{path}: input {name!r} comes from {upstream.name}, which has not run")
+        return upstream
 
     def _executor_input(
         self, component: dict[str, Any], inputs: dict[str, dict[str, Any]], run_id: str, path: str
