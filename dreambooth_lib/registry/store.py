@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dreambooth_lib import storage
 from dreambooth_lib.artifacts import REGISTRY_INDEX_NAME as INDEX_NAME
@@ -177,48 +177,16 @@ class Registry:
 
     # writing
 
-    def register(
-        self,
-        *,
-        subject: str,
-        model_dir: str,
-        identifier: str,
-        class_noun: str,
-        base_model: str,
-        base_model_digest: str,
-        metrics: dict | None,
-        gate: dict | None,
-        lineage: dict,
-        reference: dict | None = None,
-        report_html: str | None = None,
-        sample_grid: list[str] | None = None,
-        train_config: dict | None = None,
-        data_manifest: dict | None = None,
-        license_note: str | None = None,
-        require_gate: bool = True,
-    ) -> RegisteredModel:
-        """Add `model_dir` as the next version of `subject`. Refused (nothing written) when the gate failed
-        (GateFailed; pass require_gate=False to register it anyway, recorded as failed) or when another
-        subject on the same base model already uses `identifier` (DreamboothError)."""
-        registration = Registration(
-            subject=subject,
-            model_dir=model_dir,
-            identifier=identifier,
-            class_noun=class_noun,
-            base_model=base_model,
-            base_model_digest=base_model_digest,
-            metrics=metrics,
-            gate=gate,
-            lineage=lineage,
-            reference=reference,
-            report_html=report_html,
-            sample_grid=sample_grid,
-            train_config=train_config,
-            data_manifest=data_manifest,
-            license_note=license_note,
-        )
+    def register(self, *, require_gate: bool = True, **fields: Any) -> RegisteredModel:
+        """Add a model folder as the next version of its subject; `fields` are a `Registration`'s (subject,
+        model_dir, identifier, class_noun, base_model, base_model_digest, metrics, gate, lineage, and optionally
+        reference, report_html, sample_grid, train_config, data_manifest, license_note). Refused (nothing
+        written) when the gate failed (GateFailed; pass require_gate=False to register it anyway, recorded as
+        failed) or when another subject on the same base model already uses the identifier (DreamboothError)."""
+        registration = Registration(**fields)
+        subject, model_dir = registration.subject, registration.model_dir
         if require_gate:
-            _refuse_failed_gate(subject, gate)
+            _refuse_failed_gate(subject, registration.gate)
         model_files = storage.list_files(model_dir)
         if not model_files:
             raise StorageError(
@@ -235,7 +203,7 @@ class Registry:
         entry = self.backend.claim(
             registration.draft(model_mode(model_files), registration_digest), check_identifier
         )
-        files = version_files(entry["uri"], with_report=bool(report_html))
+        files = version_files(entry["uri"], with_report=bool(registration.report_html))
         entry.update(files)
         try:
             self._write_version(entry, registration, model_digest)
