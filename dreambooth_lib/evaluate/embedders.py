@@ -128,13 +128,10 @@ class DinoEmbedder:
 
     @torch.inference_mode()
     def embed(self, images: list[Image.Image], batch_size: int = 16) -> torch.Tensor:
-        return _embed_in_batches(
-            images,
-            self.preprocess,
-            self.device,
-            batch_size,
-            lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0],
-        )
+        return _embed_in_batches(images, self.preprocess, self.device, batch_size, self._cls_token)
+
+    def _cls_token(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 class ClipEmbedder:
@@ -165,13 +162,10 @@ class ClipEmbedder:
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image], batch_size: int = 16) -> torch.Tensor:
-        return _embed_in_batches(
-            images,
-            self.preprocess,
-            self.device,
-            batch_size,
-            lambda pixels: _features_tensor(self.model.get_image_features(pixel_values=pixels)),
-        )
+        return _embed_in_batches(images, self.preprocess, self.device, batch_size, self._image_features)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _features_tensor(self.model.get_image_features(pixel_values=pixels))
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
