@@ -6,6 +6,10 @@ from T5-XXL ids 5000-10000; on CLIP's BPE vocabulary (Stable Diffusion) that ran
 "eva", "pan"). CLIP lists its merges in the order they were learnt, most frequent first, so the last-learnt
 merges — ids >= 40000 of 49408 — are the rarest strings of its training corpus: the default range. On the real
 vocabulary it holds 627 letters-only strings of <= 3 characters that stay one token inside "a [V] dog".
+
+Families with a T5 encoder as well (SD3, FLUX.1) read the prompt through both: the identifier is chosen from CLIP's
+vocabulary as above and must also be rare for T5, i.e. no word of its SentencePiece vocabulary (one whole-word
+piece would carry that word's prior) but a short sequence of pieces (`MAX_T5_PIECES`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dreambooth_lib.config import IdentifierConfig
 from dreambooth_lib.errors import ConfigError, DreamboothError
 
 WORD_END = "</w>"
+WORD_START = "▁"  # SentencePiece's mark of a piece that starts a word
+MAX_T5_PIECES = 4
 
 
 class IdentifierResult(BaseModel):
@@ -35,6 +41,7 @@ class IdentifierResult(BaseModel):
     excluded: list[str]
     chosen_by: str  # "search" or "config"
     vocab_size: int
+    also_rare_in: list[str] = []  # the model's other (SentencePiece) tokenizers the identifier was checked in
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +71,31 @@ def load_tokenizer(model: str, allow_pickle: bool = False):
             return AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as err:
             raise DreamboothError(f"{model}: no tokenizer found in {Path(folder).name}/ ({err})") from None
+
+
+def piece_tokenizers(model: str, allow_pickle: bool = False) -> dict[str, object]:
+    """The model's SentencePiece tokenizers (T5's: tokenizer_2 of FLUX.1, tokenizer_3 of SD3) by folder name; {}
+    for a CLIP-only model (SD, SDXL) or a bare tokenizer folder."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    from dreambooth_lib.models import is_lora_dir, lora_base_model, resolve_model_dir
+
+    local = resolve_model_dir(model, allow_pickle=allow_pickle)
+    if is_lora_dir(local):
+        local = resolve_model_dir(lora_base_model(local, model), allow_pickle=allow_pickle)
+    found = {}
+    for folder in sorted(local.glob("tokenizer_*")):
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if not isinstance(tokenizer, CLIPTokenizer):
+            found[folder.name] = tokenizer
+    return found
+
+
+def is_rare_in_pieces(tokenizer, candidate: str) -> bool:
+    """True when a SentencePiece tokenizer reads `candidate` as a few pieces, none of them the whole word."""
+    pieces = tokenizer.tokenize(candidate)
+    unknown = tokenizer.unk_token in pieces
+    return not unknown and pieces != [WORD_START + candidate] and 1 <= len(pieces) <= MAX_T5_PIECES
 
 
 def _is_single_token(tokenizer, candidate: str, class_noun: str, token_id: int) -> bool:
@@ -114,9 +146,15 @@ def registry_identifiers(registry_uri: str | None, base_model: str, allow_pickle
 
 
 def choose_identifier(
-    tokenizer, class_noun: str, config: IdentifierConfig, exclude: Iterable[str] = ()
+    tokenizer,
+    class_noun: str,
+    config: IdentifierConfig,
+    exclude: Iterable[str] = (),
+    also_rare_in: dict[str, object] | None = None,
 ) -> IdentifierResult:
-    """Draw an identifier uniformly (seeded) from the rare range, skipping blocked and excluded strings."""
+    """Draw an identifier uniformly (seeded) from the rare range, skipping blocked and excluded strings and those
+    the model's other tokenizers (`also_rare_in`, by name: T5's) read as a word."""
+    also_rare_in = also_rare_in or {}
     blocked = builtin_blocklist() | {w.lower() for w in config.blocklist}
     excluded = {e.lower() for e in exclude}
     hi = _upper_token_id(tokenizer, config)
@@ -129,6 +167,12 @@ def choose_identifier(
                 f"identifier.identifier {config.identifier!r} is not one token inside 'a {v} {class_noun}'; "
                 "leave it unset to search the vocabulary, or pick a string the tokenizer keeps whole"
             )
+        common = [name for name, other in also_rare_in.items() if not is_rare_in_pieces(other, v)]
+        if common:
+            raise ConfigError(
+                f"identifier.identifier {config.identifier!r} is a word (or not a short piece sequence) for the "
+                f"model's {', '.join(common)}; choose another or unset it"
+            )
         if v in blocked or v in excluded:
             why = (
                 "blocklisted (a strong prior)"
@@ -139,9 +183,13 @@ def choose_identifier(
                 f"identifier.identifier {config.identifier!r} is {why}; choose another or unset it"
             )
         return _result(
-            tokenizer, config, class_noun, v, token_id, candidates=1, excluded=[], chosen_by="config"
-        )
-    pool = candidate_pool(tokenizer, class_noun, config)
+            tokenizer, config, class_noun, v, token_id, candidates=1, excluded=[], chosen_by="config",
+            also_rare_in=sorted(also_rare_in),
+        )  # fmt: skip
+    pool = [
+        (i, t) for i, t in candidate_pool(tokenizer, class_noun, config)
+        if all(is_rare_in_pieces(other, t) for other in also_rare_in.values())
+    ]  # fmt: skip
     skipped = sorted({t for _, t in pool if t in blocked or t in excluded})
     allowed = [(i, t) for i, t in pool if t not in blocked and t not in excluded]
     if not allowed:
@@ -160,11 +208,12 @@ def choose_identifier(
         candidates=len(allowed),
         excluded=skipped,
         chosen_by="search",
+        also_rare_in=sorted(also_rare_in),
     )
 
 
 def _result(tokenizer, config: IdentifierConfig, class_noun: str, identifier: str, token_id: int, *,
-            candidates: int, excluded: list[str], chosen_by: str) -> IdentifierResult:  # fmt: skip
+            candidates: int, excluded: list[str], chosen_by: str, also_rare_in: list[str]) -> IdentifierResult:  # fmt: skip
     return IdentifierResult(
         identifier=identifier,
         token_id=token_id,
@@ -176,6 +225,7 @@ def _result(tokenizer, config: IdentifierConfig, class_noun: str, identifier: st
         excluded=excluded,
         chosen_by=chosen_by,
         vocab_size=len(tokenizer),
+        also_rare_in=also_rare_in,
     )
 
 
@@ -195,4 +245,5 @@ def run(
     """Choose the identifier for a subject of `class_noun` on base model `model`."""
     tokenizer = load_tokenizer(model, allow_pickle=allow_pickle)
     used = registry_identifiers(registry_uri, model, allow_pickle=allow_pickle)
-    return choose_identifier(tokenizer, class_noun, config, exclude=set(exclude) | used)
+    others = piece_tokenizers(model, allow_pickle=allow_pickle)
+    return choose_identifier(tokenizer, class_noun, config, exclude=set(exclude) | used, also_rare_in=others)

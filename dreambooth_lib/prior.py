@@ -105,9 +105,11 @@ def _key_fields(
     guidance: float | None,
     resolution: int,
     seed: int,
+    family: str,
 ) -> dict:
     # normalized types: 7 and 7.0 are the same guidance and must give the same key
     return {
+        "family": str(family),
         "model_digest": str(model_digest),
         "class_prompt": str(class_prompt),
         "sampler": str(sampler),
@@ -126,12 +128,14 @@ def prior_set_key(
     guidance: float | None,
     resolution: int,
     seed: int,
+    family: str,
 ) -> str:
-    """A short hex sha256 of the canonical JSON of everything that decides the pixels of the set.
+    """A short hex sha256 of the canonical JSON of everything that decides the pixels of the set: the model, its
+    family, the sampler it samples with (`ModelFamily.sampler_name`), the prompt and the sampling settings.
 
     `guidance` None means "the pipeline's default", which is a function of the model and so covered by its digest.
     """
-    fields = _key_fields(model_digest, class_prompt, sampler, steps, guidance, resolution, seed)
+    fields = _key_fields(model_digest, class_prompt, sampler, steps, guidance, resolution, seed, family)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
 
@@ -239,7 +243,9 @@ def run(
         )
 
     digest = models.model_digest(base_model, allow_pickle=allow_pickle)
-    key_args = (digest, prompt, config.sampler, config.steps, config.guidance_scale, size, config.seed)
+    family = models.family_of_model(base_model, allow_pickle=allow_pickle)
+    sampler = family.sampler_name(config.sampler)
+    key_args = (digest, prompt, sampler, config.steps, config.guidance_scale, size, config.seed, family.name)
     fields = _key_fields(*key_args)
     key = prior_set_key(*key_args)
     set_uri = storage.join(root, key)
@@ -263,7 +269,7 @@ def run(
         generated=len(missing),
         reused=n - len(missing),
         model_digest=digest,
-        sampler=config.sampler,
+        sampler=sampler,
         steps=config.steps,
         guidance_scale=guidance_used,
         resolution=size,

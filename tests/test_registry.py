@@ -674,3 +674,11 @@ def test_a_backend_plugs_in(tmp_path, monkeypatch):
     )
     assert m.version == 1 and reg.show("dog").model_uri == m.model_uri
     assert Path(m.card_uri).is_file() and not (tmp_path / "mem" / "index.json").exists()
+
+
+def test_the_cards_pipeline_classes_are_the_families():
+    """The registry names a family's pipeline class without importing torch; it must say what the family says."""
+    from dreambooth_lib.models import FAMILIES
+    from dreambooth_lib.registry.model_folder import PIPELINE_CLASSES
+
+    assert PIPELINE_CLASSES == {family.name: family.pipeline_class for family in FAMILIES}

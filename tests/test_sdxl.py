@@ -199,10 +199,10 @@ def test_sdxl_runs_end_to_end(sdxl_model, tmp_path):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
-def test_unet_size_is_read_from_the_safetensors_headers(sdxl_model, tiny_model):
+def test_denoiser_size_is_read_from_the_safetensors_headers(sdxl_model, tiny_model):
     for uri in (sdxl_model, tiny_model):
         unet = models.load_pipeline(uri).unet
-        assert models.unet_parameter_count(uri) == sum(p.numel() for p in unet.parameters())
+        assert models.denoiser_parameter_count(uri) == sum(p.numel() for p in unet.parameters())
 
 
 def test_pack_size_shrinks_with_the_unet(monkeypatch, sdxl_model):
@@ -211,7 +211,7 @@ def test_pack_size_shrinks_with_the_unet(monkeypatch, sdxl_model):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
     sd15 = packed.default_pack_size("cuda", 512)
     monkeypatch.setattr(
-        models, "unet_parameter_count", lambda uri, allow_pickle=False: 3 * models.SD15_UNET_PARAMETERS
+        models, "denoiser_parameter_count", lambda uri, allow_pickle=False: 3 * models.SD15_UNET_PARAMETERS
     )
     sdxl = packed.default_pack_size("cuda", 512, base_model=sdxl_model)
     # (0.9 * 80 - 6 * 3) GiB / (4 * 3) GiB per subject = 4

@@ -208,6 +208,26 @@ def lora_base_model(local: Path, uri: str, base_model: str | None = None) -> str
     return base
 
 
+def pipeline_class_name(uri: str, *, allow_pickle: bool = False) -> str:
+    """The diffusers pipeline class of a model (its model_index.json's `_class_name`; a LoRA folder's base's),
+    read without loading or downloading weights."""
+    uri = str(uri)
+    if storage.is_gcs(uri):
+        marker = storage.join(uri, LORA_MARKER_NAME)
+        if storage.exists(marker):
+            return pipeline_class_name(storage.read_json(marker)["base_model"], allow_pickle=allow_pickle)
+        index = storage.join(uri, "model_index.json")
+        if not storage.exists(index):
+            raise ModelLoadError(f"{uri}: no model_index.json; a diffusers pipeline folder is needed")
+        return storage.read_json(index)["_class_name"]
+    local = resolve_model_dir(uri, allow_pickle=allow_pickle)
+    if is_lora_dir(local):
+        return pipeline_class_name(lora_base_model(local, uri), allow_pickle=allow_pickle)
+    if not (local / "model_index.json").exists():
+        raise ModelLoadError(f"{uri}: no model_index.json; a diffusers pipeline folder is needed")
+    return json.loads((local / "model_index.json").read_text())["_class_name"]
+
+
 def load_pipeline(
     uri: str,
     *,
@@ -244,20 +264,23 @@ def load_pipeline(
 
 
 SD15_UNET_PARAMETERS = (
-    859_520_964  # Stable Diffusion 1.5's UNet: the unit of the memory estimates (packed.py)
+    859_520_964  # Stable Diffusion 1.5's UNet: the unit of the memory estimates (multi_subject.py)
 )
 
 
-def unet_parameter_count(uri: str, allow_pickle: bool = False) -> int:
-    """Parameters of a diffusers model's UNet, read from its safetensors headers (no weights loaded); 0 when
-    there are none (a pickled UNet). SD 1.5: ~0.86 B; SDXL: ~2.6 B."""
+def denoiser_parameter_count(uri: str, allow_pickle: bool = False) -> int:
+    """Parameters of a diffusers model's denoiser (its unet/ or transformer/ folder), read from the safetensors
+    headers (no weights loaded); 0 when there are none (pickled weights). SD 1.5: ~0.86 B; SDXL: ~2.6 B;
+    FLUX.1: ~11.9 B."""
     import struct
 
     local = resolve_model_dir(uri, allow_pickle=allow_pickle)
     if is_lora_dir(local):
         local = resolve_model_dir(lora_base_model(local, uri), allow_pickle=allow_pickle)
     total = 0
-    for f in sorted((local / "unet").glob("*.safetensors")):
+    for f in sorted(
+        [*(local / "unet").glob("*.safetensors"), *(local / "transformer").glob("*.safetensors")]
+    ):
         with open(f, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(length))

@@ -15,27 +15,11 @@ SAMPLERS = ("dpm++", "ddim", "euler", "unipc", "pndm")
 
 
 def make_scheduler(pipe: Any, sampler: str):
-    """A scheduler of the named kind built from the pipeline's own scheduler config (betas, prediction type)."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        UniPCMultistepScheduler,
-    )
+    """The scheduler `sampler` names, built from the pipeline's own scheduler config: the family decides
+    (a DDPM family's samplers are DDPM solvers; a flow-matching family samples its flow)."""
+    from dreambooth_lib.models.families import family_of
 
-    classes = {
-        "dpm++": DPMSolverMultistepScheduler,  # DPM-Solver++(2M): the fast multistep default, good at 20-25 steps
-        "ddim": DDIMScheduler,
-        "euler": EulerDiscreteScheduler,
-        "unipc": UniPCMultistepScheduler,
-        "pndm": PNDMScheduler,
-    }
-    if sampler not in classes:
-        from dreambooth_lib.errors import ConfigError
-
-        raise ConfigError(f"sampler {sampler!r} is unknown; use one of {', '.join(classes)}")
-    return classes[sampler].from_config(pipe.scheduler.config)
+    return family_of(pipe).sampling_scheduler(pipe, sampler)
 
 
 def compile_for_sampling(pipe: Any) -> Any:

@@ -6,9 +6,14 @@ from __future__ import annotations
 from dreambooth_lib import storage
 from dreambooth_lib.artifacts import LORA_WEIGHTS_NAME
 
-# family -> the diffusers class of its pipelines; a new family (sd3: StableDiffusion3Pipeline, flux:
-# FluxPipeline) is one more row
-PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# family -> the diffusers class of its pipelines (models.families' `pipeline_class`, kept here so the registry
+# stays torch-free; tests/test_registry.py checks the two agree)
+PIPELINE_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
 
 
 def model_mode(model_files: list[str]) -> str:

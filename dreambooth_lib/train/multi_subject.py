@@ -49,13 +49,13 @@ def default_pack_size(
 ) -> int:
     """Subjects to pack on `device`: 1 on CPU (nothing is gained: the CPU is busy with one), else as many as the
     free CUDA memory holds by the per-subject estimate above (activations scale with pixels and rows, and both
-    terms with the UNet's size relative to SD 1.5's, read from `base_model`'s safetensors headers: SDXL ~3x)."""
+    terms with the denoiser's size relative to SD 1.5's UNet, read from `base_model`'s safetensors headers: SDXL ~3x)."""
     device = torch.device(models.resolve_device(str(device)))
     if device.type != "cuda":
         return 1
     scale = 1.0
     if base_model is not None:
-        scale = max(1.0, models.unet_parameter_count(base_model) / models.SD15_UNET_PARAMETERS)
+        scale = max(1.0, models.denoiser_parameter_count(base_model) / models.SD15_UNET_PARAMETERS)
     free, _ = torch.cuda.mem_get_info(device)
     per_subject = PACKED_SUBJECT_BYTES_512 * (resolution / 512) ** 2 * batch_size * scale
     fits = int((0.9 * free - PACKED_FIXED_BYTES * scale) // per_subject)

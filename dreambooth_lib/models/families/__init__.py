@@ -26,6 +26,19 @@ def family_of(pipe: Any) -> ModelFamily:
     )
 
 
+def family_of_model(uri: str, allow_pickle: bool = False) -> ModelFamily:
+    """The family of the model at `uri` (a diffusers folder, gs:// prefix, hub id or LoRA folder), read from its
+    model_index.json: no weights are loaded."""
+    from dreambooth_lib.models.loading import pipeline_class_name
+
+    name = pipeline_class_name(uri, allow_pickle=allow_pickle)
+    for family in FAMILIES:
+        if family.pipeline_class == name:
+            return family()
+    names = ", ".join(f.pipeline_class for f in FAMILIES)
+    raise ConfigError(f"{uri}: a {name} is not a base model this tool trains; use one of: {names}")
+
+
 def family_named(name: str) -> ModelFamily:
     for family in FAMILIES:
         if family.name == name:

@@ -113,6 +113,16 @@ class ModelFamily:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    # --- sampling -----------------------------------------------------------------------------------------------
+
+    def sampler_name(self, sampler: str) -> str:
+        """The sampler that `sampler` (a config's choice) samples with for this family: what a prior set's
+        content key records."""
+        return sampler
+
+    def sampling_scheduler(self, pipe: Any, sampler: str) -> Any:
+        raise NotImplementedError
+
     # --- export -------------------------------------------------------------------------------------------------
 
     def save_lora(

@@ -12,6 +12,7 @@ here so the draws come from the training generator like every other draw of a st
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +21,8 @@ import torch
 
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.models.families.base import ModelFamily
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,6 +75,21 @@ class FlowMatchingFamily(ModelFamily):
 
     denoiser_name = "transformer"
     default_weighting_scheme: ClassVar[str]
+
+    def sampler_name(self, sampler: str) -> str:
+        return "flow-euler"
+
+    def sampling_scheduler(self, pipe: Any, sampler: str) -> Any:
+        """The base's own flow-matching Euler scheduler, whatever `sampler` says: the DDPM solvers the other
+        names select would integrate the wrong process (and silently)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if sampler != "euler":
+            log.info(
+                "sampler %r: a flow-matching model samples with its own flow-matching Euler scheduler",
+                sampler,
+            )
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
     def default_resolution(self, pipe: Any) -> int:
         return int(pipe.default_sample_size * pipe.vae_scale_factor)

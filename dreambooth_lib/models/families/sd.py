@@ -81,6 +81,27 @@ class StableDiffusion(ModelFamily):
         extra = {"added_cond_kwargs": added} if added is not None else {}
         return denoiser(model_input, timesteps, embeds, return_dict=False, **extra)[0]
 
+    def sampling_scheduler(self, pipe: Any, sampler: str) -> Any:
+        """A DDPM solver of the named kind, from the pipeline's scheduler config (betas, prediction type)."""
+        from diffusers import (
+            DDIMScheduler,
+            DPMSolverMultistepScheduler,
+            EulerDiscreteScheduler,
+            PNDMScheduler,
+            UniPCMultistepScheduler,
+        )
+
+        classes = {
+            "dpm++": DPMSolverMultistepScheduler,  # DPM-Solver++(2M): the fast multistep default, good at 20-25 steps
+            "ddim": DDIMScheduler,
+            "euler": EulerDiscreteScheduler,
+            "unipc": UniPCMultistepScheduler,
+            "pndm": PNDMScheduler,
+        }
+        if sampler not in classes:
+            raise ConfigError(f"sampler {sampler!r} is unknown; use one of {', '.join(classes)}")
+        return classes[sampler].from_config(pipe.scheduler.config)
+
     @staticmethod
     def pipeline_from_parts(unet, vae, text_encoder, tokenizer):
         """A pipeline around the given modules, with SD 1.x's training noise schedule and no safety checker."""

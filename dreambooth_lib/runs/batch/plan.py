@@ -78,6 +78,7 @@ def plan_batch(
 
     base_config = identifier_config or IdentifierConfig()
     tokenizer = identifier.load_tokenizer(base_model, allow_pickle=allow_pickle)
+    others = identifier.piece_tokenizers(base_model, allow_pickle=allow_pickle)
     used = set(identifier.registry_identifiers(registry_uri or None, base_model, allow_pickle=allow_pickle))
     digest = models.model_digest(base_model, allow_pickle=allow_pickle)
     root = prior_root or storage.join(batch_root, "priors")
@@ -93,7 +94,9 @@ def plan_batch(
             else base_config
         )
         try:
-            result = identifier.choose_identifier(tokenizer, entry.class_noun, config, exclude=used)
+            result = identifier.choose_identifier(
+                tokenizer, entry.class_noun, config, exclude=used, also_rare_in=others
+            )
         except DreamboothError as err:
             error = f"{manifest.uri}: subjects[{index}] ({entry.name}): {err}"
             failed.append(rejected_status(RejectedEntry(index=index, name=entry.name, error=error)))
