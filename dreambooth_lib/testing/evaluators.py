@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+# The size of every tiny evaluator's transformer: DINO's ViT and CLIP's text and vision towers alike.
+TINY_TRANSFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+
 
 def build_tiny_dino(out_dir: str | Path, seed: int = 0) -> Path:
     """A 2-layer ViT of the DINO ViT-S/16 layout (patch 16, 224 px input), hidden size 32, 2 heads."""
@@ -19,15 +22,7 @@ def build_tiny_dino(out_dir: str | Path, seed: int = 0) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = ViTConfig(
-        image_size=224,
-        patch_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        qkv_bias=True,
-    )
+    config = ViTConfig(image_size=224, patch_size=16, intermediate_size=64, qkv_bias=True, **TINY_TRANSFORMER)
     torch.manual_seed(seed)
     model = ViTModel(config, add_pooling_layer=False)
     model.save_pretrained(out, safe_serialization=True)
@@ -46,24 +41,15 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     vocab, _ = clip_bpe_vocab_and_merges()
     config = CLIPConfig(
         text_config={
+            **TINY_TRANSFORMER,
             "vocab_size": len(vocab),
-            "hidden_size": 32,
             "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
             "max_position_embeddings": 77,
             "bos_token_id": vocab["<|startoftext|>"],
             "eos_token_id": vocab["<|endoftext|>"],
             "pad_token_id": vocab["<|endoftext|>"],
         },
-        vision_config={
-            "image_size": 224,
-            "patch_size": 32,
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
+        vision_config={**TINY_TRANSFORMER, "image_size": 224, "patch_size": 32, "intermediate_size": 37},
         projection_dim=32,
     )
     torch.manual_seed(seed)
