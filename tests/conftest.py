@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -122,3 +124,36 @@ def dreambench() -> Path:
 @pytest.fixture
 def subject_dir(tmp_path) -> Path:
     return make_subject_images(tmp_path / "subject")
+
+
+# What reads a tensor's value back to the host: on a GPU each waits for the queued work to finish.
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
+
+
+@pytest.fixture
+def host_reads():
+    """A context manager that records, as (method, caller file), every read of a tensor's value back to the host
+    inside it. torch.optim's own reads are left out: foreach AdamW keeps its `step` counter on the host for that
+    reason (on CUDA fused AdamW keeps it on the device), so they are not syncs."""
+    import torch
+
+    @contextlib.contextmanager
+    def recording():
+        reads: list[tuple[str, str]] = []
+
+        def record(name: str) -> None:
+            caller = traceback.extract_stack(limit=3)[0].filename
+            if f"torch{os.sep}optim{os.sep}" not in caller:
+                reads.append((name, caller))
+
+        with pytest.MonkeyPatch.context() as patch:
+            for name in HOST_READS:
+                original = getattr(torch.Tensor, name)
+                patch.setattr(
+                    torch.Tensor,
+                    name,
+                    lambda self, *a, _n=name, _o=original, **k: record(_n) or _o(self, *a, **k),
+                )
+            yield reads
+
+    return recording

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -84,7 +83,7 @@ def test_every_benchmark_command_has_an_example_in_its_help():
         assert result.exit_code == 0 and "Example: python -m benchmarks " + name in result.output, name
 
 
-def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, monkeypatch):
+def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, host_reads):
     """train.run reads the loss only at log steps; the step itself never waits for the device. (torch's foreach
     AdamW reads its host-side `step` counter, not a device value; on CUDA fused AdamW keeps it on the device.)"""
     instance = make_subject_images(tmp_path / "i", n=2, size=32)
@@ -95,21 +94,9 @@ def test_train_step_reads_nothing_back_to_the_host(tiny_model, tmp_path, monkeyp
         pipe, [(list_png(str(instance)), list_png(str(prior)))], config, torch.device("cpu")
     )
     train_step(t)
-    reads = []
-
-    def record(name):
-        caller = traceback.extract_stack(limit=3)[0].filename
-        if f"torch{os.sep}optim{os.sep}" not in caller:
-            reads.append((name, caller))
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: record(_n) or _o(self, *a, **k)
-        )
-    tracker = LossTracker(1, torch.device("cpu"))
-    tracker.add(train_step(t), 1)  # what the loop does between log steps
-    monkeypatch.undo()
+    with host_reads() as reads:
+        tracker = LossTracker(1, torch.device("cpu"))
+        tracker.add(train_step(t), 1)  # what the loop does between log steps
     assert reads == []
 
 
