@@ -77,7 +77,16 @@ class IdentifierConfig(_Strict):
     blocklist: list[str] = Field(default_factory=list, description="extra strings never to use")
 
 
+PriorMode = Literal["sampled", "model_output"]
+
+
 class PriorConfig(_Strict):
+    mode: PriorMode = Field(
+        "sampled",
+        description="sampled: the paper's class-prior images, sampled from the frozen model; model_output: no "
+        "images, the prior term's target is the frozen model's own prediction for the class prompt on the same "
+        "noisy subject latents (one extra forward per step, nothing sampled)",
+    )
     num_images: int = Field(200, ge=0, le=100_000, description="class-prior images (the paper: 200-1000)")
     sampler: Sampler = "dpm++"
     steps: int = Field(25, ge=1, le=1000)
@@ -110,6 +119,9 @@ class TrainConfig(_Strict):
         "script: few, zero-initialised parameters need ~20x the rate)",
     )
     prior_loss_weight: float = Field(1.0, ge=0, description="lambda of Eq. 2; 0 turns prior preservation off")
+    prior_mode: PriorMode = Field(
+        "sampled", description="the prior term's target (a run sets it from prior.mode): see PriorConfig.mode"
+    )
     train_text_encoder: bool = False
     text_encoder_learning_rate: float | None = Field(None, gt=0)
     lora_rank: int = Field(4, ge=1, le=512)
@@ -250,6 +262,12 @@ class RunConfig(_Strict):
     )
     samples_per_prompt: int = Field(2, ge=0, le=64)
     evaluate: bool = True
+
+    @model_validator(mode="after")
+    def _training_follows_the_prior_mode(self) -> RunConfig:
+        if self.train.prior_mode != self.prior.mode:
+            self.train.prior_mode = self.prior.mode
+        return self
 
     @model_validator(mode="after")
     def _resolutions_agree(self) -> RunConfig:

@@ -49,6 +49,9 @@ class PriorResult(BaseModel):
     resolution: int
     seed: int
     wall_time_s: float
+    mode: str = (
+        "sampled"  # "model_output": no images; training's prior target is the frozen model's prediction
+    )
 
     def write(self, uri: str) -> None:
         """Store this result as JSON at `uri` (the caller picks the place, e.g. <run_dir>/prior.json)."""
@@ -60,6 +63,7 @@ class Preservation(BaseModel):
 
     on: bool
     prior_loss_weight: float  # λ as training uses it: 0 when preservation is off
+    samples: bool = False  # whether prior images are sampled (not for the model-output prior, nor when off)
     warning: str | None = None  # the settings disagreed (no images, λ > 0): what was done and how to say it
 
 
@@ -69,16 +73,20 @@ def preservation(
     *,
     num_images_name: str = "prior.num_images",
     weight_name: str = "train.prior_loss_weight",
+    mode: str = "sampled",
 ) -> Preservation:
-    """Either setting 0 turns prior preservation off: no prior image is sampled and λ is 0.
+    """Either setting 0 turns prior preservation off: no prior image is sampled and λ is 0. The model-output prior
+    (`mode`) needs no images: it is on with any λ > 0, and samples nothing.
 
     No images with λ > 0 is read as "off" rather than refused: a user who asks for no prior images expects none,
     and a run that stops at training (after ingest, identifier and prior) for it would waste the set-up; the
     warning says how to state it without one. The names are the caller's (a RunConfig's fields, or a
     pipeline's parameters), so the warning names the input the user set.
     """
+    if mode == "model_output" and prior_loss_weight > 0:
+        return Preservation(on=True, prior_loss_weight=prior_loss_weight, samples=False)
     if num_images > 0 and prior_loss_weight > 0:
-        return Preservation(on=True, prior_loss_weight=prior_loss_weight)
+        return Preservation(on=True, prior_loss_weight=prior_loss_weight, samples=True)
     warning = None
     if prior_loss_weight > 0:
         warning = (
@@ -223,8 +231,8 @@ def run(
     t0 = time.perf_counter()
     prompt = class_prompt(class_noun)
     size = int(config.resolution or resolution)
-    n = config.num_images
-    if n == 0:  # prior preservation is off: nothing to load, hash or write
+    n = config.num_images if config.mode == "sampled" else 0
+    if n == 0:  # off, or the model-output prior: nothing to load, hash or write
         return PriorResult(
             uri="",
             key="",
@@ -240,6 +248,7 @@ def run(
             resolution=size,
             seed=config.seed,
             wall_time_s=round(time.perf_counter() - t0, 3),
+            mode=config.mode,
         )
 
     digest = models.model_digest(base_model, allow_pickle=allow_pickle)
@@ -345,6 +354,7 @@ class PriorSetRef(BaseModel):
     key: str
     uri: str  # the folder holding the images; "" for an empty set
     images: list[str]
+    mode: str = "sampled"  # "model_output": no images, by design (training takes the frozen model's targets)
 
 
 def write_artifact(artifact_dir: str, result: PriorResult) -> None:
@@ -359,6 +369,7 @@ def write_artifact(artifact_dir: str, result: PriorResult) -> None:
         # relative to the artifact, or the shared set's URI; "" when prior preservation is off
         "set": _relative(result.uri, artifact_dir) if inside else result.uri,
         "inside_artifact": inside,
+        "mode": result.mode,
     }
     storage.write_json(storage.join(artifact_dir, ARTIFACT_RECORD_NAME), record)
 
@@ -372,11 +383,12 @@ def open_artifact(artifact_dir: str) -> PriorSetRef:
             "(make_prior_set)"
         )
     record = storage.read_json(record_uri)
+    mode = record.get("mode", "sampled")
     if not record["set"]:
-        return PriorSetRef(key=record["key"], uri="", images=[])
+        return PriorSetRef(key=record["key"], uri="", images=[], mode=mode)
     set_uri = storage.join(artifact_dir, record["set"]) if record["inside_artifact"] else record["set"]
     images = load_prior_images(set_uri, record["num_images"])
-    return PriorSetRef(key=record["key"], uri=set_uri, images=images)
+    return PriorSetRef(key=record["key"], uri=set_uri, images=images, mode=mode)
 
 
 def _is_inside(uri: str, folder: str) -> bool:

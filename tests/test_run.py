@@ -247,6 +247,27 @@ def test_either_setting_zero_turns_prior_preservation_off(
         assert record["warnings"] == []
 
 
+def test_the_model_output_prior_samples_nothing_and_trains_against_the_base(
+    tiny_model, tiny_evaluators, subject_dir, tmp_path, monkeypatch
+):
+    from dreambooth_lib import prior
+    from dreambooth_lib.runs import personalize
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("prior.run called although the model-output prior needs no images")
+
+    monkeypatch.setattr(prior, "run", no_sampling)
+    config = _quick_config(
+        tiny_model, tiny_evaluators, str(subject_dir), tmp_path, prior={"mode": "model_output"}
+    )
+    result = personalize.run(config)
+    summary = json.loads((tmp_path / "run" / "train" / "train_summary.json").read_text())
+    assert summary["config"]["prior_mode"] == "model_output" and summary["config"]["prior_loss_weight"] == 1.0
+    assert summary["num_prior_images"] == 0 and result.prior_uri is None
+    assert result.prior_preservation is True and result.warnings == []
+    assert "the frozen model's own predictions" in result.summary()
+
+
 def test_gate_thresholds_without_evaluation_are_refused_before_any_work(
     tiny_model, tiny_evaluators, subject_dir, tmp_path
 ):

@@ -255,3 +255,36 @@ def test_missing_inputs_are_user_errors(tiny_model, data_dirs, tmp_path):
         train.run(tiny_model, str(tmp_path), None, "sks", "square", tiny_config(), str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="prior_loss_weight: 0"):
         train.run(tiny_model, data_dirs[0], None, "sks", "square", tiny_config(), str(tmp_path / "o"))
+
+
+# --- the model-output prior ----------------------------------------------------------------------------------------
+
+
+def test_the_model_output_prior_needs_no_images_and_starts_at_the_base(tiny_model, data_dirs, tmp_path):
+    """No prior images: the prior term's target is the frozen base's prediction for the class prompt on the same
+    noisy subject latents. A LoRA starts as the base (B = 0), so at step 1 that term is exactly 0, and the loss is
+    the λ = 0 run's on the same draws (both draw only the subject rows)."""
+    lora = dict(mode="lora", log_every=1, learning_rate=1e-2)
+    with_base = train.run(tiny_model, data_dirs[0], None, "sks", "square",
+                          tiny_config(**lora, prior_mode="model_output"), str(tmp_path / "mo"))  # fmt: skip
+    without = train.run(tiny_model, data_dirs[0], None, "sks", "square",
+                        tiny_config(**lora, prior_loss_weight=0), str(tmp_path / "off"))  # fmt: skip
+    assert with_base.num_prior_images == 0 and with_base.config.prior_mode == "model_output"
+    assert with_base.losses[0] == without.losses[0]
+    assert with_base.losses[-1] != without.losses[-1]  # later the prior term pulls the class prompt back
+
+
+def test_a_full_fine_tunes_model_output_targets_come_from_an_untouched_copy(tiny_model, data_dirs):
+    config = tiny_config(mode="full", prior_mode="model_output", learning_rate=1e-2)
+    subject = train.TrainSubject(instance_dir=data_dirs[0], prior_dir=None, identifier="sks", class_noun="square",
+                                 out="unused")  # fmt: skip
+    t = trainer.setup_trainer(
+        models.load_pipeline(tiny_model), [subject], [(list_png(data_dirs[0]), [])], config, "cpu"
+    )
+    before = {k: v.clone() for k, v in t.frozen_denoiser.state_dict().items()}
+    for _ in range(3):
+        step.train_step(t)
+    assert all(torch.equal(before[k], v) for k, v in t.frozen_denoiser.state_dict().items())
+    assert any(
+        not torch.equal(before[k], v) for k, v in t.denoiser.state_dict().items()
+    )  # the trained one moved

@@ -38,12 +38,17 @@ def make_prior_set(
     from dreambooth_lib import prior
     from dreambooth_lib.config import PriorConfig, parse_config
 
+    mode = parse_config(PriorConfig, prior_options, "prior_options").mode
     kept = prior.preservation(
-        prior_size, prior_loss_weight, num_images_name="prior_size", weight_name="prior_loss_weight"
+        prior_size,
+        prior_loss_weight,
+        num_images_name="prior_size",
+        weight_name="prior_loss_weight",
+        mode=mode,
     )
     if kept.warning:
         logging.getLogger(__name__).warning(kept.warning)
-    num_images = prior_size if kept.on else 0
+    num_images = prior_size if kept.samples else 0
     config = parse_config(PriorConfig, {**prior_options, "num_images": num_images}, "prior_options")
     root = prior_root or config.root or prior_set.path
     result = prior.run(

@@ -41,15 +41,16 @@ def fine_tune(
     from dreambooth_lib import prior, train
     from dreambooth_lib.config import TrainConfig, parse_config
 
+    prior_ref = prior.open_artifact(prior_set.path)
     values = {
         **train_options,
         "steps": steps,
         "prior_loss_weight": prior_loss_weight,
         "mode": mode,
         "resolution": resolution,
+        "prior_mode": prior_ref.mode,  # the prior task's: sampled images, or the frozen model's own targets
     }
     config = parse_config(TrainConfig, values, "train_options")
-    prior_ref = prior.open_artifact(prior_set.path)
     if not checkpoint_root:
         logging.getLogger(__name__).warning(
             "checkpoint_root is empty: checkpoints stay on this pod's disk and a retried task starts over; "

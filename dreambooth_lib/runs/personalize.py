@@ -50,6 +50,7 @@ class RunResult(BaseModel):
     step_times_s: dict[str, float]
     reused_training: bool = False  # train/ already held this run's model (e.g. trained in a batch's pack)
     prior_preservation: bool = True  # False: trained without class-prior images, λ = 0
+    prior_mode: str = "sampled"  # "model_output": the prior term against the frozen model, no images
     warnings: list[str] = Field(default_factory=list)  # settings the run read differently than they say
 
     def summary(self) -> str:
@@ -60,6 +61,8 @@ class RunResult(BaseModel):
         ]
         if not self.prior_preservation:
             lines.append("  prior    off (no class-prior images, λ = 0)")
+        elif self.prior_mode == "model_output":
+            lines.append("  prior    the frozen model's own predictions (no class-prior images)")
         if self.metrics is not None:
             shown = "  ".join(
                 f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items()
@@ -120,7 +123,9 @@ def check_config(config: RunConfig) -> None:
 
 def training_config(config: RunConfig) -> tuple[TrainConfig, prior.Preservation]:
     """The TrainConfig the run trains with (λ = 0 when prior preservation is off) and the decision itself."""
-    decision = prior.preservation(config.prior.num_images, config.train.prior_loss_weight)
+    decision = prior.preservation(
+        config.prior.num_images, config.train.prior_loss_weight, mode=config.prior.mode
+    )
     if decision.prior_loss_weight == config.train.prior_loss_weight:
         return config.train, decision
     return config.train.model_copy(update={"prior_loss_weight": decision.prior_loss_weight}), decision
@@ -189,7 +194,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
         "ingest", ingest.run, subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun
     )
     chosen = bound_identifier(config, clock)
-    prior_result = clock.timed("prior", class_prior, config) if preservation.on else None
+    prior_result = clock.timed("prior", class_prior, config) if preservation.samples else None
     if prior_result is not None:
         prior_result.write(storage.join(rd, artifacts.RUN_PRIOR_NAME))
     trained, reused = train_subject(config, train_config, chosen.identifier, prior_result, clock,
@@ -207,6 +212,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
         step_times_s=clock.times,
         reused_training=reused,
         prior_preservation=preservation.on,
+        prior_mode=config.prior.mode,
         warnings=[preservation.warning] if preservation.warning else [],
     )
     if config.evaluate:

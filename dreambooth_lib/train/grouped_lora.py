@@ -24,6 +24,7 @@ class AdapterRouter:
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None  # [rows] long, on the training device
+        self.enabled = True  # False: the base layers alone (the frozen base model's prediction)
 
 
 class GroupedLoRALinear(torch.nn.Module):
@@ -41,6 +42,8 @@ class GroupedLoRALinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if not self.router.enabled:
+            return result
         index = self.router.index
         if index is None or index.shape[0] != x.shape[0]:
             raise RuntimeError(

@@ -27,6 +27,7 @@ RESUME_MUST_MATCH = (
     "mode",
     "learning_rate",
     "prior_loss_weight",
+    "prior_mode",
     "train_text_encoder",
     "text_encoder_learning_rate",
     "lora_rank",

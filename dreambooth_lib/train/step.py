@@ -19,18 +19,22 @@ def draw_batch(
     data: TrainingData, gen: torch.Generator, bs: int, t: Trainer
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latents, noise, timesteps) of one subject's rows: `bs` subject rows, then `bs` prior rows (when there is
-    a prior term), all drawn from `gen` in a fixed order, so a subject's draws never depend on the others'."""
+    a prior term), all drawn from `gen` in a fixed order, so a subject's draws never depend on the others'. With
+    the model-output prior, the prior rows are the subject rows again (their target comes from the frozen base)."""
     device = t.speed.device
     latents = [
         data.instance.sample(torch.randint(len(data.instance), (bs,), generator=gen, device=device), gen)
     ]
-    if t.prior_loss_weight > 0:  # each term with its own images, noise and timesteps, in one batch
+    sampled_prior = t.prior_loss_weight > 0 and t.prior_mode == "sampled"
+    if sampled_prior:  # each term with its own images, noise and timesteps, in one batch
         latents.append(
             data.prior.sample(torch.randint(len(data.prior), (bs,), generator=gen, device=device), gen)
         )
     latents = torch.cat(latents)
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     timesteps = t.family.draw_timesteps(t.noise_scheduler, latents.shape[0], gen, device)
+    if t.prior_loss_weight > 0 and not sampled_prior:
+        return latents.repeat(2, 1, 1, 1), noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     return latents, noise, timesteps
 
 
@@ -60,7 +64,7 @@ def step_on_batch(
 
     Capture-safe when `t.speed.cuda_graph` (cuda_graph.GraphedStep captures it with zero_grad=False: the gradients
     a captured backward writes are the graph's static buffers, overwritten by every replay)."""
-    adapter_index, prompt_rows, active = t.layout()
+    adapter_index, prompt_rows, active, prior_rows = t.layout()
     if t.grouped is not None:
         t.grouped.router.index = adapter_index
     model_input, target, weights = t.family.noised(t.noise_scheduler, latents, noise, timesteps)
@@ -74,6 +78,8 @@ def step_on_batch(
     ):
         embeds, added = _conditioning(t).rows(prompt_rows)
         pred = t.family.predict(t.denoiser_forward, t.noise_scheduler, model_input, timesteps, embeds, added)
+        if t.prior_mode == "model_output" and t.prior_loss_weight > 0:
+            target = _with_base_targets(t, target, model_input, timesteps, prompt_rows, prior_rows)
 
     subject_losses = _subject_losses(t, pred, target, weights)
     # the sum: d(total)/d(adapter k) is d(loss k)/d(adapter k), since no other subject's loss reaches adapter k
@@ -95,6 +101,18 @@ def step_on_batch(
     losses = torch.zeros(t.num_subjects, device=t.speed.device)
     losses[active] = subject_losses.detach()
     return losses
+
+
+def _with_base_targets(t: Trainer, target, model_input, timesteps, prompt_rows, prior_rows) -> torch.Tensor:
+    """`target` with each prior row's replaced by the frozen base model's prediction on it: the same noisy subject
+    latents and timestep, the class prompt through the frozen text encoders (model-output prior preservation:
+    the class prompt must keep meaning what it meant to the base model)."""
+    with torch.no_grad(), t.frozen_base() as base:
+        embeds, added = t.prompts.rows(prompt_rows[prior_rows])
+        base_pred = t.family.predict(
+            base, t.noise_scheduler, model_input[prior_rows], timesteps[prior_rows], embeds, added
+        )
+    return target.index_put((prior_rows,), base_pred.to(target.dtype))
 
 
 def _subject_losses(t: Trainer, pred, target, weights) -> torch.Tensor:

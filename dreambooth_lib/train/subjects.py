@@ -36,8 +36,8 @@ class TrainSubject(BaseModel):
 def subject_images(
     subject: TrainSubject, config: TrainConfig, label: str = ""
 ) -> tuple[list[str], list[str]]:
-    """(instance image URIs, prior image URIs) of a subject; the prior ones only when Eq. 2's prior term is on.
-    `label` prefixes error messages (the subject's name in a pack)."""
+    """(instance image URIs, prior image URIs) of a subject; the prior ones only when Eq. 2's prior term is on and
+    its target is the sampled images (prior_mode "sampled"). `label` prefixes error messages (a pack's subject)."""
     instance = (
         list(subject.instance_images)
         if subject.instance_images is not None
@@ -48,7 +48,7 @@ def subject_images(
             f"{label}{subject.instance_dir}: no .png subject images; run `dreambooth ingest` into this folder first"
         )
     prior: list[str] = []
-    if config.prior_loss_weight > 0:
+    if config.prior_loss_weight > 0 and config.prior_mode == "sampled":
         if subject.prior_images is not None:
             prior = list(subject.prior_images)
         elif subject.prior_dir is not None:

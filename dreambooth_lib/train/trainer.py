@@ -8,7 +8,10 @@ base models is asked of the pipeline's family, never branched on here.
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +45,10 @@ class Trainer:
     scaler: Any  # torch.amp.GradScaler for fp16, else None
     batch_size: int
     prior_loss_weight: float  # 0 when there is no prior term
+    prior_mode: str  # the prior term's target: "sampled" (prior images) or "model_output" (the frozen base's)
     max_grad_norm: float | None
     grouped: GroupedAdapters | None  # a pack's K adapters; None for one subject
+    frozen_denoiser: torch.nn.Module | None  # a full fine-tune's untouched copy, for model-output targets
     active: list[int] = field(default_factory=list)  # subjects still in the batch
     _layout: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
@@ -52,19 +57,39 @@ class Trainer:
         return len(self.data)
 
     def layout(self) -> tuple[torch.Tensor, ...]:
-        """(adapter index, prompt row) of each batch row, and the active subjects, as device tensors made once per
-        active set: a host-to-device copy every step would stall the GPU. A subject's rows: its `batch_size`
-        instance rows, then (with a prior term) as many prior rows."""
+        """(adapter index, prompt row) of each batch row, the active subjects and the prior rows, as device tensors
+        made once per active set: a host-to-device copy every step would stall the GPU. A subject's rows: its
+        `batch_size` instance rows, then (with a prior term) as many prior rows."""
         key = tuple(self.active)
         if key not in self._layout:
             bs, prior = self.batch_size, self.prior_loss_weight > 0
-            adapter, prompt = [], []
+            adapter, prompt, prior_rows = [], [], []
             for k in key:
+                prior_rows += [len(adapter) + bs + i for i in range(bs)] if prior else []
                 adapter += [k] * bs * (2 if prior else 1)
                 prompt += [2 * k] * bs + ([2 * k + 1] * bs if prior else [])
             dev = self.speed.device
-            self._layout[key] = tuple(torch.tensor(v, device=dev) for v in (adapter, prompt, key))
+            self._layout[key] = tuple(torch.tensor(v, device=dev) for v in (adapter, prompt, key, prior_rows))
         return self._layout[key]
+
+    @contextmanager
+    def frozen_base(self) -> Iterator:
+        """The denoiser as the frozen base model, for the model-output prior's targets: LoRA adapters switched off,
+        or a full fine-tune's untouched copy."""
+        if self.frozen_denoiser is not None:
+            yield self.frozen_denoiser
+            return
+        if self.grouped is not None:
+            self.grouped.router.enabled = False
+        else:
+            self.denoiser.disable_adapters()
+        try:
+            yield self.denoiser_forward
+        finally:
+            if self.grouped is not None:
+                self.grouped.router.enabled = True
+            else:
+                self.denoiser.enable_adapters()
 
     def clip_gradients(self) -> None:
         """Each subject's gradients clipped as its single run clips them (a global norm per model)."""
@@ -125,13 +150,17 @@ def setup_trainer(
     speed = speed_options(config, device)
     seed_everything(config.seed)  # the global RNG draws the LoRA initialisation: the same for every run
     denoiser, vae, encoders = family.denoiser(pipe), pipe.vae, family.text_encoders(pipe)
-    use_prior = config.prior_loss_weight > 0 and all(prior for _, prior in subjects_images)
+    model_output = config.prior_mode == "model_output"
+    use_prior = config.prior_loss_weight > 0 and (model_output or all(prior for _, prior in subjects_images))
 
     # The data, encoded once; then the VAE (and the frozen text encoders) leave the device.
     for module in (vae, *encoders.values()):
         module.to(speed.device).eval()
     data = _encode_images(
-        vae, [(i, p if use_prior else []) for i, p in subjects_images], config, speed.device
+        vae,
+        [(i, p if use_prior and not model_output else []) for i, p in subjects_images],
+        config,
+        speed.device,
     )
     prompts = [p for s in subjects for p in (s.instance_prompt, s.class_prompt)]
     conditioning = family.encode_prompts(pipe, prompts, speed.device, config.resolution)
@@ -144,6 +173,11 @@ def setup_trainer(
             encoder.to(speed.device).train()
         else:
             encoder.to("cpu")  # frozen: its embeddings are cached
+    # a full fine-tune's model-output targets come from an untouched copy (twice the denoiser's memory); LoRA
+    # switches its adapters off instead
+    frozen = None
+    if model_output and use_prior and config.mode == "full":
+        frozen = copy.deepcopy(denoiser).requires_grad_(False).to(speed.device).eval()
     grouped = _make_trainable(denoiser, trained, family, config, len(subjects))
     denoiser.to(speed.device).train()
     if speed.gradient_checkpointing:
@@ -182,7 +216,9 @@ def setup_trainer(
         scaler=torch.amp.GradScaler(speed.device.type) if speed.grad_scaler else None,
         batch_size=config.batch_size,
         prior_loss_weight=config.prior_loss_weight if use_prior else 0.0,
+        prior_mode=config.prior_mode,
         max_grad_norm=config.max_grad_norm,
         grouped=grouped,
+        frozen_denoiser=frozen,
         active=list(range(len(subjects))),
     )

@@ -130,8 +130,8 @@ def _packed_subject(subject: PlannedSubject, config: RunConfig, priors: dict[str
     ingest_dir = storage.join(config.run_dir, "ingest")
     ingest.run(subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun)
     if subject.class_noun not in priors:
-        with_prior = personalize.training_config(config)[1].on
-        priors[subject.class_noun] = personalize.class_prior(config) if with_prior else None
+        samples = personalize.training_config(config)[1].samples
+        priors[subject.class_noun] = personalize.class_prior(config) if samples else None
     prior_result = priors[subject.class_noun]
     return TrainSubject(
         name=subject.name,
