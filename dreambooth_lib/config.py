@@ -161,6 +161,12 @@ class TrainConfig(_Strict):
         "projections; FLUX.1 adds the double-stream blocks' feed-forward)",
     )
     use_8bit_adam: bool = False
+    base_precision: Literal["fp32", "bf16", "nf4", "fp8"] = Field(
+        "fp32",
+        description="LoRA only: the frozen base's weights. bf16 halves their memory; nf4 (bitsandbytes) and fp8 "
+        "(torchao) quantize the frozen denoiser further (CUDA only; FLUX.1 LoRA on 24-48 GB). All train under bf16 "
+        "autocast; the adapters stay fp32",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0)
     adam_weight_decay: float = Field(1e-2, ge=0)
     checkpoint_every: int = Field(250, ge=0, description="0: no intermediate checkpoints")
@@ -195,6 +201,15 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "cuda_graph: true cannot be combined with " + "; ".join(refused) + "; turn those off or set "
                 "cuda_graph: false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _low_precision_base_is_for_lora(self) -> TrainConfig:
+        if self.base_precision != "fp32" and self.mode != "lora":
+            raise ValueError(
+                f"base_precision {self.base_precision} keeps a frozen base in low precision, but mode full trains "
+                "every weight: use mode: lora, or base_precision: fp32"
             )
         return self
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_lib import identifier, models, prior, storage, train
-from dreambooth_lib.config import IdentifierConfig, PriorConfig, TrainConfig
+from dreambooth_lib.config import IdentifierConfig, PriorConfig, TrainConfig, parse_config
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.models.families import Flux
 from dreambooth_lib.models.families.flow_matching import FlowMatchingSchedule, loss_weights, timestep_density
@@ -25,6 +25,8 @@ from dreambooth_lib.testing import tiny_models
 from dreambooth_lib.testing.synthetic import make_subject_images
 from dreambooth_lib.train import cuda_graph, step
 from dreambooth_lib.train import multi_subject as packed
+from dreambooth_lib.train.subjects import subject_images
+from dreambooth_lib.train.trainer import setup_trainer
 
 RES = 32
 
@@ -279,3 +281,48 @@ def test_the_prior_set_is_sampled_with_the_flow_and_keyed_by_family(flux_model, 
     assert (record["family"], record["sampler"]) == ("flux", "flow-euler")
     sd3_set = prior.run(sd3_model, "dog", config, str(tmp_path / "priors"), resolution=RES)
     assert sd3_set.key != flux_set.key and len(sd3_set.images) == 2
+
+
+# --- memory: a frozen base in less precision ----------------------------------------------------------------------
+
+
+def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, data, tmp_path):
+    config = _config(mode="lora", learning_rate=1e-2, base_precision="bf16", mixed_precision="bf16")
+    subject = train.TrainSubject(instance_dir=str(data / "a"), prior_dir=str(data / "prior"), identifier="sks",
+                                 class_noun="square", out="unused")  # fmt: skip
+    images = [subject_images(subject, config)]
+    t = setup_trainer(models.load_pipeline(flux_model), [subject], images, config, "cpu")
+    frozen = {p.dtype for p in t.denoiser.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and {p.dtype for p in t.params} == {torch.float32}
+    result = train.run(
+        flux_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "o")
+    )
+    weights = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME)
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mode": "full", "base_precision": "bf16"}, "mode full trains every weight"),
+        ({"base_precision": "bf16"}, "trains under bf16 autocast only"),  # fp32 on a CPU: no autocast
+        ({"base_precision": "nf4", "mixed_precision": "bf16"}, "bitsandbytes, which runs on CUDA only"),
+        ({"base_precision": "fp8", "mixed_precision": "bf16"}, "torchao, which runs on CUDA only"),
+    ],
+)
+def test_a_frozen_base_precision_this_machine_cannot_train_with_is_refused(
+    flux_model, data, tmp_path, settings, message
+):
+    settings = {
+        "steps": 2,
+        "resolution": RES,
+        "device": "cpu",
+        "mode": "lora",
+        "prior_loss_weight": 0,
+        **settings,
+    }
+    with pytest.raises(ConfigError, match=message):
+        config = parse_config(TrainConfig, settings, "train")
+        train.run(flux_model, str(data / "a"), None, "sks", "square", config, str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # refused before any work

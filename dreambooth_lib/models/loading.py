@@ -235,8 +235,10 @@ def load_pipeline(
     torch_dtype: Any = None,
     device: str | None = None,
     base_model: str | None = None,
+    components: dict[str, Any] | None = None,
 ):
-    """A diffusers pipeline from a model URI; a LoRA artifact loads its base model and applies the adapter."""
+    """A diffusers pipeline from a model URI; a LoRA artifact loads its base model and applies the adapter.
+    `components` replace the folder's own (by pipeline attribute: a quantized denoiser)."""
     from diffusers import DiffusionPipeline
 
     local = resolve_model_dir(uri, allow_pickle=allow_pickle)
@@ -248,7 +250,7 @@ def load_pipeline(
         raise ModelLoadError(
             f"{uri}: no model_index.json; a diffusers pipeline folder (or our LoRA folder) is needed"
         )
-    kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
+    kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True, **(components or {})}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     try:

@@ -21,9 +21,11 @@ import torch
 from dreambooth_lib import models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import TrainingError
+from dreambooth_lib.models import quantization
 from dreambooth_lib.train import checkpoint, cuda_graph, export
 from dreambooth_lib.train import resume as resuming
 from dreambooth_lib.train.results import SubjectOutcome, TrainResult
+from dreambooth_lib.train.speed import speed_options
 from dreambooth_lib.train.subjects import TrainSubject, subject_images
 from dreambooth_lib.train.tracking import LossTracker
 from dreambooth_lib.train.trainer import Trainer, setup_trainer
@@ -37,8 +39,16 @@ def load_base_for_training(base_model: str, config: TrainConfig, allow_pickle: b
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
-    pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle)
-    models.family_of(pipe)  # a pipeline no family trains is refused before any work
+    family = models.family_of_model(base_model, allow_pickle=allow_pickle)  # refused before any loading
+    quantization.check_base_precision(
+        config.base_precision, device, speed_options(config, device).autocast_dtype
+    )
+    components = {}
+    if config.base_precision in quantization.QUANTIZED:
+        local = models.resolve_model_dir(base_model, allow_pickle=allow_pickle)
+        denoiser = quantization.quantized_denoiser(local, family.denoiser_name, config.base_precision)
+        components[family.denoiser_name] = denoiser
+    pipe = models.load_pipeline(base_model, allow_pickle=allow_pickle, components=components)
     return device, base_digest, pipe
 
 

@@ -40,6 +40,7 @@ RESUME_MUST_MATCH = (
     "max_grad_norm",
     "adam_weight_decay",
     "use_8bit_adam",
+    "base_precision",
     "weighting_scheme",
     "logit_mean",
     "logit_std",

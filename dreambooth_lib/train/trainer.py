@@ -19,7 +19,7 @@ import torch
 
 from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.models import ModelFamily, PromptConditioning, lora
+from dreambooth_lib.models import ModelFamily, PromptConditioning, lora, quantization
 from dreambooth_lib.train.data import LatentCache, TrainingData, encode_images
 from dreambooth_lib.train.grouped_lora import GroupedAdapters, clip_grad_norm_per_adapter
 from dreambooth_lib.train.speed import SpeedOptions, make_optimizer, seed_everything, speed_options
@@ -178,7 +178,11 @@ def setup_trainer(
     frozen = None
     if model_output and use_prior and config.mode == "full":
         frozen = copy.deepcopy(denoiser).requires_grad_(False).to(speed.device).eval()
+    if config.base_precision == "bf16":
+        quantization.cast_frozen_to_bf16(denoiser)
     grouped = _make_trainable(denoiser, trained, family, config, len(subjects))
+    if config.base_precision != "fp32":
+        quantization.upcast_trainable(denoiser)
     denoiser.to(speed.device).train()
     if speed.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
