@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 IDENTIFIER, CLASS_NOUN = "sks", "box"
 INSTANCE_PROMPT, CLASS_PROMPT = f"a {IDENTIFIER} {CLASS_NOUN}", f"a {CLASS_NOUN}"
@@ -434,9 +435,6 @@ class HeldOut:
     whole schedule, fixed VAE and diffusion noise. The same bank scores every UNet."""
 
     def __init__(self, s: Setup):
-        from dreambooth_lib.train.loss import dreambooth_loss
-
-        self.loss_fn = dreambooth_loss
         t = _trainer(s, 0, 1, 1e-6)
         self.t = t
         data, gen = t.data[0], torch.Generator().manual_seed(BANK_SEED)
@@ -452,8 +450,12 @@ class HeldOut:
         strata = (torch.arange(BANK_ROWS) * n) // BANK_ROWS
         jitter = torch.randint(0, n // BANK_ROWS, (2 * BANK_ROWS,), generator=gen)
         self.timesteps = torch.cat([strata, strata[torch.randperm(BANK_ROWS, generator=gen)]]) + jitter
-        self.inputs, self.targets = t.family.noised(
-            t.noise_scheduler, self.latents, self.noise, self.timesteps
+        sched = t.noise_scheduler  # DDPM: the tiny model's (and the anchor's) noising and target, spelt out
+        self.inputs = sched.add_noise(self.latents, self.noise, self.timesteps)
+        self.targets = (
+            self.noise
+            if sched.config.prediction_type == "epsilon"
+            else sched.get_velocity(self.latents, self.noise, self.timesteps)
         )
         embeds = t.prompts.embeds  # row 0: the instance prompt, row 1: the class prompt
         self.embeds = torch.cat(
@@ -477,8 +479,8 @@ class HeldOut:
         pred = torch.cat(preds)
         if saved is not None:
             unet.load_state_dict(saved)
-        b = BANK_ROWS
-        return float(self.loss_fn(pred[:b], self.targets[:b], pred[b:], self.targets[b:], 1.0))
+        b = BANK_ROWS  # Eq. 2 with lambda = 1, as both trainers are run
+        return float(F.mse_loss(pred[:b], self.targets[:b]) + F.mse_loss(pred[b:], self.targets[b:]))
 
 
 # --- 3. per-seed runs and the table --------------------------------------------------------------------------------
