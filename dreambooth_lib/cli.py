@@ -131,17 +131,27 @@ def tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the diffusers pipeline to")],
     seed: Annotated[int, typer.Option(help="weights are deterministic in the seed")] = 0,
     evaluators: Annotated[bool, typer.Option(help="also write tiny DINO, CLIP and LPIPS evaluators")] = False,
-    sdxl: Annotated[bool, typer.Option(help="an SDXL-shaped pipeline (two text encoders) instead")] = False,
+    family: Annotated[
+        str,
+        typer.Option(
+            help="the base-model family to build: sd (SD 1.x-shaped), sdxl, sd3 or flux (FLUX.1-dev)"
+        ),
+    ] = "sd",
+    sdxl: Annotated[bool, typer.Option(help="the same as --family sdxl")] = False,
     as_json: JsonOpt = False,
 ):
-    """Write a tiny random-weight SD-1.x (or SDXL) pipeline with the real CLIP vocabulary (tests, demos; no download).
+    """Write a tiny random-weight pipeline of a family with the real CLIP vocabulary (tests, demos; no download).
 
-    Example: dreambooth tiny-model /tmp/tiny --seed 0
+    Example: dreambooth tiny-model /tmp/tiny-flux --family flux
     """
-    from dreambooth_lib.testing.tiny_models import build_tiny_model, build_tiny_sdxl_model
+    from dreambooth_lib.errors import ConfigError
+    from dreambooth_lib.testing.tiny_models import TINY_BUILDERS
 
-    out = (build_tiny_sdxl_model if sdxl else build_tiny_model)(out_dir, seed=seed)
-    result: dict[str, Any] = {"model": str(out)}
+    family = "sdxl" if sdxl else family
+    if family not in TINY_BUILDERS:
+        raise ConfigError(f"--family {family!r} is unknown; use one of {', '.join(TINY_BUILDERS)}")
+    out = TINY_BUILDERS[family](out_dir, seed=seed)
+    result: dict[str, Any] = {"model": str(out), "family": family}
     if evaluators:
         from dreambooth_lib.testing import evaluators as ev
 

@@ -326,3 +326,39 @@ def test_a_frozen_base_precision_this_machine_cannot_train_with_is_refused(
         config = parse_config(TrainConfig, settings, "train")
         train.run(flux_model, str(data / "a"), None, "sks", "square", config, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+# --- the preset and the CLI -----------------------------------------------------------------------------------------
+
+
+def test_the_flux_preset_runs_end_to_end_on_the_tiny_model(tiny_evaluators, subject_dir, tmp_path):
+    """`dreambooth run --config configs/flux_lora.yaml` with the tiny model's overrides: every step, on CPU."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dreambooth_lib.cli import app
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["tiny-model", str(tmp_path / "tiny"), "--family", "flux", "--json"])
+    assert made.exit_code == 0 and json.loads(made.stdout)["family"] == "flux"
+    overrides = {
+        "base_model": str(tmp_path / "tiny"), "run_dir": str(tmp_path / "run"), "subject.images": str(subject_dir),
+        "ingest.resolution": RES, "ingest.min_side": RES, "train.resolution": RES, "train.steps": 2,
+        "train.checkpoint_every": 0, "train.device": "cpu", "train.base_precision": "fp32",
+        "train.mixed_precision": "no", "train.gradient_checkpointing": False, "prior.num_images": 2,
+        "prior.steps": 2, "prior.batch_size": 2, "prior.device": "cpu", "prior.root": str(tmp_path / "priors"),
+        "eval.max_prompts": 1, "eval.images_per_prompt": 1, "eval.pres_images": 1, "eval.steps": 2,
+        "eval.device": "cpu", "eval.dino_model": tiny_evaluators["dino"], "eval.clip_model": tiny_evaluators["clip"],
+        "registry.uri": str(tmp_path / "registry"), "samples_per_prompt": 0,
+    }  # fmt: skip
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    preset = Path(__file__).parents[1] / "configs" / "flux_lora.yaml"
+    result = runner.invoke(app, ["run", "--config", str(preset), *sets, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["registered"]["version"] == 1 and record["metrics"]["dino"] is not None
+    summary = json.loads((tmp_path / "run" / "train" / "train_summary.json").read_text())
+    assert summary["family"] == "flux" and summary["config"]["guidance_scale"] == 3.5
+    card = (tmp_path / "registry" / "dog-flux" / "1" / "model_card.md").read_text()
+    assert "from diffusers import FluxPipeline" in card
