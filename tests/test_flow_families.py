@@ -362,3 +362,39 @@ def test_the_flux_preset_runs_end_to_end_on_the_tiny_model(tiny_evaluators, subj
     assert summary["family"] == "flux" and summary["config"]["guidance_scale"] == 3.5
     card = (tmp_path / "registry" / "dog-flux" / "1" / "model_card.md").read_text()
     assert "from diffusers import FluxPipeline" in card
+
+
+# --- both pipelines through kfp.local on a tiny FLUX.1 ---------------------------------------------------------------
+
+
+def test_both_pipelines_run_on_a_flux_base(flux_model, tmp_path_factory):
+    """`personalize` (a full fine-tune, with the model-output prior) and `batch_personalize` (two subjects, LoRA
+    packed into one training task) through kfp.local on a FLUX.1 base: every step takes the family from the model."""
+    import json
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo)) if str(repo) not in sys.path else None
+    from pipelines import demo
+
+    out = tmp_path_factory.mktemp("flux-dags")
+    paths = {**demo.build_models(out), "model": flux_model}
+    demo.init_local(out / "kfp-root")
+    subject = demo.make_subject(out / "subjects" / "red-square")
+    single = demo.run_personalize(out, paths, subject, out / "registry",
+                                  prior_options={"mode": "model_output"})  # fmt: skip
+    summary = json.loads((Path(single["model"]) / "train_summary.json").read_text())
+    assert summary["family"] == "flux" and summary["config"]["prior_mode"] == "model_output"
+    assert summary["num_prior_images"] == 0 and {"dino", "clip_t", "pres"} <= set(single["metrics"])
+
+    entries = [
+        {"name": "red-square", "class_noun": "square", "images": str(subject)},
+        {"name": "blue-square", "class_noun": "square",
+         "images": str(demo.make_subject(out / "subjects" / "blue-square", color=(30, 60, 220), seed=1))},
+    ]  # fmt: skip
+    batch = demo.run_batch(out, paths, entries, out / "batch-registry")
+    assert {name: s["status"] for name, s in batch["subjects"].items()} == {
+        "red-square": "registered", "blue-square": "registered"
+    }, batch  # fmt: skip
+    packed_record = json.loads(next((out / "batches").glob("*/packed.json")).read_text())
+    assert [s["packed"] for s in packed_record["subjects"]] == [True, True]  # one task trained both
