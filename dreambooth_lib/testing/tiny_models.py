@@ -60,20 +60,12 @@ def _save_tiny(pipe, out: Path, tok_dir: Path, tokenizer_folders: tuple[str, ...
     return out
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
-    """Write a tiny SD-1.x-shaped pipeline (random weights, real CLIP vocabulary) of a few MB, deterministic in seed.
-
-    Shapes follow diffusers' own test components (`get_dummy_components`): a 2-level UNet with cross-attention,
-    a 2-level VAE (downsampling x2, so 64 px images make 32 px latents), and a 5-layer CLIP text encoder.
-    """
-    import torch
+def _tiny_unet(sample_size: int, **family_settings):
+    """The 2-level UNet with cross-attention of diffusers' test components; `family_settings` add SDXL's
+    conditioning (or set SD's attention)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=sample_size,
@@ -81,10 +73,24 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) 
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
         norm_num_groups=8,
+        **family_settings,
     )
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny SD-1.x-shaped pipeline (random weights, real CLIP vocabulary) of a few MB, deterministic in seed.
+
+    Shapes follow diffusers' own test components (`get_dummy_components`): a 2-level UNet with cross-attention,
+    a 2-level VAE (downsampling x2, so 64 px images make 32 px latents), and a 5-layer CLIP text encoder.
+    """
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = _tiny_unet(sample_size, cross_attention_dim=32, attention_head_dim=8)
     vae = _tiny_vae(seed + 1, sample_size)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_tiny_text_config())
@@ -103,20 +109,13 @@ def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int =
     CLIPTextModel and a CLIPTextModelWithProjection.
     """
     import torch
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
+        sample_size,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -124,7 +123,6 @@ def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int =
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids × 8 + the pooled text embedding
         cross_attention_dim=64,
-        norm_num_groups=8,
     )
     vae = _tiny_vae(seed + 1, sample_size, scaling_factor=0.13025)  # SDXL's VAE scale
     torch.manual_seed(seed + 2)

@@ -70,6 +70,19 @@ def loss_weights(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor | 
     return None
 
 
+# the joint attention of an MMDiT block: the image stream's projections and the text stream's (add_*)
+JOINT_ATTENTION_LORA_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+
 class FlowMatchingFamily(ModelFamily):
     """A transformer over VAE latents trained by flow matching; subclasses say how it is conditioned."""
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from dreambooth_lib.models.families.base import PromptConditioning
-from dreambooth_lib.models.families.flow_matching import FlowMatchingFamily
+from dreambooth_lib.models.families.flow_matching import JOINT_ATTENTION_LORA_TARGETS, FlowMatchingFamily
 from dreambooth_lib.models.families.sd import token_ids
 
 
@@ -45,14 +45,7 @@ class Flux(FlowMatchingFamily):
     default_weighting_scheme = "none"  # uniform t, as diffusers' FLUX DreamBooth scripts
     # attention of both block kinds, and the double-stream blocks' feed-forward paths (diffusers' FLUX LoRA script)
     denoiser_lora_targets = (
-        "attn.to_k",
-        "attn.to_q",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
+        *JOINT_ATTENTION_LORA_TARGETS,
         "ff.net.0.proj",
         "ff.net.2",
         "ff_context.net.0.proj",

@@ -22,6 +22,17 @@ def token_ids(tokenizer, prompts: list[str], device: torch.device) -> torch.Tens
     ).input_ids.to(device)
 
 
+# The noise schedule Stable Diffusion 1.x and SDXL were trained with (their tiny builders' schedulers use it)
+SD_TRAINING_SCHEDULE = dict(
+    steps_offset=1,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+)
+
+
 def diffusion_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
@@ -107,15 +118,7 @@ class StableDiffusion(ModelFamily):
         """A pipeline around the given modules, with SD 1.x's training noise schedule and no safety checker."""
         from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-        scheduler = DDPMScheduler(
-            steps_offset=1,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            clip_sample=False,
-            prediction_type="epsilon",
-        )
+        scheduler = DDPMScheduler(**SD_TRAINING_SCHEDULE, clip_sample=False)
         return StableDiffusionPipeline(
             unet=unet,
             vae=vae,

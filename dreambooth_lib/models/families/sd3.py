@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth_lib.models.families.base import PromptConditioning
-from dreambooth_lib.models.families.flow_matching import FlowMatchingFamily
+from dreambooth_lib.models.families.flow_matching import JOINT_ATTENTION_LORA_TARGETS, FlowMatchingFamily
 from dreambooth_lib.models.families.sd import token_ids
 
 
@@ -20,16 +20,7 @@ class StableDiffusion3(FlowMatchingFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5 (optional)
     trainable_text_encoder_names = ("text_encoder", "text_encoder_2")  # T5 stays frozen
     default_weighting_scheme = "logit_normal"  # as diffusers' SD3 DreamBooth script
-    denoiser_lora_targets = (  # the joint attention of every block (diffusers' SD3 LoRA script)
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_k",
-        "attn.to_out.0",
-        "attn.to_q",
-        "attn.to_v",
-    )
+    denoiser_lora_targets = JOINT_ATTENTION_LORA_TARGETS  # of every block (diffusers' SD3 LoRA script)
 
     @classmethod
     def matches(cls, pipe: Any) -> bool:

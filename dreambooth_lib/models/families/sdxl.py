@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from dreambooth_lib.models.families.base import PromptConditioning
-from dreambooth_lib.models.families.sd import StableDiffusion, token_ids
+from dreambooth_lib.models.families.sd import SD_TRAINING_SCHEDULE, StableDiffusion, token_ids
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -51,15 +51,7 @@ class StableDiffusionXL(StableDiffusion):
         """A pipeline around the given modules, with SDXL's training noise schedule and no watermarker."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-        scheduler = EulerDiscreteScheduler(
-            steps_offset=1,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            prediction_type="epsilon",
-            timestep_spacing="leading",
-        )
+        scheduler = EulerDiscreteScheduler(**SD_TRAINING_SCHEDULE, timestep_spacing="leading")
         return StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
