@@ -157,3 +157,67 @@ def host_reads():
             yield reads
 
     return recording
+
+
+# --- training data and what training writes, as the training tests share them ---------------------------------------
+
+TRAIN_RES = 32  # 16x16 latents: a tiny-model step in ~0.05 s
+
+
+@pytest.fixture(scope="session")
+def train_data_dirs(tmp_path_factory) -> tuple[str, str]:
+    """(instance folder, prior folder): 3 red squares, 4 blue ones as the class prior, at TRAIN_RES."""
+    root = tmp_path_factory.mktemp("train-data")
+    instance = make_subject_images(root / "instance", n=3, size=TRAIN_RES)
+    prior = make_subject_images(root / "prior", n=4, size=TRAIN_RES, color=(30, 30, 220), seed=1)
+    return str(instance), str(prior)
+
+
+@pytest.fixture(scope="session")
+def two_subjects(tmp_path_factory) -> Path:
+    """A folder with two subjects (a: 3 red squares, b: 2 green ones) and their class prior (3 blue ones)."""
+    root = tmp_path_factory.mktemp("two-subjects")
+    make_subject_images(root / "a", n=3, size=TRAIN_RES, color=(220, 30, 30), seed=10)
+    make_subject_images(root / "b", n=2, size=TRAIN_RES, color=(30, 200, 30), seed=11)
+    make_subject_images(root / "prior", n=3, size=TRAIN_RES, color=(30, 30, 220), seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pack_of():
+    """pack_of(data, out, {name: identifier}): the TrainSubjects of a pack, each subject's photos in data/<name>,
+    the class prior in data/prior, its model written to out/<name>."""
+    from dreambooth_lib.train import TrainSubject
+
+    def make(data: Path, out: Path, identifiers: dict[str, str]) -> list:
+        return [
+            TrainSubject(name=name, instance_dir=str(data / name), prior_dir=str(data / "prior"),
+                         identifier=identifier, class_noun="square", out=str(out / name))
+            for name, identifier in identifiers.items()
+        ]  # fmt: skip
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def assert_same_lora():
+    """assert_same_lora(got_model_dir, want_model_dir): the same LoRA keys, each tensor within 2e-3 of the other
+    relative to its norm, and the adapters trained (B starts at zero, so equality is not trivial). Relative to the
+    norm because a pack batches K subjects into one matmul, whose float sums run in another order than a single
+    run's (how far single elements drift depends on the CPU's kernels); a wrong pack is off by tens of percent."""
+    from safetensors.torch import load_file
+
+    from dreambooth_lib.artifacts import LORA_WEIGHTS_NAME
+
+    def check(got_dir, want_dir) -> None:
+        got, want = (
+            load_file(Path(got_dir) / LORA_WEIGHTS_NAME),
+            load_file(Path(want_dir) / LORA_WEIGHTS_NAME),
+        )
+        assert got.keys() == want.keys()
+        for key in want:
+            error = (got[key] - want[key]).norm() / want[key].norm().clamp_min(1e-12)
+            assert error < 2e-3, f"{key}: relative error {error:.2e}"
+        assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k or ".up." in k)
+
+    return check

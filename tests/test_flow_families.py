@@ -22,7 +22,6 @@ from dreambooth_lib.models.families import Flux
 from dreambooth_lib.models.families.flow_matching import FlowMatchingSchedule, loss_weights, timestep_density
 from dreambooth_lib.models.families.flux import latent_image_ids, pack_latents, unpack_latents
 from dreambooth_lib.testing import tiny_models
-from dreambooth_lib.testing.synthetic import make_subject_images
 from dreambooth_lib.train import cuda_graph, step
 from dreambooth_lib.train import multi_subject as packed
 from dreambooth_lib.train.subjects import subject_images
@@ -44,15 +43,6 @@ def sd3_model(tmp_path_factory) -> str:
 @pytest.fixture(params=["flux", "sd3"])
 def flow_model(request) -> str:
     return request.getfixturevalue(f"{request.param}_model")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("flow-data")
-    make_subject_images(root / "a", n=3, size=RES, color=(220, 30, 30), seed=10)
-    make_subject_images(root / "b", n=2, size=RES, color=(30, 200, 30), seed=11)
-    make_subject_images(root / "prior", n=3, size=RES, color=(30, 30, 220), seed=1)
-    return root
 
 
 def _config(**overrides) -> TrainConfig:
@@ -176,9 +166,9 @@ def test_flux_packing_is_the_pipelines_and_round_trips():
     assert torch.equal(unpack_latents(tokens, 8, 6), latents)
 
 
-def test_a_ddpm_family_refuses_a_flow_weighting(tiny_model, data, tmp_path):
+def test_a_ddpm_family_refuses_a_flow_weighting(tiny_model, two_subjects, tmp_path):
     with pytest.raises(ConfigError, match="weighting_scheme 'logit_normal' weights the timesteps of flow"):
-        train.run(tiny_model, str(data / "a"), str(data / "prior"), "sks", "square",
+        train.run(tiny_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square",
                   _config(weighting_scheme="logit_normal"), str(tmp_path / "out"))  # fmt: skip
 
 
@@ -187,11 +177,17 @@ def test_a_ddpm_family_refuses_a_flow_weighting(tiny_model, data, tmp_path):
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_the_exported_lora_loads_in_the_familys_pipeline_and_changes_it(
-    flow_model, data, tmp_path, train_text_encoder
+    flow_model, two_subjects, tmp_path, train_text_encoder
 ):
     config = _config(mode="lora", learning_rate=1e-2, train_text_encoder=train_text_encoder)
     result = train.run(
-        flow_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "o")
+        flow_model,
+        str(two_subjects / "a"),
+        str(two_subjects / "prior"),
+        "sks",
+        "square",
+        config,
+        str(tmp_path / "o"),
     )
     family = models.family_of(models.load_pipeline(flow_model))
     assert result.family == family.name and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
@@ -205,8 +201,8 @@ def test_the_exported_lora_loads_in_the_familys_pipeline_and_changes_it(
     assert (_sample(tuned, "a sks square") - _sample(base, "a sks square")).abs().max() > 1e-4
 
 
-def test_a_full_fine_tune_writes_a_pipeline_that_loads(flux_model, data, tmp_path):
-    result = train.run(flux_model, str(data / "a"), str(data / "prior"), "sks", "square",
+def test_a_full_fine_tune_writes_a_pipeline_that_loads(flux_model, two_subjects, tmp_path):
+    result = train.run(flux_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square",
                        _config(mode="full"), str(tmp_path / "o"))  # fmt: skip
     tuned = models.load_pipeline(result.model_uri)
     assert type(tuned).__name__ == "FluxPipeline"
@@ -219,9 +215,9 @@ class Preempted(BaseException):
     """A SIGKILL/preemption stand-in: not an Exception, so nothing catches it."""
 
 
-def test_a_preempted_flux_run_resumes_bit_identically(flux_model, data, tmp_path, monkeypatch):
+def test_a_preempted_flux_run_resumes_bit_identically(flux_model, two_subjects, tmp_path, monkeypatch):
     config = _config(mode="lora", steps=6, checkpoint_every=2, log_every=1, learning_rate=1e-2)
-    args = (flux_model, str(data / "a"), str(data / "prior"), "sks", "square", config)
+    args = (flux_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square", config)
     reference = train.run(*args, str(tmp_path / "ref"))
     real_step, calls = step.train_step, []
 
@@ -242,23 +238,16 @@ def test_a_preempted_flux_run_resumes_bit_identically(flux_model, data, tmp_path
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_packed_flux_subjects_equal_their_single_runs(flux_model, data, tmp_path):
+def test_packed_flux_subjects_equal_their_single_runs(
+    flux_model, two_subjects, tmp_path, pack_of, assert_same_lora
+):
     config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
-    subjects = [
-        train.TrainSubject(name=name, instance_dir=str(data / name), prior_dir=str(data / "prior"),
-                           identifier=ident, class_noun="square", out=str(tmp_path / "packed" / name))
-        for name, ident in (("a", "sks"), ("b", "zwx"))
-    ]  # fmt: skip
+    subjects = pack_of(two_subjects, tmp_path / "packed", {"a": "sks", "b": "zwx"})
     assert all(r.ok for r in packed.run_packed(flux_model, subjects, config))
     for s in subjects:
         single = tmp_path / "single" / s.name
         train.run(flux_model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, str(single))
-        got = load_file(Path(s.out) / "model" / models.LORA_WEIGHTS_NAME)
-        want = load_file(single / "model" / models.LORA_WEIGHTS_NAME)
-        for key in want:  # relative to each tensor's norm: a pack sums in another order than a single run
-            error = (got[key] - want[key]).norm() / want[key].norm().clamp_min(1e-12)
-            assert error < 2e-3, f"{key}: relative error {error:.2e}"
-        assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)
+        assert_same_lora(Path(s.out) / "model", single / "model")
 
 
 # --- the other steps on a flow model ------------------------------------------------------------------------------
@@ -286,16 +275,22 @@ def test_the_prior_set_is_sampled_with_the_flow_and_keyed_by_family(flux_model, 
 # --- memory: a frozen base in less precision ----------------------------------------------------------------------
 
 
-def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, data, tmp_path):
+def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, two_subjects, tmp_path):
     config = _config(mode="lora", learning_rate=1e-2, base_precision="bf16", mixed_precision="bf16")
-    subject = train.TrainSubject(instance_dir=str(data / "a"), prior_dir=str(data / "prior"), identifier="sks",
+    subject = train.TrainSubject(instance_dir=str(two_subjects / "a"), prior_dir=str(two_subjects / "prior"), identifier="sks",
                                  class_noun="square", out="unused")  # fmt: skip
     images = [subject_images(subject, config)]
     t = setup_trainer(models.load_pipeline(flux_model), [subject], images, config, "cpu")
     frozen = {p.dtype for p in t.denoiser.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and {p.dtype for p in t.params} == {torch.float32}
     result = train.run(
-        flux_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "o")
+        flux_model,
+        str(two_subjects / "a"),
+        str(two_subjects / "prior"),
+        "sks",
+        "square",
+        config,
+        str(tmp_path / "o"),
     )
     weights = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME)
     assert {v.dtype for v in weights.values()} == {torch.float32}
@@ -312,7 +307,7 @@ def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, data, tmp_path):
     ],
 )
 def test_a_frozen_base_precision_this_machine_cannot_train_with_is_refused(
-    flux_model, data, tmp_path, settings, message
+    flux_model, two_subjects, tmp_path, settings, message
 ):
     settings = {
         "steps": 2,
@@ -324,7 +319,7 @@ def test_a_frozen_base_precision_this_machine_cannot_train_with_is_refused(
     }
     with pytest.raises(ConfigError, match=message):
         config = parse_config(TrainConfig, settings, "train")
-        train.run(flux_model, str(data / "a"), None, "sks", "square", config, str(tmp_path / "o"))
+        train.run(flux_model, str(two_subjects / "a"), None, "sks", "square", config, str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()  # refused before any work
 
 

@@ -50,15 +50,6 @@ def sdxl_model(tmp_path_factory) -> str:
     return str(tiny_models.build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sdxl-data")
-    make_subject_images(root / "a", n=3, size=RES, color=(220, 30, 30), seed=10)
-    make_subject_images(root / "b", n=2, size=RES, color=(30, 200, 30), seed=11)
-    make_subject_images(root / "prior", n=3, size=RES, color=(30, 30, 220), seed=1)
-    return root
-
-
 def _config(**overrides) -> TrainConfig:
     base = dict(steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu")
     return TrainConfig(**{**base, **overrides})
@@ -86,10 +77,16 @@ def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, data, tmp_path, mode):
+def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, two_subjects, tmp_path, mode):
     config = _config(mode=mode, learning_rate=1e-2 if mode == "lora" else 1e-3)
     result = train.run(
-        sdxl_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "out")
+        sdxl_model,
+        str(two_subjects / "a"),
+        str(two_subjects / "prior"),
+        "sks",
+        "square",
+        config,
+        str(tmp_path / "out"),
     )
     assert result.mode == mode and [s for s, _ in result.losses] == [2, 4]
     assert all(np.isfinite(v) for _, v in result.losses)
@@ -123,10 +120,16 @@ def test_trainable_text_path_equals_the_pipelines_encoding(sdxl_model):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, data, tmp_path, mode):
+def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, two_subjects, tmp_path, mode):
     config = _config(mode=mode, train_text_encoder=True, learning_rate=1e-2 if mode == "lora" else 1e-3)
     result = train.run(
-        sdxl_model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(tmp_path / "out")
+        sdxl_model,
+        str(two_subjects / "a"),
+        str(two_subjects / "prior"),
+        "sks",
+        "square",
+        config,
+        str(tmp_path / "out"),
     )
     assert all(np.isfinite(v) for _, v in result.losses)
     base, tuned = models.load_pipeline(sdxl_model), models.load_pipeline(result.model_uri)
@@ -141,30 +144,16 @@ def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, data, tmp_path, m
         assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
 
 
-def test_packed_sdxl_subjects_equal_their_single_runs(sdxl_model, data, tmp_path):
+def test_packed_sdxl_subjects_equal_their_single_runs(
+    sdxl_model, two_subjects, tmp_path, pack_of, assert_same_lora
+):
     config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
-    subjects = [
-        train.TrainSubject(
-            name=name,
-            instance_dir=str(data / name),
-            prior_dir=str(data / "prior"),
-            identifier=ident,
-            class_noun="square",
-            out=str(tmp_path / "packed" / name),
-        )  # fmt: skip
-        for name, ident in (("a", "sks"), ("b", "zwx"))
-    ]
-    results = packed.run_packed(sdxl_model, subjects, config)
-    assert all(r.ok for r in results)
+    subjects = pack_of(two_subjects, tmp_path / "packed", {"a": "sks", "b": "zwx"})
+    assert all(r.ok for r in packed.run_packed(sdxl_model, subjects, config))
     for s in subjects:
         single = tmp_path / "single" / s.name
         train.run(sdxl_model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, str(single))
-        got = load_file(Path(s.out) / "model" / models.LORA_WEIGHTS_NAME)
-        want = load_file(single / "model" / models.LORA_WEIGHTS_NAME)
-        assert got.keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4)
-        assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k or ".up." in k)
+        assert_same_lora(Path(s.out) / "model", single / "model")
 
 
 def test_sdxl_runs_end_to_end(sdxl_model, tmp_path):

@@ -12,7 +12,6 @@ from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.models.families.sd import diffusion_target
-from dreambooth_lib.testing.synthetic import make_subject_images
 from dreambooth_lib.train import step, trainer
 from dreambooth_lib.train.data import encode_images, list_png, load_image
 from dreambooth_lib.train.loss import dreambooth_loss
@@ -26,14 +25,6 @@ def tiny_config(**overrides) -> TrainConfig:
         steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu"
     )
     return TrainConfig(**{**defaults, **overrides})
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("train-data")
-    instance = make_subject_images(root / "instance", n=3, size=RES)
-    prior = make_subject_images(root / "prior", n=4, size=RES, color=(30, 30, 220), seed=1)
-    return str(instance), str(prior)
 
 
 # --- the loss ----------------------------------------------------------------------------------------------------
@@ -72,9 +63,9 @@ def test_targets_follow_the_prediction_type():
 # --- cached latents and the step -----------------------------------------------------------------------------------
 
 
-def test_cached_latents_give_the_loss_of_encoding_every_step(tiny_model, data_dirs):
+def test_cached_latents_give_the_loss_of_encoding_every_step(tiny_model, train_data_dirs):
     pipe = models.load_pipeline(tiny_model)
-    uris = list_png(data_dirs[0])
+    uris = list_png(train_data_dirs[0])
     cache = encode_images(pipe.vae, uris, RES, "cpu")
     pixels = torch.stack([load_image(u, RES) for u in uris])
     idx = torch.tensor([2, 0])
@@ -98,10 +89,14 @@ def test_cached_latents_give_the_loss_of_encoding_every_step(tiny_model, data_di
     torch.testing.assert_close(loss(cached), loss(per_step), rtol=1e-5, atol=1e-6)
 
 
-def test_lambda_zero_never_computes_the_prior_batch(tiny_model, data_dirs):
-    images = [(list_png(data_dirs[0]), list_png(data_dirs[1]))]
+def test_lambda_zero_never_computes_the_prior_batch(tiny_model, train_data_dirs):
+    images = [(list_png(train_data_dirs[0]), list_png(train_data_dirs[1]))]
     subject = train.TrainSubject(
-        instance_dir=data_dirs[0], prior_dir=data_dirs[1], identifier="sks", class_noun="square", out="unused"
+        instance_dir=train_data_dirs[0],
+        prior_dir=train_data_dirs[1],
+        identifier="sks",
+        class_noun="square",
+        out="unused",
     )
     batch_sizes = []
     for config, rows in ((tiny_config(prior_loss_weight=0, batch_size=2), 2), (tiny_config(batch_size=2), 4)):
@@ -139,13 +134,13 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
 # --- run(): outputs -----------------------------------------------------------------------------------------------
 
 
-def test_full_finetune_writes_a_loadable_diffusers_model(tiny_model, data_dirs, tmp_path):
+def test_full_finetune_writes_a_loadable_diffusers_model(tiny_model, train_data_dirs, tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     out = tmp_path / "train"
     config = tiny_config(steps=5, train_text_encoder=True, text_encoder_learning_rate=1e-4)
-    result = train.run(tiny_model, data_dirs[0], data_dirs[1], "sks", "square", config, str(out))
+    result = train.run(tiny_model, train_data_dirs[0], train_data_dirs[1], "sks", "square", config, str(out))
 
     assert [s for s, _ in result.losses] == [2, 4, 5] and result.final_loss == result.losses[-1][1]
     assert (result.num_instance_images, result.num_prior_images, result.precision) == (3, 4, "fp32")
@@ -170,7 +165,7 @@ def test_full_finetune_writes_a_loadable_diffusers_model(tiny_model, data_dirs, 
     assert (out / "model/tokenizer/vocab.json").exists()
 
 
-def test_lora_to_gcs_loads_through_models(tiny_model, data_dirs, gcs_bucket):
+def test_lora_to_gcs_loads_through_models(tiny_model, train_data_dirs, gcs_bucket):
     from safetensors.torch import load_file
 
     from dreambooth_lib import storage
@@ -185,7 +180,7 @@ def test_lora_to_gcs_loads_through_models(tiny_model, data_dirs, gcs_bucket):
         learning_rate=1e-2,
         checkpoint_every=2,
     )
-    result = train.run(tiny_model, data_dirs[0], None, "sks", "square", config, out)
+    result = train.run(tiny_model, train_data_dirs[0], None, "sks", "square", config, out)
 
     assert result.model_uri == f"{out}/model" and result.num_prior_images == 0
     assert storage.read_json(f"{out}/train_summary.json")["mode"] == "lora"
@@ -225,7 +220,7 @@ def test_lora_to_gcs_loads_through_models(tiny_model, data_dirs, gcs_bucket):
         )
 
 
-def test_non_finite_loss_stops_and_saves_no_model(tiny_model, data_dirs, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_saves_no_model(tiny_model, train_data_dirs, tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -238,8 +233,8 @@ def test_non_finite_loss_stops_and_saves_no_model(tiny_model, data_dirs, tmp_pat
     with pytest.raises(TrainingError, match="non-finite .* at step 3"):
         train.run(
             tiny_model,
-            data_dirs[0],
-            data_dirs[1],
+            train_data_dirs[0],
+            train_data_dirs[1],
             "sks",
             "square",
             tiny_config(steps=6, log_every=5, checkpoint_every=4),
@@ -250,36 +245,36 @@ def test_non_finite_loss_stops_and_saves_no_model(tiny_model, data_dirs, tmp_pat
     assert not list((out / "checkpoints").glob("*/step-*"))  # no checkpoint holds poisoned weights
 
 
-def test_missing_inputs_are_user_errors(tiny_model, data_dirs, tmp_path):
+def test_missing_inputs_are_user_errors(tiny_model, train_data_dirs, tmp_path):
     with pytest.raises(ConfigError, match="no .png subject images"):
         train.run(tiny_model, str(tmp_path), None, "sks", "square", tiny_config(), str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="prior_loss_weight: 0"):
-        train.run(tiny_model, data_dirs[0], None, "sks", "square", tiny_config(), str(tmp_path / "o"))
+        train.run(tiny_model, train_data_dirs[0], None, "sks", "square", tiny_config(), str(tmp_path / "o"))
 
 
 # --- the model-output prior ----------------------------------------------------------------------------------------
 
 
-def test_the_model_output_prior_needs_no_images_and_starts_at_the_base(tiny_model, data_dirs, tmp_path):
+def test_the_model_output_prior_needs_no_images_and_starts_at_the_base(tiny_model, train_data_dirs, tmp_path):
     """No prior images: the prior term's target is the frozen base's prediction for the class prompt on the same
     noisy subject latents. A LoRA starts as the base (B = 0), so at step 1 that term is exactly 0, and the loss is
     the λ = 0 run's on the same draws (both draw only the subject rows)."""
     lora = dict(mode="lora", log_every=1, learning_rate=1e-2)
-    with_base = train.run(tiny_model, data_dirs[0], None, "sks", "square",
+    with_base = train.run(tiny_model, train_data_dirs[0], None, "sks", "square",
                           tiny_config(**lora, prior_mode="model_output"), str(tmp_path / "mo"))  # fmt: skip
-    without = train.run(tiny_model, data_dirs[0], None, "sks", "square",
+    without = train.run(tiny_model, train_data_dirs[0], None, "sks", "square",
                         tiny_config(**lora, prior_loss_weight=0), str(tmp_path / "off"))  # fmt: skip
     assert with_base.num_prior_images == 0 and with_base.config.prior_mode == "model_output"
     assert with_base.losses[0] == without.losses[0]
     assert with_base.losses[-1] != without.losses[-1]  # later the prior term pulls the class prompt back
 
 
-def test_a_full_fine_tunes_model_output_targets_come_from_an_untouched_copy(tiny_model, data_dirs):
+def test_a_full_fine_tunes_model_output_targets_come_from_an_untouched_copy(tiny_model, train_data_dirs):
     config = tiny_config(mode="full", prior_mode="model_output", learning_rate=1e-2)
-    subject = train.TrainSubject(instance_dir=data_dirs[0], prior_dir=None, identifier="sks", class_noun="square",
+    subject = train.TrainSubject(instance_dir=train_data_dirs[0], prior_dir=None, identifier="sks", class_noun="square",
                                  out="unused")  # fmt: skip
     t = trainer.setup_trainer(
-        models.load_pipeline(tiny_model), [subject], [(list_png(data_dirs[0]), [])], config, "cpu"
+        models.load_pipeline(tiny_model), [subject], [(list_png(train_data_dirs[0]), [])], config, "cpu"
     )
     before = {k: v.clone() for k, v in t.frozen_denoiser.state_dict().items()}
     for _ in range(3):
