@@ -221,3 +221,48 @@ def assert_same_lora():
         assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k or ".up." in k)
 
     return check
+
+
+class Preempted(BaseException):
+    """A SIGKILL/preemption stand-in: not an Exception, so no isolation boundary catches it."""
+
+
+@pytest.fixture(scope="session")
+def preempted_at():
+    """preempted_at(n, train, *args): run `train(*args)` with its n-th training step preempted (the step raises
+    Preempted before it runs, as a killed pod stops), and check it was: what was checkpointed stays on disk."""
+    from dreambooth_lib.train import cuda_graph, step
+
+    def run(n: int, train_fn, *args, **kwargs) -> None:
+        real_step, calls = step.train_step, []
+
+        def preempt(t):
+            calls.append(1)
+            if len(calls) == n:
+                raise Preempted
+            return real_step(t)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cuda_graph, "train_step", preempt)
+            with pytest.raises(Preempted):
+                train_fn(*args, **kwargs)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def packed_equals_single(pack_of, assert_same_lora):
+    """packed_equals_single(model, config, data, out): subjects a and b of `data` (two_subjects) trained as one
+    pack, and each alone, give the same adapters."""
+    from dreambooth_lib import train
+    from dreambooth_lib.train import multi_subject
+
+    def check(model: str, config, data: Path, out: Path) -> None:
+        subjects = pack_of(data, out / "packed", {"a": "sks", "b": "zwx"})
+        assert all(r.ok for r in multi_subject.run_packed(model, subjects, config))
+        for s in subjects:
+            single = out / "single" / s.name
+            train.run(model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, str(single))
+            assert_same_lora(Path(s.out) / "model", single / "model")
+
+    return check

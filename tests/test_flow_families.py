@@ -22,8 +22,6 @@ from dreambooth_lib.models.families import Flux
 from dreambooth_lib.models.families.flow_matching import FlowMatchingSchedule, loss_weights, timestep_density
 from dreambooth_lib.models.families.flux import latent_image_ids, pack_latents, unpack_latents
 from dreambooth_lib.testing import tiny_models
-from dreambooth_lib.train import cuda_graph, step
-from dreambooth_lib.train import multi_subject as packed
 from dreambooth_lib.train.subjects import subject_images
 from dreambooth_lib.train.trainer import setup_trainer
 
@@ -48,6 +46,11 @@ def flow_model(request) -> str:
 def _config(**overrides) -> TrainConfig:
     base = dict(steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu")
     return TrainConfig(**{**base, **overrides})
+
+
+def _train_a(model: str, data: Path, config: TrainConfig, out: Path) -> train.TrainResult:
+    """Subject a of `data` (two_subjects) trained with its class prior as 'a sks square'."""
+    return train.run(model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(out))
 
 
 def _sample(pipe, prompt: str) -> torch.Tensor:
@@ -180,15 +183,7 @@ def test_the_exported_lora_loads_in_the_familys_pipeline_and_changes_it(
     flow_model, two_subjects, tmp_path, train_text_encoder
 ):
     config = _config(mode="lora", learning_rate=1e-2, train_text_encoder=train_text_encoder)
-    result = train.run(
-        flow_model,
-        str(two_subjects / "a"),
-        str(two_subjects / "prior"),
-        "sks",
-        "square",
-        config,
-        str(tmp_path / "o"),
-    )
+    result = _train_a(flow_model, two_subjects, config, tmp_path / "o")
     family = models.family_of(models.load_pipeline(flow_model))
     assert result.family == family.name and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
     keys = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME).keys()
@@ -211,26 +206,11 @@ def test_a_full_fine_tune_writes_a_pipeline_that_loads(flux_model, two_subjects,
     assert any(not torch.equal(after[k], v) for k, v in base.items())
 
 
-class Preempted(BaseException):
-    """A SIGKILL/preemption stand-in: not an Exception, so nothing catches it."""
-
-
-def test_a_preempted_flux_run_resumes_bit_identically(flux_model, two_subjects, tmp_path, monkeypatch):
+def test_a_preempted_flux_run_resumes_bit_identically(flux_model, two_subjects, tmp_path, preempted_at):
     config = _config(mode="lora", steps=6, checkpoint_every=2, log_every=1, learning_rate=1e-2)
     args = (flux_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square", config)
     reference = train.run(*args, str(tmp_path / "ref"))
-    real_step, calls = step.train_step, []
-
-    def preempt_at_5(t):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Preempted
-        return real_step(t)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(cuda_graph, "train_step", preempt_at_5)
-        with pytest.raises(Preempted):
-            train.run(*args, str(tmp_path / "run"))
+    preempted_at(5, train.run, *args, str(tmp_path / "run"))
     resumed = train.run(*args, str(tmp_path / "run"), resume=True)
     assert resumed.resumed_from == 4 and resumed.losses == reference.losses
     got = load_file(Path(resumed.model_uri) / models.LORA_WEIGHTS_NAME)
@@ -239,15 +219,10 @@ def test_a_preempted_flux_run_resumes_bit_identically(flux_model, two_subjects, 
 
 
 def test_packed_flux_subjects_equal_their_single_runs(
-    flux_model, two_subjects, tmp_path, pack_of, assert_same_lora
+    flux_model, two_subjects, tmp_path, packed_equals_single
 ):
     config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
-    subjects = pack_of(two_subjects, tmp_path / "packed", {"a": "sks", "b": "zwx"})
-    assert all(r.ok for r in packed.run_packed(flux_model, subjects, config))
-    for s in subjects:
-        single = tmp_path / "single" / s.name
-        train.run(flux_model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, str(single))
-        assert_same_lora(Path(s.out) / "model", single / "model")
+    packed_equals_single(flux_model, config, two_subjects, tmp_path)
 
 
 # --- the other steps on a flow model ------------------------------------------------------------------------------
@@ -283,15 +258,7 @@ def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, two_subjects, tmp_p
     t = setup_trainer(models.load_pipeline(flux_model), [subject], images, config, "cpu")
     frozen = {p.dtype for p in t.denoiser.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and {p.dtype for p in t.params} == {torch.float32}
-    result = train.run(
-        flux_model,
-        str(two_subjects / "a"),
-        str(two_subjects / "prior"),
-        "sks",
-        "square",
-        config,
-        str(tmp_path / "o"),
-    )
+    result = _train_a(flux_model, two_subjects, config, tmp_path / "o")
     weights = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME)
     assert {v.dtype for v in weights.values()} == {torch.float32}
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)

@@ -15,7 +15,7 @@ from dreambooth_lib import models, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.testing.synthetic import make_subject_images
-from dreambooth_lib.train import checkpoint, cuda_graph, grouped_lora, step, trainer
+from dreambooth_lib.train import checkpoint, grouped_lora, step, trainer
 from dreambooth_lib.train import multi_subject as packed
 from dreambooth_lib.train import resume as resuming
 from dreambooth_lib.train.data import LatentCache
@@ -271,27 +271,13 @@ def test_packed_step_reads_nothing_back_to_the_host(tiny_model, data, monkeypatc
 CKPT_CONFIG = CONFIG.model_copy(update={"checkpoint_every": 2, "keep_checkpoints": 1})
 
 
-class Preempted(BaseException):
-    """Stands for a SIGKILL/preemption: not an Exception, so no isolation boundary catches it."""
-
-
 @pytest.fixture(scope="module")
-def interrupted(tiny_model, data, tmp_path_factory) -> Path:
+def interrupted(tiny_model, data, tmp_path_factory, preempted_at) -> Path:
     """A pack of a, b (checkpoints every 2 steps) killed during step 5: its checkpoint folder holds step 4."""
     out = tmp_path_factory.mktemp("interrupted")
-    pack = subjects(data, out)[:2]
-    real_step, calls = step.train_step, []
-
-    def preempt_at_5(t):
-        calls.append(1)
-        if len(calls) == 5:
-            raise Preempted
-        return real_step(t)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda_graph, "train_step", preempt_at_5)
-        with pytest.raises(Preempted):
-            packed.train_packed_subjects(tiny_model, pack, CKPT_CONFIG, pack_size=2)
+    preempted_at(
+        5, packed.train_packed_subjects, tiny_model, subjects(data, out)[:2], CKPT_CONFIG, pack_size=2
+    )
     return out
 
 

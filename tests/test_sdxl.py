@@ -145,15 +145,10 @@ def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, two_subjects, tmp
 
 
 def test_packed_sdxl_subjects_equal_their_single_runs(
-    sdxl_model, two_subjects, tmp_path, pack_of, assert_same_lora
+    sdxl_model, two_subjects, tmp_path, packed_equals_single
 ):
     config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
-    subjects = pack_of(two_subjects, tmp_path / "packed", {"a": "sks", "b": "zwx"})
-    assert all(r.ok for r in packed.run_packed(sdxl_model, subjects, config))
-    for s in subjects:
-        single = tmp_path / "single" / s.name
-        train.run(sdxl_model, s.instance_dir, s.prior_dir, s.identifier, s.class_noun, config, str(single))
-        assert_same_lora(Path(s.out) / "model", single / "model")
+    packed_equals_single(sdxl_model, config, two_subjects, tmp_path)
 
 
 def test_sdxl_runs_end_to_end(sdxl_model, tmp_path):

@@ -51,6 +51,20 @@ def _tiny_text_config():
     )
 
 
+def _tiny_clips(out: Path, seed: int, *encoder_classes):
+    """One tiny CLIP text encoder per class (seeded seed, seed + 1, ...) and the real-vocabulary tokenizer, written
+    to a build folder `_save_tiny` copies its slow-tokenizer files from: (encoders, tokenizer, that folder)."""
+    import torch
+    from transformers import CLIPTokenizer
+
+    encoders = []
+    for i, encoder_class in enumerate(encoder_classes):
+        torch.manual_seed(seed + i)
+        encoders.append(encoder_class(_tiny_text_config()))
+    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
+    return encoders, CLIPTokenizer.from_pretrained(str(tok_dir)), tok_dir
+
+
 def _save_tiny(pipe, out: Path, tok_dir: Path, tokenizer_folders: tuple[str, ...]) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # slow-tokenizer files too, for transformers 4 readers
@@ -109,7 +123,7 @@ def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int =
     CLIPTextModel and a CLIPTextModelWithProjection.
     """
     import torch
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,12 +139,9 @@ def build_tiny_sdxl_model(out_dir: str | Path, seed: int = 0, sample_size: int =
         cross_attention_dim=64,
     )
     vae = _tiny_vae(seed + 1, sample_size, scaling_factor=0.13025)  # SDXL's VAE scale
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(_tiny_text_config())
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
-    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    (text_encoder, text_encoder_2), tokenizer, tok_dir = _tiny_clips(
+        out, seed + 2, CLIPTextModel, CLIPTextModelWithProjection
+    )
     pipe = StableDiffusionXL.pipeline_from_parts(
         unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer
     )
@@ -253,7 +264,7 @@ def build_tiny_sd3_model(out_dir: str | Path, seed: int = 0) -> Path:
     CLIP-G (real vocabulary, with projections) and a tiny T5 (offline tokenizer), SD3's shifted scheduler."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,12 +275,9 @@ def build_tiny_sd3_model(out_dir: str | Path, seed: int = 0) -> Path:
         pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
     )  # fmt: skip
     vae = _tiny_flow_vae(seed + 1, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE constants
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(_tiny_text_config())
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
-    tok_dir = write_clip_tokenizer(out / "_tokenizer_build")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    (text_encoder, text_encoder_2), tokenizer, tok_dir = _tiny_clips(
+        out, seed + 2, CLIPTextModelWithProjection, CLIPTextModelWithProjection
+    )
     t5_tokenizer = write_tiny_t5_tokenizer(out / "_t5_tokenizer_build")
     text_encoder_3 = _tiny_t5(
         len(t5_tokenizer), d_model=64, seed=seed + 4
