@@ -266,3 +266,15 @@ def packed_equals_single(pack_of, assert_same_lora):
             assert_same_lora(Path(s.out) / "model", single / "model")
 
     return check
+
+
+@pytest.fixture(scope="session")
+def train_subject_a():
+    """train_subject_a(model, data, config, out): subject a of `data` (two_subjects) trained with its class prior
+    as 'a sks square' into `out`; its TrainResult."""
+    from dreambooth_lib import train
+
+    def run(model: str, data: Path, config, out: Path):
+        return train.run(model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(out))
+
+    return run

@@ -48,11 +48,6 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
-def _train_a(model: str, data: Path, config: TrainConfig, out: Path) -> train.TrainResult:
-    """Subject a of `data` (two_subjects) trained with its class prior as 'a sks square'."""
-    return train.run(model, str(data / "a"), str(data / "prior"), "sks", "square", config, str(out))
-
-
 def _sample(pipe, prompt: str) -> torch.Tensor:
     out = pipe([prompt], num_inference_steps=2, height=RES, width=RES, output_type="np",
                generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -180,10 +175,10 @@ def test_a_ddpm_family_refuses_a_flow_weighting(tiny_model, two_subjects, tmp_pa
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_the_exported_lora_loads_in_the_familys_pipeline_and_changes_it(
-    flow_model, two_subjects, tmp_path, train_text_encoder
+    flow_model, two_subjects, tmp_path, train_text_encoder, train_subject_a
 ):
     config = _config(mode="lora", learning_rate=1e-2, train_text_encoder=train_text_encoder)
-    result = _train_a(flow_model, two_subjects, config, tmp_path / "o")
+    result = train_subject_a(flow_model, two_subjects, config, tmp_path / "o")
     family = models.family_of(models.load_pipeline(flow_model))
     assert result.family == family.name and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
     keys = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME).keys()
@@ -250,7 +245,7 @@ def test_the_prior_set_is_sampled_with_the_flow_and_keyed_by_family(flux_model, 
 # --- memory: a frozen base in less precision ----------------------------------------------------------------------
 
 
-def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, two_subjects, tmp_path):
+def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, two_subjects, tmp_path, train_subject_a):
     config = _config(mode="lora", learning_rate=1e-2, base_precision="bf16", mixed_precision="bf16")
     subject = train.TrainSubject(instance_dir=str(two_subjects / "a"), prior_dir=str(two_subjects / "prior"), identifier="sks",
                                  class_noun="square", out="unused")  # fmt: skip
@@ -258,7 +253,7 @@ def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, two_subjects, tmp_p
     t = setup_trainer(models.load_pipeline(flux_model), [subject], images, config, "cpu")
     frozen = {p.dtype for p in t.denoiser.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and {p.dtype for p in t.params} == {torch.float32}
-    result = _train_a(flux_model, two_subjects, config, tmp_path / "o")
+    result = train_subject_a(flux_model, two_subjects, config, tmp_path / "o")
     weights = load_file(Path(result.model_uri) / models.LORA_WEIGHTS_NAME)
     assert {v.dtype for v in weights.values()} == {torch.float32}
     assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_lib import models, train
+from dreambooth_lib import models
 from dreambooth_lib.config import (
     EvalConfig,
     IdentifierConfig,
@@ -77,17 +77,11 @@ def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(sdxl_model, two_subjects, tmp_path, mode):
+def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(
+    sdxl_model, two_subjects, tmp_path, mode, train_subject_a
+):
     config = _config(mode=mode, learning_rate=1e-2 if mode == "lora" else 1e-3)
-    result = train.run(
-        sdxl_model,
-        str(two_subjects / "a"),
-        str(two_subjects / "prior"),
-        "sks",
-        "square",
-        config,
-        str(tmp_path / "out"),
-    )
+    result = train_subject_a(sdxl_model, two_subjects, config, tmp_path / "out")
     assert result.mode == mode and [s for s, _ in result.losses] == [2, 4]
     assert all(np.isfinite(v) for _, v in result.losses)
     tuned = models.load_pipeline(result.model_uri)
@@ -120,17 +114,9 @@ def test_trainable_text_path_equals_the_pipelines_encoding(sdxl_model):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, two_subjects, tmp_path, mode):
+def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, two_subjects, tmp_path, mode, train_subject_a):
     config = _config(mode=mode, train_text_encoder=True, learning_rate=1e-2 if mode == "lora" else 1e-3)
-    result = train.run(
-        sdxl_model,
-        str(two_subjects / "a"),
-        str(two_subjects / "prior"),
-        "sks",
-        "square",
-        config,
-        str(tmp_path / "out"),
-    )
+    result = train_subject_a(sdxl_model, two_subjects, config, tmp_path / "out")
     assert all(np.isfinite(v) for _, v in result.losses)
     base, tuned = models.load_pipeline(sdxl_model), models.load_pipeline(result.model_uri)
     _, _, ids = encode(base, ["a sks square"])
