@@ -60,7 +60,9 @@ def test_class_prompt_is_the_papers():
 def test_preservation_is_off_when_either_setting_is_zero():
     assert prior.preservation(200, 1.0) == prior.Preservation(on=True, prior_loss_weight=1.0, samples=True)
     # the model-output prior samples nothing, with any number of images asked for
-    assert prior.preservation(0, 1.0, mode="model_output") == prior.Preservation(on=True, prior_loss_weight=1.0)
+    assert prior.preservation(0, 1.0, mode="model_output") == prior.Preservation(
+        on=True, prior_loss_weight=1.0
+    )
     assert prior.preservation(200, 0.0) == prior.Preservation(on=False, prior_loss_weight=0.0)
     assert prior.preservation(0, 0.0) == prior.Preservation(on=False, prior_loss_weight=0.0)
     # no images but λ > 0: read as off (λ 0), with a warning that names the caller's inputs and the fix
