@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--vertex-placement", help="YAML/JSON overrides for the Vertex placement")
     parser.add_argument(
-        "--model", choices=["sd15", "sdxl"], help="base-model family (sizes scratch disks and timeouts)"
+        "--model",
+        choices=["sd15", "sdxl", "sd3", "flux"],
+        help="base-model family (sizes scratch disks and timeouts)",
     )
     parser.add_argument("--explain", action="store_true", help="print what the placements ask, write nothing")
     parser.add_argument("--check", action="store_true", help="compare with --out instead of writing")

@@ -26,7 +26,8 @@ from dreambooth_lib.errors import ConfigError
 
 K8S_RESOURCE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 VERTEX_ENUM = re.compile(r"^[A-Z][A-Z0-9_]*$")
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "sd3", "flux"]
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
 
 
 # --- quantities (the subset KFP accepts: CPU "6" / "0.5" / "500m", memory an integer with an optional unit) ---
@@ -115,6 +116,9 @@ class NodeShape(_Strict):
     vcpus: float = Field(gt=0)
     memory_gib: float = Field(gt=0, description="memory capacity in GiB")
     gpus: int = Field(1, ge=1, le=16)
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="each GPU's memory; None: unknown, not checked"
+    )
     reservation: Literal["gke", "kubelet"] = Field(
         "kubelet", description="'gke': GKE's documented reservations; 'kubelet': the system_reserved_* below"
     )
@@ -170,6 +174,7 @@ NODE_SHAPES: dict[str, NodeShape] = {
             vcpus=8,
             memory_gib=32,
             reservation="gke",
+            gpu_memory_gib=24,
             node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
             vertex_accelerator="NVIDIA_L4",
             cpu_request="6",
@@ -183,6 +188,7 @@ NODE_SHAPES: dict[str, NodeShape] = {
             vcpus=12,
             memory_gib=85,
             reservation="gke",
+            gpu_memory_gib=40,
             node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
             vertex_accelerator="NVIDIA_TESLA_A100",
             cpu_request="10",
@@ -191,11 +197,26 @@ NODE_SHAPES: dict[str, NodeShape] = {
             memory_limit="64Gi",
         ),
         NodeShape(
+            name="a2-ultragpu-1g",
+            description="GKE a2-ultragpu-1g: 12 vCPU, 170 GB, 1x NVIDIA A100 80 GB",
+            vcpus=12,
+            memory_gib=170,
+            reservation="gke",
+            gpu_memory_gib=80,
+            node_selector={"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"},
+            vertex_accelerator="NVIDIA_A100_80GB",
+            cpu_request="10",
+            cpu_limit="12",
+            memory_request="128Gi",
+            memory_limit="128Gi",
+        ),
+        NodeShape(
             name="a3-highgpu-1g",
             description="GKE a3-highgpu-1g: 26 vCPU, 234 GB, 1x NVIDIA H100 80 GB",
             vcpus=26,
             memory_gib=234,
             reservation="gke",
+            gpu_memory_gib=80,
             node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
             vertex_accelerator="NVIDIA_H100_80GB",
             cpu_request="22",
@@ -235,59 +256,67 @@ class StepPolicy:
     ]  # family -> emptyDir sizeLimit; sized for the base model cache + the step's own files
 
 
-def _both(value: str) -> dict[str, str]:
-    return {"sd15": value, "sdxl": value}
+def _same(value: str) -> dict[str, str]:
+    return dict.fromkeys(FAMILIES, value)
+
+
+def _per_family(sd15: str, sdxl: str, sd3: str, flux: str) -> dict[str, str]:
+    """A base model's folder: SD 1.5 ~4 GB, SDXL ~7 GB, SD3-medium ~15 GB with its T5, FLUX.1 ~34 GB (a 12 B
+    transformer in bf16 and T5-XXL): disks and deadlines grow with it."""
+    return {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "flux": flux}
 
 
 STEPS: dict[str, StepPolicy] = {
     "fingerprint-inputs": StepPolicy(
         "cpu", False, "deterministic (a missing model or photo folder); digests stream, nothing is copied",
-        {"sd15": "30m", "sdxl": "1h"}, _both("2Gi"),
+        _per_family("30m", "1h", "1h", "1h"), _same("2Gi"),
     ),
-    "ingest-images": StepPolicy("cpu", False, "deterministic: a bad photo fails once, with its message", _both("15m"), _both("4Gi")),
+    "ingest-images": StepPolicy("cpu", False, "deterministic: a bad photo fails once, with its message", _same("15m"), _same("4Gi")),
     "choose-identifier": StepPolicy(
         "cpu", False, "deterministic; downloads the base model for its tokenizer",
-        {"sd15": "30m", "sdxl": "1h"}, {"sd15": "12Gi", "sdxl": "32Gi"},
+        _per_family("30m", "1h", "1h", "1h"), _per_family("12Gi", "32Gi", "48Gi", "80Gi"),
     ),
     "make-prior-set": StepPolicy(
         "gpu", True, "GPU pod: preemption; a rerun finds the sets already in the prior root",
-        {"sd15": "2h", "sdxl": "4h"}, {"sd15": "20Gi", "sdxl": "40Gi"},
+        _per_family("2h", "4h", "4h", "6h"), _per_family("20Gi", "40Gi", "60Gi", "100Gi"),
     ),
     "fine-tune": StepPolicy(
         "gpu", True, "GPU pod: preemption; a rerun resumes from the newest checkpoint in the checkpoint root",
-        {"sd15": "6h", "sdxl": "12h"}, {"sd15": "40Gi", "sdxl": "80Gi"},
+        _per_family("6h", "12h", "12h", "16h"), _per_family("40Gi", "80Gi", "80Gi", "120Gi"),
     ),
     "evaluate-model": StepPolicy(
         "gpu", True, "GPU pod: preemption; evaluation is repeatable (the gate is decided in register)",
-        {"sd15": "2h", "sdxl": "4h"}, {"sd15": "20Gi", "sdxl": "40Gi"},
+        _per_family("2h", "4h", "4h", "6h"), _per_family("20Gi", "40Gi", "60Gi", "100Gi"),
     ),
     "register-model": StepPolicy(
-        "cpu", False, "deterministic: a failed gate fails once, with its message", _both("1h"), _both("8Gi"),
+        "cpu", False, "deterministic: a failed gate fails once, with its message", _same("1h"), _same("8Gi"),
     ),
     "plan-batch": StepPolicy(
         "cpu", False, "deterministic: a bad manifest fails once; downloads the base model",
-        {"sd15": "30m", "sdxl": "1h"}, {"sd15": "12Gi", "sdxl": "32Gi"},
+        _per_family("30m", "1h", "1h", "1h"), _per_family("12Gi", "32Gi", "48Gi", "80Gi"),
     ),
-    "list-classes": StepPolicy("cpu", False, "deterministic", _both("10m"), _both("1Gi")),
+    "list-classes": StepPolicy("cpu", False, "deterministic", _same("10m"), _same("1Gi")),
     "train-packed-loras": StepPolicy(
         "gpu", True, "GPU pod: preemption; a rerun retrains the pack (its subjects' failures never fail it)",
-        {"sd15": "12h", "sdxl": "24h"}, {"sd15": "20Gi", "sdxl": "40Gi"},
+        _per_family("12h", "24h", "24h", "36h"), _per_family("20Gi", "40Gi", "60Gi", "100Gi"),
     ),
     "personalize-subject": StepPolicy(
         "gpu", False, "records its own failure instead of raising; a rerun could register a model twice",
-        {"sd15": "8h", "sdxl": "16h"}, {"sd15": "50Gi", "sdxl": "100Gi"},
+        _per_family("8h", "16h", "16h", "24h"), _per_family("50Gi", "100Gi", "120Gi", "160Gi"),
     ),
-    "summarize-batch": StepPolicy("cpu", False, "the exit handler: reports, never retried", _both("15m"), _both("1Gi")),
+    "summarize-batch": StepPolicy("cpu", False, "the exit handler: reports, never retried", _same("15m"), _same("1Gi")),
     "check-batch": StepPolicy(
-        "cpu", False, "the batch verdict: fails once when no subject succeeded", _both("10m"), _both("1Gi"),
+        "cpu", False, "the batch verdict: fails once when no subject succeeded", _same("10m"), _same("1Gi"),
     ),
 }  # fmt: skip
 
 # A step missing from STEPS (a new component) still compiles, with the policy of its node kind; a test lists the
 # compiled tasks against STEPS so the gap is seen.
 _UNLISTED = {
-    "gpu": StepPolicy("gpu", True, "unlisted GPU step", _both("6h"), {"sd15": "40Gi", "sdxl": "80Gi"}),
-    "cpu": StepPolicy("cpu", False, "unlisted CPU step", _both("1h"), _both("4Gi")),
+    "gpu": StepPolicy(
+        "gpu", True, "unlisted GPU step", _same("6h"), _per_family("40Gi", "80Gi", "80Gi", "120Gi")
+    ),
+    "cpu": StepPolicy("cpu", False, "unlisted CPU step", _same("1h"), _same("4Gi")),
 }
 
 
@@ -377,9 +406,25 @@ CPU_DEFAULTS = {"cpu_request": "1", "cpu_limit": "2", "memory_request": "6Gi", "
 VERTEX_CPU_DEFAULTS = {"cpu_limit": "2", "memory_limit": "8G"}  # Vertex picks the smallest machine with these
 
 
+# The least GPU memory the GPU steps of a family need with their presets (configs/*.yaml), and why.
+MIN_GPU_MEMORY_GIB = {"sd15": 16, "sdxl": 24, "sd3": 24, "flux": 80}
+MIN_GPU_MEMORY_WHY = {
+    "sd15": "a full fine-tune at 512 px in bf16",
+    "sdxl": "LoRA at 1024 px with gradient checkpointing",
+    "sd3": "SD3-medium LoRA with a bf16 base",
+    "flux": "FLUX.1 LoRA: its 12 B transformer is 24 GB in bf16, T5-XXL and activations on top",
+}
+
+
 class Placement(_Strict):
     target: Literal["kfp", "vertex"] = "kfp"
-    model: Family = Field("sd15", description="base-model family: sizes scratch disks and timeouts")
+    model: Family = Field("sd15", description="base-model family: sizes scratch disks, timeouts and the GPU")
+    min_gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="the least GPU memory the GPU steps need; None: the family's for its presets (MIN_GPU_MEMORY_GIB)."
+        " Lower it for a quantized FLUX.1 (train.base_precision nf4/fp8 fits 24-48 GB)",
+    )
     gpu: GpuResources = Field(default_factory=GpuResources)
     cpu: Resources = Field(default_factory=Resources)
     steps: dict[str, StepSettings] = Field(default_factory=dict, description="per-step overrides of STEPS")
@@ -422,13 +467,26 @@ class Placement(_Strict):
                     "would stay Pending; pick a gpu.node with that many GPUs"
                 )
             self._check_fits("cpu", self.cpu_size(), None)
+            self._check_gpu_memory()
             return self
         acc = self.gpu.accelerator_type or self.gpu.shape.vertex_accelerator
         if not acc or not VERTEX_ENUM.match(acc):
             raise ValueError(f"gpu.accelerator_type {acc!r}: Vertex AI takes an enum name, e.g. 'NVIDIA_L4'")
         if self.gpu.node_selector or self.gpu.tolerations or self.cpu.node_selector or self.cpu.tolerations:
             raise ValueError("node selectors/tolerations are Kubernetes settings; Vertex AI rejects them")
+        self._check_gpu_memory()
         return self
+
+    def _check_gpu_memory(self) -> None:
+        need = self.min_gpu_memory_gib or MIN_GPU_MEMORY_GIB[self.model]
+        have = self.gpu.shape.gpu_memory_gib
+        if have is not None and have < need:
+            bigger = ", ".join(s.name for s in NODE_SHAPES.values() if (s.gpu_memory_gib or 0) >= need)
+            raise ValueError(
+                f"model {self.model} wants a GPU with {need:g} GB ({MIN_GPU_MEMORY_WHY[self.model]}); a "
+                f"{self.gpu.shape.name} node has {have:g} GB: pick gpu.node {bigger}, or (a quantized base) set "
+                "min_gpu_memory_gib"
+            )
 
     @staticmethod
     def _check_fits(section: str, size: dict[str, str], shape: NodeShape | None) -> None:
@@ -509,6 +567,7 @@ PRESETS: dict[str, dict] = {
     "gke": {"target": "kfp", "gpu": {"node": "g2-standard-8", "tolerations": _TOLERATE_GPU}},
     "gke-l4": {"target": "kfp", "gpu": {"node": "g2-standard-8", "tolerations": _TOLERATE_GPU}},
     "gke-a100": {"target": "kfp", "gpu": {"node": "a2-highgpu-1g", "tolerations": _TOLERATE_GPU}},
+    "gke-a100-80gb": {"target": "kfp", "gpu": {"node": "a2-ultragpu-1g", "tolerations": _TOLERATE_GPU}},
     "gke-h100": {"target": "kfp", "gpu": {"node": "a3-highgpu-1g", "tolerations": _TOLERATE_GPU}},
     # On-prem with the NVIDIA GPU operator: it labels GPU nodes nvidia.com/gpu.present=true.
     "onprem": {"target": "kfp", "gpu": {"node": "onprem-gpu", "tolerations": _TOLERATE_GPU}},
@@ -516,6 +575,7 @@ PRESETS: dict[str, dict] = {
     "vertex": {"target": "vertex", "gpu": {"node": "g2-standard-8"}, "hub_token_secret": None},
     "vertex-l4": {"target": "vertex", "gpu": {"node": "g2-standard-8"}, "hub_token_secret": None},
     "vertex-a100": {"target": "vertex", "gpu": {"node": "a2-highgpu-1g"}, "hub_token_secret": None},
+    "vertex-a100-80gb": {"target": "vertex", "gpu": {"node": "a2-ultragpu-1g"}, "hub_token_secret": None},
     "vertex-h100": {"target": "vertex", "gpu": {"node": "a3-highgpu-1g"}, "hub_token_secret": None},
 }
 
@@ -631,14 +691,15 @@ def policy_table(placement: Placement) -> str:
 
 
 def steps_table() -> str:
-    """STEPS as the Markdown table of docs/placement.md: both families' timeouts and scratch sizes."""
+    """STEPS as the Markdown table of docs/placement.md: every family's timeouts and scratch sizes."""
+    families = " / ".join(FAMILIES)
     rows = [
-        "| step | node | KFP retry | timeout sd15 / sdxl | /tmp limit sd15 / sdxl | why |",
+        f"| step | node | KFP retry | timeout {families} | /tmp limit {families} | why |",
         "|---|---|---|---|---|---|",
     ]
     for name, p in STEPS.items():
-        timeout = " / ".join(_duration(duration_seconds(p.timeout[f])) for f in ("sd15", "sdxl"))
-        scratch = " / ".join(p.scratch[f] for f in ("sd15", "sdxl"))
+        timeout = " / ".join(_duration(duration_seconds(p.timeout[f])) for f in FAMILIES)
+        scratch = " / ".join(p.scratch[f] for f in FAMILIES)
         rows.append(f"| {name} | {p.on} | {'yes' if p.retry else 'no'} | {timeout} | {scratch} | {p.why} |")
     return "\n".join(rows) + "\n"
 

@@ -126,6 +126,7 @@ def test_the_named_shapes_and_their_allocatable():
     expected = {  # vCPU, GiB, allocatable CPU, allocatable GiB, GPU label
         "g2-standard-8": (8, 32, 7.91, 28.34, "nvidia-l4"),
         "a2-highgpu-1g": (12, 85, 11.90, 78.16, "nvidia-tesla-a100"),
+        "a2-ultragpu-1g": (12, 170, 11.90, 159.74, "nvidia-a100-80gb"),
         "a3-highgpu-1g": (26, 234, 25.865, 222.46, "nvidia-h100-80gb"),
     }
     for name, (vcpus, memory, cpu, mem, label) in expected.items():
@@ -257,6 +258,23 @@ def test_placement_mistakes_name_the_fix():
     dgx = {"name": "dgx", "vcpus": 128, "memory_gib": 1024, "gpus": 8, "node_selector": {"pool": "dgx"}}
     big = load_placement("onprem", {"gpu": {"node": dgx, "accelerator_count": 8}})
     assert big.gpu_size()["cpu_request"] == "127" and big.gpu.shape.node_selector == {"pool": "dgx"}
+
+
+def test_a_family_is_placed_on_a_gpu_that_holds_it():
+    """FLUX.1 LoRA wants an 80 GB GPU: an L4 or A100 40 GB placement is refused when it compiles, naming what fits;
+    an H100 or A100 80 GB one compiles; a quantized base may say it needs less."""
+    with pytest.raises(ConfigError, match=r"model flux wants a GPU with 80 GB .*g2-standard-8 node has 24 GB: pick "
+                       r"gpu.node a2-ultragpu-1g, a3-highgpu-1g"):  # fmt: skip
+        load_placement("gke", {"model": "flux"})
+    with pytest.raises(ConfigError, match="a2-highgpu-1g node has 40 GB"):
+        load_placement("vertex-a100", {"model": "flux"})
+    for preset in ("gke-h100", "gke-a100-80gb", "vertex-h100", "vertex-a100-80gb"):
+        flux = load_placement(preset, {"model": "flux"})
+        assert flux.policy("fine-tune").timeout_s > load_placement(preset).policy("fine-tune").timeout_s
+    assert (
+        load_placement("gke", {"model": "flux", "min_gpu_memory_gib": 24}).gpu.shape.name == "g2-standard-8"
+    )
+    assert load_placement("gke", {"model": "sd3"}).model == "sd3"  # SD3-medium LoRA fits an L4
 
 
 def test_compile_cli_presets_and_explain(tmp_path, capsys):
