@@ -165,3 +165,31 @@ def host_syncs(device: DeviceOpt = "cuda", as_json: JsonOpt = False):
 
     found = check_host_syncs(device)
     _emit(found, "".join(f"host syncs in {name}: {what}\n" for name, what in found.items()), as_json)
+
+
+@app.command()
+def flux(
+    flux_shape: Annotated[
+        bool, typer.Option(help="a FLUX.1-dev-sized random transformer (GPU runs)")
+    ] = False,
+    steps: int = 10,
+    warmup: int = 2,
+    ks: Annotated[str, typer.Option(help="packed subjects per step, comma-separated")] = "1,4",
+    resolution: ResolutionOpt = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Time our FLUX.1 LoRA step (bf16 frozen base), with gradient checkpointing, and K subjects packed.
+
+    Example: python -m benchmarks flux --flux-shape --device cuda --resolution 512 --ks 1,2,4
+    """
+    from benchmarks.flux_speed import bench_flux, render_flux_table
+    from dreambooth_lib import storage
+
+    rows = bench_flux(flux_shape=flux_shape, device=device, resolution=resolution, steps=steps, warmup=warmup,
+                      ks=tuple(int(k) for k in ks.split(",")))  # fmt: skip
+    table = render_flux_table(rows)
+    if out:
+        storage.write_text(out, table)
+    _emit({"rows": rows}, table, as_json)

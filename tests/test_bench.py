@@ -135,6 +135,11 @@ def test_gpu_bench_script_smoke_mode_writes_every_table(tmp_path):
     assert _row_names(table) == EVERY_ROW
     assert json.loads((out / "bench.json").read_text())["markdown"] == table
     assert _row_names((out / "prior_compiled.md").read_text()) == ["naive", "ours"]  # compiling is GPU-only
+    flux_rows = [r["row"] for r in json.loads((out / "flux.json").read_text())["rows"]]
+    assert flux_rows == [
+        "ours tiny FLUX.1 LoRA r4 (fp32, 1+1 images)", "  + gradient checkpointing",
+        "packed tiny FLUX.1 LoRA, K=2 subjects",
+    ]  # fmt: skip
     assert "host syncs in train_step: not checked on cpu" in (out / "bench.log").read_text()
     assert (
         "tests/test_fast_paths.py::" in (out / "gpu_tests.log").read_text()
