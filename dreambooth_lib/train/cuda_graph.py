@@ -1,8 +1,8 @@
 """The single-subject training step as one CUDA graph (`train.cuda_graph: true`).
 
 At 1 subject + 1 prior image a Stable Diffusion step launches a few thousand small kernels and the GPU waits on
-the host between them (FACTS: 0.175 s/step eager on an H200, at ~3 % of its bf16 peak). A CUDA graph records those
-launches once and replays them with one call. What is captured is `step.step_on_batch` whole: noising, the UNet
+the host between them (docs/performance.md: 0.175 s/step eager on an H200, ~3 % of its bf16 peak). A CUDA graph
+records those launches once and replays them with one call. What is captured is `step.step_on_batch` whole: noising, the UNet
 forward, Eq. 2, backward, gradient clipping and the fused AdamW update (capturable, its step counter on the
 device). What is not captured is the step's random draws (`step.draw_step_batch`): they run eagerly from the
 run's own generator and are copied into the graph's static inputs, so a graphed run consumes its generator
