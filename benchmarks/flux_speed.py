@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.train_speed import _reset_peak, _write_images, ours_trainer, time_row
+from benchmarks.train_speed import _reset_peak, _write_images, clip_l_config, ours_trainer, time_row
 from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.train.step import train_step
@@ -39,7 +39,7 @@ FLUX_DEV_TRANSFORMER = dict(
 def build_flux_shaped_pipeline(device: torch.device, seed: int = 0):
     """FLUX.1-dev's transformer (bf16, random) and scheduler, with shallow encoders and VAE of its widths."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from dreambooth_lib.testing.tiny_models import _tiny_t5, write_tiny_t5_tokenizer
 
@@ -51,21 +51,7 @@ def build_flux_shaped_pipeline(device: torch.device, seed: int = 0):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
     )  # fmt: skip
-    vocab, _ = models.clip_bpe_vocab_and_merges()
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=1,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )  # fmt: skip
-    )
+    clip = CLIPTextModel(clip_l_config(num_hidden_layers=1))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(models.write_clip_tokenizer(Path(tmp) / "clip")))
         t5_tokenizer = write_tiny_t5_tokenizer(Path(tmp) / "t5")

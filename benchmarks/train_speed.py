@@ -39,11 +39,31 @@ TINY_MODEL_NAME = "tiny (random weights)"
 SD15_MODEL_NAME = "sd15-shaped (random weights)"
 
 
+def clip_l_config(num_hidden_layers: int):
+    """CLIP ViT-L/14's text encoder (SD 1.x's, FLUX.1's pooled one) with the real vocabulary and `num_hidden_layers`."""
+    from transformers import CLIPTextConfig
+
+    vocab, _ = models.clip_bpe_vocab_and_merges()
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
 def build_sd15_shaped_pipeline(seed: int = 0):
     """An in-memory pipeline with Stable Diffusion 1.5's shapes and random weights (no download): 860M-parameter
     UNet, 84M VAE, 123M CLIP-L text encoder with the real vocabulary."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from dreambooth_lib.models.families import StableDiffusion
 
@@ -75,22 +95,7 @@ def build_sd15_shaped_pipeline(seed: int = 0):
         sample_size=512,
         scaling_factor=0.18215,
     )
-    vocab, _ = models.clip_bpe_vocab_and_merges()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    text_encoder = CLIPTextModel(clip_l_config(num_hidden_layers=12))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(str(models.write_clip_tokenizer(tmp)))
     return StableDiffusion.pipeline_from_parts(unet, vae, text_encoder, tokenizer)
