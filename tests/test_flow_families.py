@@ -69,6 +69,13 @@ def test_tiny_models_load_as_their_pipelines(flux_model, sd3_model, tmp_path):
     assert models.family_of_model(flux_model).name == "flux"  # from model_index.json, no weights loaded
 
 
+def test_schnell_trains_without_a_guidance_input(two_subjects, tmp_path, train_subject_a):
+    """FLUX.1-schnell has no guidance embedding: training passes none (the transformer refuses one)."""
+    schnell = str(tiny_models.build_tiny_flux_model(tmp_path / "schnell", guidance_embeds=False))
+    result = train_subject_a(schnell, two_subjects, _config(mode="lora", steps=2), tmp_path / "o")
+    assert result.family == "flux" and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+
+
 def test_the_t5_tokenizer_is_built_the_same_every_time(tmp_path):
     """A trained Unigram vocabulary changes run to run; ours must not, or every content digest would."""
     assert tiny_models.tiny_t5_vocabulary() == tiny_models.tiny_t5_vocabulary()
