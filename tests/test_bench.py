@@ -77,7 +77,7 @@ def test_a_row_times_only_the_steps_after_warm_up_and_counts_every_subject():
 
 def test_every_benchmark_command_has_an_example_in_its_help():
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"train", "all", "prior", "host-syncs"}
+    assert set(commands) == {"train", "all", "prior", "host-syncs", "flux"}
     for name in commands:
         result = CliRunner().invoke(app, [name, "--help"])
         assert result.exit_code == 0 and "Example: python -m benchmarks " + name in result.output, name
