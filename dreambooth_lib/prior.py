@@ -105,7 +105,7 @@ def class_prompt(class_noun: str) -> str:
     return f"a {noun}"
 
 
-def _key_fields(
+def key_fields(
     model_digest: str,
     class_prompt: str,
     sampler: str,
@@ -115,7 +115,10 @@ def _key_fields(
     seed: int,
     family: str,
 ) -> dict:
-    # normalized types: 7 and 7.0 are the same guidance and must give the same key
+    """Everything that decides the pixels of a set: the model, its family, the sampler it samples with
+    (`ModelFamily.sampler_name`), the prompt and the sampling settings, with normalized types (7 and 7.0 are the
+    same guidance and must give the same key). `guidance` None means "the pipeline's default", which is a function
+    of the model and so covered by its digest."""
     return {
         "family": str(family),
         "model_digest": str(model_digest),
@@ -128,22 +131,8 @@ def _key_fields(
     }
 
 
-def prior_set_key(
-    model_digest: str,
-    class_prompt: str,
-    sampler: str,
-    steps: int,
-    guidance: float | None,
-    resolution: int,
-    seed: int,
-    family: str,
-) -> str:
-    """A short hex sha256 of the canonical JSON of everything that decides the pixels of the set: the model, its
-    family, the sampler it samples with (`ModelFamily.sampler_name`), the prompt and the sampling settings.
-
-    `guidance` None means "the pipeline's default", which is a function of the model and so covered by its digest.
-    """
-    fields = _key_fields(model_digest, class_prompt, sampler, steps, guidance, resolution, seed, family)
+def prior_set_key(fields: dict) -> str:
+    """A short hex sha256 of the canonical JSON of a set's `key_fields`."""
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
 
@@ -254,9 +243,10 @@ def run(
     digest = models.model_digest(base_model, allow_pickle=allow_pickle)
     family = models.family_of_model(base_model, allow_pickle=allow_pickle)
     sampler = family.sampler_name(config.sampler)
-    key_args = (digest, prompt, sampler, config.steps, config.guidance_scale, size, config.seed, family.name)
-    fields = _key_fields(*key_args)
-    key = prior_set_key(*key_args)
+    fields = key_fields(
+        digest, prompt, sampler, config.steps, config.guidance_scale, size, config.seed, family.name
+    )
+    key = prior_set_key(fields)
     set_uri = storage.join(root, key)
     record = _check_record(set_uri, fields)
     guidance_used = record.get("guidance_scale_used", config.guidance_scale)

@@ -83,9 +83,9 @@ def test_key_changes_with_each_field_and_ignores_number_types():
         seed=0,
         family="sd",
     )
-    key = prior.prior_set_key(**base)
+    key = prior.prior_set_key(prior.key_fields(**base))
     assert len(key) == 16 and int(key, 16) >= 0
-    assert prior.prior_set_key(**base) == key  # stable
+    assert prior.prior_set_key(prior.key_fields(**base)) == key  # stable
     changed = {
         "model_digest": "cd" * 32,
         "class_prompt": "a cat",
@@ -96,10 +96,12 @@ def test_key_changes_with_each_field_and_ignores_number_types():
         "seed": 1,
         "family": "sdxl",
     }
-    keys = {prior.prior_set_key(**{**base, field: value}) for field, value in changed.items()}
+    keys = {
+        prior.prior_set_key(prior.key_fields(**{**base, field: value})) for field, value in changed.items()
+    }
     assert len(keys) == len(changed) and key not in keys
-    assert prior.prior_set_key(**{**base, "guidance": None}) != key
-    assert prior.prior_set_key(**{**base, "guidance": 7}) == prior.prior_set_key(**{**base, "guidance": 7.0})
+    assert prior.prior_set_key(prior.key_fields(**{**base, "guidance": None})) != key
+    assert prior.key_fields(**{**base, "guidance": 7}) == prior.key_fields(**{**base, "guidance": 7.0})
 
 
 def test_zero_images_loads_nothing(tmp_path, monkeypatch, no_pipeline):
@@ -112,7 +114,9 @@ def test_zero_images_loads_nothing(tmp_path, monkeypatch, no_pipeline):
 def test_make_then_reuse_without_loading(tiny_model, tmp_path, monkeypatch):
     root = str(tmp_path / "priors")
     first = prior.run(tiny_model, "dog", _config(3), root=root, resolution=64)
-    key = prior.prior_set_key(models.model_digest(tiny_model), "a dog", "dpm++", 2, None, 64, 3, "sd")
+    key = prior.prior_set_key(
+        prior.key_fields(models.model_digest(tiny_model), "a dog", "dpm++", 2, None, 64, 3, "sd")
+    )
     assert first.key == key and first.uri == str(Path(root, key))
     assert (first.generated, first.reused, first.num_images) == (3, 0, 3)
     assert first.guidance_scale == 7.5  # the pipeline default, recorded once known
@@ -196,7 +200,9 @@ def test_interrupted_run_continues_without_redrawing(tiny_model, tmp_path, monke
 
 
 def test_folder_with_other_settings_is_refused(tiny_model, tmp_path, no_pipeline):
-    key = prior.prior_set_key(models.model_digest(tiny_model), "a dog", "dpm++", 2, None, 64, 3, "sd")
+    key = prior.prior_set_key(
+        prior.key_fields(models.model_digest(tiny_model), "a dog", "dpm++", 2, None, 64, 3, "sd")
+    )
     storage.write_json(str(tmp_path / key / "prior_set.json"), {"class_prompt": "a cat", "steps": 2})
     with pytest.raises(
         StorageError, match=r"prior_set.json: this folder holds a prior set made with other settings"
