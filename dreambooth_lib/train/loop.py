@@ -25,7 +25,7 @@ from dreambooth_lib.models import quantization
 from dreambooth_lib.train import checkpoint, cuda_graph, export
 from dreambooth_lib.train import resume as resuming
 from dreambooth_lib.train.results import SubjectOutcome, TrainResult
-from dreambooth_lib.train.speed import speed_options
+from dreambooth_lib.train.speed import autocast_dtype
 from dreambooth_lib.train.subjects import TrainSubject, subject_images
 from dreambooth_lib.train.tracking import LossTracker
 from dreambooth_lib.train.trainer import Trainer, setup_trainer
@@ -40,9 +40,7 @@ def load_base_for_training(base_model: str, config: TrainConfig, allow_pickle: b
         torch.cuda.reset_peak_memory_stats(device)
     base_digest = models.model_digest(base_model, allow_pickle=allow_pickle)
     family = models.family_of_model(base_model, allow_pickle=allow_pickle)  # refused before any loading
-    quantization.check_base_precision(
-        config.base_precision, device, speed_options(config, device).autocast_dtype
-    )
+    quantization.check_base_precision(config.base_precision, device, autocast_dtype(config, device))
     components = {}
     if config.base_precision in quantization.QUANTIZED:
         local = models.resolve_model_dir(base_model, allow_pickle=allow_pickle)

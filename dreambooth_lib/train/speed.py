@@ -34,14 +34,18 @@ class SpeedOptions:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
 
 
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The step's autocast dtype on `device`; None: plain fp32."""
+    if config.mixed_precision == "auto":
+        # bf16 autocast where the hardware has it; fp32 on CPU, where bf16 matmuls are emulated and slower
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+
+
 def speed_options(config: TrainConfig, device: str | torch.device) -> SpeedOptions:
     device = torch.device(device)
     cuda = device.type == "cuda"
-    if config.mixed_precision == "auto":
-        # bf16 autocast where the hardware has it; fp32 on CPU, where bf16 matmuls are emulated and slower
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    else:
-        dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+    dtype = autocast_dtype(config, device)
     cuda_graph = config.cuda_graph and cuda
     if config.cuda_graph and not cuda:
         log.warning("train.cuda_graph applies on CUDA devices only; on %s the step runs eagerly", device)
