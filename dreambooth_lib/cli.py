@@ -9,9 +9,12 @@ installed package: from a checkout, `python -m benchmarks --help`.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +50,63 @@ def config_option(model: type, field: str, *param_decls: str, help: str | None =
     else:
         shown = False if default is None else str(default)
     return typer.Option(*param_decls, help=help or info.description, show_default=shown)
+
+
+def option_group(name: str, options: dict[str, tuple[Any, Any]]):
+    """A decorator: the command's parameter `name` stands for the typer options `options` ({option: (annotation,
+    default)}), which take its place in the signature typer reads; the command receives the values given as one
+    dict under `name`. An option list that several commands share is written once."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn, eval_str=True)
+        parameters = []
+        for p in signature.parameters.values():
+            if p.name != name:
+                parameters.append(p)
+                continue
+            parameters += [
+                inspect.Parameter(option, p.kind, annotation=annotation, default=default)
+                for option, (annotation, default) in options.items()
+            ]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            group = {option: kwargs.pop(option) for option in options if option in kwargs}
+            return fn(*args, **kwargs, **{name: group})
+
+        command.__signature__ = signature.replace(parameters=parameters)
+        return command
+
+    return decorate
+
+
+def _option_type(model: type, field: str) -> Any:
+    """The type typer parses a field's option as: the field's type without None, and a Literal's as the type of
+    its values (the model checks the value, and its error names the choices)."""
+    annotation = model.model_fields[field].annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(typing.get_args(annotation)[0])
+    return annotation
+
+
+def config_fields(model: type, *fields: str, into: str = "options", help: dict[str, str] | None = None):
+    """A decorator: the options of `model`'s `fields` (each a `config_option`, None when left out) in the place
+    of the command's parameter `into`, which receives them as {field: value}; `help` overrides a field's."""
+    help = help or {}
+    return option_group(
+        into,
+        {
+            field: (
+                Annotated[
+                    _option_type(model, field) | None, config_option(model, field, help=help.get(field))
+                ],
+                None,
+            )
+            for field in fields
+        },
+    )
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as one JSON object on stdout")]
@@ -161,6 +221,16 @@ def tiny_model(
 
 @app.command()
 @user_errors
+@config_fields(
+    IngestConfig,
+    "resolution",
+    "min_images",
+    "min_side",
+    "near_duplicate_distance",
+    "max_pixels",
+    "allow_few",
+    "strict",
+)
 def ingest(
     src: Annotated[str, typer.Argument(help="folder or gs:// prefix with the subject's photos")],
     out: Annotated[
@@ -169,15 +239,8 @@ def ingest(
     class_noun: Annotated[
         str, typer.Option(help="the subject's class, e.g. 'dog' (recorded in the manifest)")
     ],
-    resolution: Annotated[int | None, config_option(IngestConfig, "resolution")] = None,
-    min_images: Annotated[int | None, config_option(IngestConfig, "min_images")] = None,
-    min_side: Annotated[int | None, config_option(IngestConfig, "min_side")] = None,
-    near_duplicate_distance: Annotated[
-        int | None, config_option(IngestConfig, "near_duplicate_distance")
-    ] = None,
-    max_pixels: Annotated[int | None, config_option(IngestConfig, "max_pixels")] = None,
-    allow_few: Annotated[bool | None, config_option(IngestConfig, "allow_few")] = None,
-    strict: Annotated[bool | None, config_option(IngestConfig, "strict")] = None,
+    *,
+    options: dict[str, Any],
     as_json: JsonOpt = False,
 ):
     """Validate and normalise subject photos: decode, fix orientation/mode, reject bad files and duplicates.
@@ -187,17 +250,7 @@ def ingest(
     from dreambooth_lib import ingest as step
 
     class_noun = _class_noun(class_noun)
-    cfg = _config(
-        IngestConfig,
-        "ingest options",
-        resolution=resolution,
-        min_images=min_images,
-        min_side=min_side,
-        near_duplicate_distance=near_duplicate_distance,
-        max_pixels=max_pixels,
-        allow_few=allow_few,
-        strict=strict,
-    )
+    cfg = _config(IngestConfig, "ingest options", **options)
     result = step.run(src, out, cfg, class_noun=class_noun)
     for r in result.rejections:
         typer.echo(f"skipped {r.source}: {r.reason}", err=True)
@@ -208,14 +261,14 @@ def ingest(
 
 @app.command()
 @user_errors
+@config_fields(IdentifierConfig, "seed", "min_token_id", "max_token_id")
 def identifier(
     model: BaseModelOpt,
     class_noun: Annotated[str, typer.Option(help="class noun the identifier precedes, e.g. 'dog'")],
-    seed: Annotated[int | None, config_option(IdentifierConfig, "seed")] = None,
+    *,
+    options: dict[str, Any],
     exclude: Annotated[list[str] | None, typer.Option(help="identifiers not to use (repeatable)")] = None,
     registry: Annotated[str | None, typer.Option(help="registry whose identifiers are excluded")] = None,
-    min_token_id: Annotated[int | None, config_option(IdentifierConfig, "min_token_id")] = None,
-    max_token_id: Annotated[int | None, config_option(IdentifierConfig, "max_token_id")] = None,
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
@@ -226,13 +279,7 @@ def identifier(
     from dreambooth_lib import identifier as step
 
     class_noun = _class_noun(class_noun)
-    cfg = _config(
-        IdentifierConfig,
-        "identifier options",
-        seed=seed,
-        min_token_id=min_token_id,
-        max_token_id=max_token_id,
-    )
+    cfg = _config(IdentifierConfig, "identifier options", **options)
     result = step.run(
         model, class_noun, cfg, exclude=exclude or [], registry_uri=registry, allow_pickle=allow_pickle
     )
@@ -249,25 +296,24 @@ DEFAULT_TRAIN_RESOLUTION = TrainConfig.model_fields["resolution"].default
 
 @app.command()
 @user_errors
+@config_fields(
+    PriorConfig,
+    "num_images",
+    "resolution",
+    "steps",
+    "sampler",
+    "guidance_scale",
+    "batch_size",
+    "seed",
+    "device",
+    help={"resolution": f"side of the images (default: the training default, {DEFAULT_TRAIN_RESOLUTION})"},
+)
 def prior(
     model: BaseModelOpt,
     class_noun: Annotated[str, typer.Option(help="class noun: images of 'a <class>' are sampled")],
     root: Annotated[str, typer.Option(help="prior cache root (local or gs://), shared across subjects")],
-    num_images: Annotated[int | None, config_option(PriorConfig, "num_images")] = None,
-    resolution: Annotated[
-        int | None,
-        config_option(
-            PriorConfig,
-            "resolution",
-            help=f"side of the images (default: the training default, {DEFAULT_TRAIN_RESOLUTION})",
-        ),
-    ] = None,
-    steps: Annotated[int | None, config_option(PriorConfig, "steps")] = None,
-    sampler: Annotated[str | None, config_option(PriorConfig, "sampler")] = None,
-    guidance_scale: Annotated[float | None, config_option(PriorConfig, "guidance_scale")] = None,
-    batch_size: Annotated[int | None, config_option(PriorConfig, "batch_size")] = None,
-    seed: Annotated[int | None, config_option(PriorConfig, "seed")] = None,
-    device: Annotated[str | None, config_option(PriorConfig, "device")] = None,
+    *,
+    options: dict[str, Any],
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
 ):
@@ -278,18 +324,7 @@ def prior(
     from dreambooth_lib import prior as step
 
     class_noun = _class_noun(class_noun)
-    cfg = _config(
-        PriorConfig,
-        "prior options",
-        num_images=num_images,
-        resolution=resolution,
-        steps=steps,
-        sampler=sampler,
-        guidance_scale=guidance_scale,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-    )
+    cfg = _config(PriorConfig, "prior options", **options)
     result = step.run(
         model, class_noun, cfg, root=root, resolution=DEFAULT_TRAIN_RESOLUTION, allow_pickle=allow_pickle
     )
@@ -298,6 +333,25 @@ def prior(
 
 @app.command()
 @user_errors
+@config_fields(
+    TrainConfig,
+    "mode",
+    "steps",
+    "learning_rate",
+    "prior_loss_weight",
+    "train_text_encoder",
+    "lora_rank",
+    "batch_size",
+    "resolution",
+    "seed",
+    "mixed_precision",
+    "compile",
+    "cuda_graph",
+    "gradient_checkpointing",
+    "use_8bit_adam",
+    "checkpoint_every",
+    "device",
+)
 def train(
     model: BaseModelOpt,
     instance_dir: Annotated[str, typer.Option(help="output of `dreambooth ingest`")],
@@ -310,24 +364,8 @@ def train(
     config: Annotated[
         str | None, typer.Option(help="a YAML/JSON TrainConfig; options given here override its fields")
     ] = None,
-    mode: Annotated[str | None, config_option(TrainConfig, "mode")] = None,
-    steps: Annotated[int | None, config_option(TrainConfig, "steps")] = None,
-    learning_rate: Annotated[float | None, config_option(TrainConfig, "learning_rate")] = None,
-    prior_loss_weight: Annotated[float | None, config_option(TrainConfig, "prior_loss_weight")] = None,
-    train_text_encoder: Annotated[bool | None, config_option(TrainConfig, "train_text_encoder")] = None,
-    lora_rank: Annotated[int | None, config_option(TrainConfig, "lora_rank")] = None,
-    batch_size: Annotated[int | None, config_option(TrainConfig, "batch_size")] = None,
-    resolution: Annotated[int | None, config_option(TrainConfig, "resolution")] = None,
-    seed: Annotated[int | None, config_option(TrainConfig, "seed")] = None,
-    mixed_precision: Annotated[str | None, config_option(TrainConfig, "mixed_precision")] = None,
-    compile: Annotated[bool | None, config_option(TrainConfig, "compile")] = None,
-    cuda_graph: Annotated[bool | None, config_option(TrainConfig, "cuda_graph")] = None,
-    gradient_checkpointing: Annotated[
-        bool | None, config_option(TrainConfig, "gradient_checkpointing")
-    ] = None,
-    use_8bit_adam: Annotated[bool | None, config_option(TrainConfig, "use_8bit_adam")] = None,
-    checkpoint_every: Annotated[int | None, config_option(TrainConfig, "checkpoint_every")] = None,
-    device: Annotated[str | None, config_option(TrainConfig, "device")] = None,
+    *,
+    options: dict[str, Any],
     resume: Annotated[bool, typer.Option(help="continue from the newest complete checkpoint in OUT")] = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: JsonOpt = False,
@@ -340,27 +378,7 @@ def train(
     from dreambooth_lib import train as step
 
     class_noun = _class_noun(class_noun)
-    cfg = _config(
-        TrainConfig,
-        "train options",
-        config,
-        mode=mode,
-        steps=steps,
-        learning_rate=learning_rate,
-        prior_loss_weight=prior_loss_weight,
-        train_text_encoder=train_text_encoder,
-        lora_rank=lora_rank,
-        batch_size=batch_size,
-        resolution=resolution,
-        seed=seed,
-        mixed_precision=mixed_precision,
-        compile=compile,
-        cuda_graph=cuda_graph,
-        gradient_checkpointing=gradient_checkpointing,
-        use_8bit_adam=use_8bit_adam,
-        checkpoint_every=checkpoint_every,
-        device=device,
-    )
+    cfg = _config(TrainConfig, "train options", config, **options)
     result = step.run(
         model,
         instance_dir,
@@ -427,6 +445,9 @@ def generate(
 
 @app.command()
 @user_errors
+@config_fields(
+    EvalConfig, "images_per_prompt", "max_prompts", "steps", "dino_model", "clip_model", "lpips_weights"
+)
 def evaluate(
     model: Annotated[str, typer.Option(help="trained model folder (full or LoRA)")],
     real_images: Annotated[str, typer.Option(help="the subject's ingested images (output of ingest)")],
@@ -437,12 +458,8 @@ def evaluate(
     config: Annotated[
         str | None, typer.Option(help="a YAML/JSON EvalConfig; options given here override its fields")
     ] = None,
-    images_per_prompt: Annotated[int | None, config_option(EvalConfig, "images_per_prompt")] = None,
-    max_prompts: Annotated[int | None, config_option(EvalConfig, "max_prompts")] = None,
-    steps: Annotated[int | None, config_option(EvalConfig, "steps")] = None,
-    dino_model: Annotated[str | None, config_option(EvalConfig, "dino_model")] = None,
-    clip_model: Annotated[str | None, config_option(EvalConfig, "clip_model")] = None,
-    lpips_weights: Annotated[str | None, config_option(EvalConfig, "lpips_weights")] = None,
+    *,
+    options: dict[str, Any],
     base_model: Annotated[
         str | None,
         typer.Option(
@@ -463,17 +480,7 @@ def evaluate(
     from dreambooth_lib.artifacts import REPORT_NAME
 
     class_noun = _class_noun(class_noun)
-    cfg = _config(
-        EvalConfig,
-        "evaluate options",
-        config,
-        images_per_prompt=images_per_prompt,
-        max_prompts=max_prompts,
-        steps=steps,
-        dino_model=dino_model,
-        clip_model=clip_model,
-        lpips_weights=lpips_weights,
-    )
+    cfg = _config(EvalConfig, "evaluate options", config, **options)
     result = step.run(
         model,
         real_images,
