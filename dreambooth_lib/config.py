@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Consent(_Strict):
+    """A person's consent to be personalized: who gave it, when, and where the signed record is kept."""
+
+    given_by: str = Field(min_length=1, description="the person pictured, or their legal guardian")
+    date: datetime.date = Field(description="when consent was given (YYYY-MM-DD)")
+    reference: str = Field(
+        min_length=1, description="where the signed record is kept: a document URI, ticket or form id"
+    )
+
+
 class Subject(_Strict):
     """The thing to personalize: its photos and the class noun that ties it to the model's prior."""
 
@@ -32,6 +43,10 @@ class Subject(_Strict):
     live: bool = Field(
         False, description="live subject (animal, person) or object: picks the paper's prompt list"
     )
+    kind: Literal["object", "animal", "person"] = Field(
+        "object", description="a person needs `consent`; animal and person subjects are live"
+    )
+    consent: Consent | None = Field(None, description="required for kind person: who consented, when, where")
 
     @field_validator("class_noun")
     @classmethod
@@ -40,6 +55,24 @@ class Subject(_Strict):
         if not v or any(c in v for c in "{}[]\n\t"):
             raise ValueError("a class noun is plain words such as 'dog' or 'teddy bear'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _animals_and_people_are_live(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in ("animal", "person") and "live" not in data:
+            data = {**data, "live": True}
+        return data
+
+    @model_validator(mode="after")
+    def _people_need_consent(self) -> Subject:
+        # refused here, when the config is read: before any photo is copied or any GPU is asked for
+        if self.kind == "person" and self.consent is None:
+            raise ValueError(
+                f"subject {self.name!r} is a person (kind: person) but has no consent record; add consent: "
+                "{given_by: <name>, date: YYYY-MM-DD, reference: <where the signed record is kept>}, or do not "
+                "personalize this person"
+            )
+        return self
 
 
 class IngestConfig(_Strict):
@@ -106,6 +139,63 @@ class PriorConfig(_Strict):
 
 
 DEFAULT_LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}
+
+
+ProbeMetric = Literal["dino", "clip_i", "clip_t", "div", "weighted"]
+
+
+class SelectConfig(_Strict):
+    """Choosing the best step: a small fixed probe sampled and scored (DINO, CLIP-I, CLIP-T, PRES, DIV) every
+    `every` steps, and the rule that picks the step whose weights are exported.
+
+    The rule: among the probes that keep CLIP-T >= base - clip_t_tolerance and PRES <= base + pres_tolerance (the
+    base: the probe of step 0, the untrained model), the one with the highest `metric`; with metric "weighted",
+    the highest sum of weights[m] * m (give PRES a negative weight). `patience`: stop training once that many
+    probes in a row did not improve the best."""
+
+    every: int = Field(
+        200, ge=1, description="probe every N steps (and at step 0, the base reference, and the last)"
+    )
+    prompts: int = Field(
+        3, ge=1, le=25, description="DreamBench prompts of the subject's kind, evenly spread"
+    )
+    images_per_prompt: int = Field(2, ge=1, le=16, description="fixed seeds per prompt")
+    class_images: int = Field(4, ge=0, le=64, description="'a [class]' images for PRES (0: PRES unscored)")
+    sample_steps: int = Field(20, ge=1, le=1000)
+    sampler: Sampler = "dpm++"
+    guidance_scale: float | None = Field(None, ge=0, description="None: the model family's default")
+    batch_size: int = Field(8, ge=1, le=256)
+    seed: int = 0
+    metric: ProbeMetric = "dino"
+    weights: dict[Literal["dino", "clip_i", "clip_t", "pres", "div"], float] = Field(
+        default_factory=dict, description="metric 'weighted': score = sum of weight x metric"
+    )
+    clip_t_tolerance: float | None = Field(
+        0.02, ge=0, description="CLIP-T may fall at most this far below the base's (None: no bound)"
+    )
+    pres_tolerance: float | None = Field(
+        0.1, ge=0, description="PRES may rise at most this far above the base's (None: no bound)"
+    )
+    patience: int | None = Field(None, ge=1, description="early stop after N probes without improvement")
+    dino_model: str | None = Field(None, description="None: eval.dino_model")
+    clip_model: str | None = Field(None, description="None: eval.clip_model")
+    lpips_weights: str | None = Field(None, description="None: eval.lpips_weights (no weights: DIV unscored)")
+
+    @model_validator(mode="after")
+    def _weighted_needs_weights(self) -> SelectConfig:
+        if self.metric == "weighted" and not self.weights:
+            raise ValueError("metric 'weighted' needs weights, e.g. {dino: 1.0, clip_t: 1.0, pres: -0.5}")
+        return self
+
+    def with_evaluators(self, dino_model: str, clip_model: str, lpips_weights: str | None) -> SelectConfig:
+        """This config with the evaluation's evaluators wherever its own are unset."""
+        return self.model_copy(
+            update={
+                "dino_model": self.dino_model or dino_model,
+                "clip_model": self.clip_model or clip_model,
+                "lpips_weights": self.lpips_weights or lpips_weights,
+            }
+        )
 
 
 class TrainConfig(_Strict):
@@ -175,6 +265,9 @@ class TrainConfig(_Strict):
         False, description="keep the run's checkpoints after the model is exported (default: delete them)"
     )
     log_every: int = Field(10, ge=1)
+    select: SelectConfig | None = Field(
+        None, description="score probes while training and export the best step (None: the last step)"
+    )
     device: str = "auto"
 
     @model_validator(mode="before")
@@ -282,6 +375,14 @@ class RunConfig(_Strict):
     def _training_follows_the_prior_mode(self) -> RunConfig:
         if self.train.prior_mode != self.prior.mode:
             self.train.prior_mode = self.prior.mode
+        return self
+
+    @model_validator(mode="after")
+    def _probes_score_with_the_evaluators(self) -> RunConfig:
+        select = self.train.select
+        if select is not None and None in (select.dino_model, select.clip_model):
+            e = self.eval
+            self.train.select = select.with_evaluators(e.dino_model, e.clip_model, e.lpips_weights)
         return self
 
     @model_validator(mode="after")

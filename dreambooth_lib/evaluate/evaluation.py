@@ -161,24 +161,39 @@ def _notes(config: EvalConfig, templates: list[str], n_real_images: int) -> list
     return notes
 
 
-def _load_scorer(
-    config: EvalConfig, device: str, allow_pickle: bool, real_uris: list[str]
-) -> tuple[Scorer, str | None]:
-    """The scorer (evaluators + the real images' embeddings) and the LPIPS weights' digest (None without)."""
-    from dreambooth_lib.evaluate.embedders import clip_embedder, dino_embedder
-    from dreambooth_lib.evaluate.samples import read_image
-    from dreambooth_lib.evaluate.scores import Scorer
+@dataclass
+class Evaluators:
+    """The loaded evaluator models: DINO, CLIP and (when weights are given) LPIPS, with the LPIPS digest."""
 
-    dino = dino_embedder(config.dino_model, device, allow_pickle)
-    clip = clip_embedder(config.clip_model, device, allow_pickle)
-    lpips_model, lpips_digest = None, None
-    if config.lpips_weights is not None:
-        from dreambooth_lib.evaluate.lpips import load_lpips
+    dino: Any
+    clip: Any
+    lpips: Any | None
+    lpips_digest: str | None
+    device: str
 
-        lpips_model, lpips_digest = load_lpips(config.lpips_weights)
-        lpips_model.to(device)
-    real = [read_image(u) for u in real_uris]
-    return Scorer.for_real_images(real, dino, clip, lpips_model, device), lpips_digest
+    @classmethod
+    def load(
+        cls, dino_model: str, clip_model: str, lpips_weights: str | None, device: str, allow_pickle: bool
+    ) -> Evaluators:
+        from dreambooth_lib.evaluate.embedders import clip_embedder, dino_embedder
+
+        dino = dino_embedder(dino_model, device, allow_pickle)
+        clip = clip_embedder(clip_model, device, allow_pickle)
+        lpips_model, lpips_digest = None, None
+        if lpips_weights is not None:
+            from dreambooth_lib.evaluate.lpips import load_lpips
+
+            lpips_model, lpips_digest = load_lpips(lpips_weights)
+            lpips_model.to(device)
+        return cls(dino, clip, lpips_model, lpips_digest, device)
+
+    def scorer(self, real_uris: list[str]) -> Scorer:
+        """A scorer against these real images (their embeddings made once)."""
+        from dreambooth_lib.evaluate.samples import read_image
+        from dreambooth_lib.evaluate.scores import Scorer
+
+        real = [read_image(u) for u in real_uris]
+        return Scorer.for_real_images(real, self.dino, self.clip, self.lpips, self.device)
 
 
 # --- the step --------------------------------------------------------------------------------------------------
@@ -251,7 +266,10 @@ def run(
 
     # evaluators first: a wrong dino_model / clip_model / lpips_weights fails before minutes of sampling
     with _timed(times, "load_evaluators"):
-        scorer, lpips_digest = _load_scorer(config, device, allow_pickle, real_uris)
+        evaluators = Evaluators.load(
+            config.dino_model, config.clip_model, config.lpips_weights, device, allow_pickle
+        )
+        scorer, lpips_digest = evaluators.scorer(real_uris), evaluators.lpips_digest
     with _timed(times, "sample"):
         images = sample_model(
             model,

@@ -277,6 +277,7 @@ def train_subject(
         allow_pickle=config.allow_pickle,
         prior_images=prior_result.images if prior_result else None,
         prior_key=prior_result.key if prior_result else None,  # spares re-reading the set to key checkpoints
+        live=config.subject.live,
     )
     return trained, False
 

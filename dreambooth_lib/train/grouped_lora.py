@@ -25,6 +25,7 @@ class AdapterRouter:
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None  # [rows] long, on the training device
         self.enabled = True  # False: the base layers alone (the frozen base model's prediction)
+        self.only: int | None = None  # every row through this one adapter (sampling one subject's model)
 
 
 class GroupedLoRALinear(torch.nn.Module):
@@ -44,6 +45,9 @@ class GroupedLoRALinear(torch.nn.Module):
         result = self.base_layer(x)
         if not self.router.enabled:
             return result
+        if self.router.only is not None:
+            k = self.router.only
+            return result + (x @ self.lora_A[k].T @ self.lora_B[k].T) * self.scaling
         index = self.router.index
         if index is None or index.shape[0] != x.shape[0]:
             raise RuntimeError(

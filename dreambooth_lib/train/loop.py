@@ -22,7 +22,7 @@ from dreambooth_lib import models, storage
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import TrainingError
 from dreambooth_lib.models import quantization
-from dreambooth_lib.train import checkpoint, cuda_graph, export
+from dreambooth_lib.train import checkpoint, cuda_graph, export, select
 from dreambooth_lib.train import resume as resuming
 from dreambooth_lib.train.results import SubjectOutcome, TrainResult
 from dreambooth_lib.train.speed import autocast_dtype
@@ -74,9 +74,16 @@ def train_subjects(
     newest = checkpoint.newest_to_resume(ckpt_root, resume, "delete that folder to start over")
     t = setup_trainer(pipe, subjects, images, config, device)
     tracker = LossTracker(len(subjects), device)
+    selector = None
+    if config.select is not None:  # the probe's evaluators load before any step: a wrong path fails now
+        instance = [i for i, _ in images]
+        selector = select.Selector(config.select, subjects, instance, config.resolution, device, allow_pickle)
     state = resuming.LoopState(losses=[[] for _ in subjects])
     if resume and newest:
         state = resuming.restore(newest, t, tracker, fingerprint, config.steps)
+        if selector is not None and state.selection is not None:
+            stopped = selector.load_state(state.selection, ckpt_root)
+            t.active = [k for k in t.active if k not in stopped]
         log.info("resuming from %s (step %d)", newest, state.step)
     log.info(
         "training %s: %d subject(s), %s prior images, %s, %s%s, %d steps",
@@ -92,6 +99,9 @@ def train_subjects(
     # --- the loop: the step, logging, checkpointing ---
     step_fn = cuda_graph.make_step_fn(t)  # step.train_step, or the same step as one replayed CUDA graph
     start_step, loop_started = state.step, time.perf_counter()
+    probe_started = selector.probe_seconds if selector else 0.0
+    if selector is not None and state.step == 0:
+        selector.probe(pipe, t, 0)  # the untrained model: the reference of the rule's bounds
     for step in range(start_step + 1, config.steps + 1):
         tracker.add(step_fn(), step)
         state.step = step
@@ -101,19 +111,27 @@ def train_subjects(
             for k in t.active:
                 state.losses[k].append((step, means[k]))
             log.info("step %d/%d loss %s", step, config.steps, " ".join(f"{means[k]:.5f}" for k in t.active))
+        if selector is not None and selector.due(step, config.steps):
+            _drop_non_finite(t, tracker, state, subjects)  # a poisoned model is not probed
+            for k in selector.probe(pipe, t, step):  # early stop: this subject trains no further
+                t.active.remove(k)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             _drop_non_finite(t, tracker, state, subjects)  # a checkpoint never carries a poisoned model on
             if t.active:
+                if selector is not None:  # the best weights first: the checkpoint names their step
+                    selector.save_best(ckpt_root)
+                    state.selection = selector.state()
                 resuming.save(ckpt_root, t, tracker, state, fingerprint, config.keep_checkpoints)
         if not t.active:
             break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    s_per_step = (time.perf_counter() - loop_started) / max(state.step - start_step, 1)
+    probing = (selector.probe_seconds if selector else 0.0) - probe_started
+    s_per_step = (time.perf_counter() - loop_started - probing) / max(state.step - start_step, 1)
 
     # --- export: every subject that finished, then the checkpoints go (nothing is left to resume) ---
     outcomes = _export_all(pipe, t, subjects, images, config, state, base_model, base_digest, started,
-                           s_per_step=s_per_step, checkpoint_dir=ckpt_root)  # fmt: skip
+                           selector, s_per_step=s_per_step, checkpoint_dir=ckpt_root)  # fmt: skip
     if not config.keep_checkpoints_on_success:
         storage.delete_prefix(ckpt_root)
     return outcomes
@@ -129,7 +147,7 @@ def _drop_non_finite(t: Trainer, tracker: LossTracker, state: resuming.LoopState
 
 
 def _export_all(
-    pipe, t, subjects, images, config, state, base_model, base_digest, started, **fields
+    pipe, t, subjects, images, config, state, base_model, base_digest, started, selector, **fields
 ) -> list[SubjectOutcome]:
     if t.grouped is not None:
         t.grouped.ungroup()
@@ -150,6 +168,8 @@ def _export_all(
                 ),  # fmt: skip
             )
             continue
+        if selector is not None:
+            selector.apply_best(t, k)  # the step the rule chose, not the last one
         if t.grouped is not None:
             t.grouped.load(k)
         result = export.publish(
@@ -174,6 +194,7 @@ def _export_all(
             num_subjects_trained_together=len(subjects),
             device=str(t.speed.device),
             precision=t.speed.precision,
+            selection=selector.summary(k) if selector is not None else None,
             **fields,
         )
         outcomes.append(SubjectOutcome(name=subject.name, ok=True, model_uri=result.model_uri, train=result))
@@ -195,6 +216,7 @@ def run(
     prior_images: list[str] | None = None,
     checkpoint_root: str | None = None,
     prior_key: str | None = None,
+    live: bool = False,
 ) -> TrainResult:
     """Fine-tune `base_model` on one subject (instance_dir) with prior preservation (prior_dir); write out/model
     and out/train_summary.json. Checkpoints go to `<checkpoint_root>/<content key>/` (default root:
@@ -209,6 +231,7 @@ def run(
         instance_images=instance_images,
         prior_images=prior_images,
         prior_key=prior_key,
+        live=live,
     )
     root = checkpoint_root or storage.join(str(out), "checkpoints")
     (outcome,) = train_subjects(

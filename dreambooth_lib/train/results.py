@@ -32,6 +32,8 @@ class TrainResult(BaseModel):
     num_subjects_trained_together: int  # 1, or the K subjects of its pack
     device: str
     precision: str
+    # train.select: the rule, every probe's scores, the exported (chosen) step; None when not asked for
+    selection: dict | None = None
 
 
 class SubjectOutcome(BaseModel):

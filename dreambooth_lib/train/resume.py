@@ -47,6 +47,7 @@ RESUME_MUST_MATCH = (
     "mode_scale",
     "guidance_scale",
     "lora_target_modules",
+    "select",  # the probes and the rule decide which step is exported, and when training stops
 )
 
 
@@ -59,6 +60,7 @@ class LoopState:
     failed: dict[int, int] = field(default_factory=dict)
     step: int = 0  # the last finished step
     resumed_from: int | None = None
+    selection: dict | None = None  # train.select's probes and chosen steps (select.Selector.state)
 
 
 def fingerprint(
@@ -123,6 +125,7 @@ def save(root: str, t: Trainer, tracker: LossTracker, state: LoopState, fingerpr
         "fingerprint": fingerprint,
         "losses": state.losses,
         "failed": {str(k): v for k, v in state.failed.items()},
+        "selection": state.selection,
         **tracker.state(),
     }
     snap = checkpoint.snapshot(
@@ -147,4 +150,5 @@ def restore(uri: str, t: Trainer, tracker: LossTracker, fingerprint: dict, steps
         failed=failed,
         step=ckpt.step,
         resumed_from=ckpt.step,
+        selection=ckpt.info.get("selection"),
     )

@@ -139,6 +139,7 @@ def _packed_subject(subject: PlannedSubject, config: RunConfig, priors: dict[str
         prior_dir=prior_result.uri if prior_result else None,
         identifier=subject.identifier,
         class_noun=subject.class_noun,
+        live=subject.live,
         out=storage.join(config.run_dir, "train"),
         prior_images=list(prior_result.images) if prior_result else None,
     )
