@@ -1,10 +1,11 @@
 """The one place that speaks gs:// and local paths: read, write (atomic), list, copy, with GCS preconditions.
 
-Every step reads and writes through this module; nothing else opens gs:// itself. Local writes go to a temporary
-file in the same folder and are renamed into place, so a reader never sees half a file. GCS writes are single
-requests (an object appears whole or not at all) and accept `if_generation_match` preconditions; generation 0
-means "only if the object does not exist yet". The client honours STORAGE_EMULATOR_HOST (tests point it at a
-local fake-gcs-server).
+Every step reads and writes through this package; nothing else opens gs:// itself. Local writes go to a temporary
+file in the same folder and are renamed into place, so a reader never sees half a file. A GCS object appears
+whole or not at all, and writes accept `if_generation_match` preconditions; generation 0 means "only if the
+object does not exist yet". Every GCS request is retried on transient failures and every download checked
+against the object's checksum (storage.gcs, storage.retry). The client honours STORAGE_EMULATOR_HOST (tests
+point it at a local fake-gcs-server).
 """
 
 from __future__ import annotations
@@ -17,13 +18,29 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from dreambooth_lib.errors import PreconditionFailed, StorageError
+from dreambooth_lib.storage import gcs
+from dreambooth_lib.storage.gcs import GCS_PREFIX, split_gcs
+from dreambooth_lib.storage.retry import (
+    RetryPolicy,
+    current_policy,
+    retry_counts,
+    retry_policy_in_effect,
+    set_retry_policy,
+)
 
-GCS_PREFIX = "gs://"
+__all__ = [
+    "GCS_PREFIX",
+    "RetryPolicy",
+    "current_policy",
+    "retry_counts",
+    "retry_policy_in_effect",
+    "set_retry_policy",
+    "split_gcs",
+]
 
 
 def is_gcs(uri: str | Path) -> bool:
@@ -47,56 +64,14 @@ def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
-def split_gcs(uri: str) -> tuple[str, str]:
-    if not is_gcs(uri):
-        raise StorageError(f"{uri}: not a gs:// URI")
-    rest = uri[len(GCS_PREFIX) :]
-    bucket, _, name = rest.partition("/")
-    if not bucket:
-        raise StorageError(f"{uri}: no bucket name; use gs://BUCKET/path")
-    return bucket, name
-
-
-@lru_cache(maxsize=1)
 def _client():
-    from google.cloud import storage as gcs
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return gcs.Client(
-            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials()
-        )
-    return gcs.Client()
+    """The google-cloud-storage client (honours STORAGE_EMULATOR_HOST)."""
+    return gcs.client()
 
 
 def reset_client() -> None:
     """Forget the cached client (tests switch emulators)."""
-    _client.cache_clear()
-
-
-def _blob(uri: str):
-    bucket, name = split_gcs(uri)
-    if not name:
-        raise StorageError(f"{uri}: names a bucket, not an object")
-    return _client().bucket(bucket).blob(name)
-
-
-def _gcs_call(uri: str, fn, *args, **kwargs):
-    from google.api_core import exceptions as gexc
-
-    try:
-        return fn(*args, **kwargs)
-    except gexc.PreconditionFailed as err:
-        raise PreconditionFailed(
-            f"{uri}: changed by another writer (generation precondition failed)"
-        ) from err
-    except gexc.NotFound as err:
-        raise StorageError(f"{uri}: not found (check the bucket and path)") from err
-    except gexc.Forbidden as err:
-        raise StorageError(
-            f"{uri}: permission denied; grant the service account access to the bucket"
-        ) from err
+    gcs.client.cache_clear()
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -107,8 +82,8 @@ def exists(uri: str | Path) -> bool:
     if is_gcs(uri):
         bucket, name = split_gcs(uri)
         if not name:
-            return _client().bucket(bucket).exists()
-        if _gcs_call(uri, _blob(uri).exists):
+            return gcs.bucket_exists(uri)
+        if gcs.metadata(uri) is not None:
             return True
         return _any_object_under(uri, bucket, name.rstrip("/") + "/")  # a "folder"
     return Path(uri).exists()
@@ -128,9 +103,7 @@ def _any_object_under(uri: str, bucket: str, prefix: str) -> bool:
     from google.api_core import exceptions as gexc
 
     try:
-        return _gcs_call(
-            uri, lambda: any(True for _ in _client().list_blobs(bucket, prefix=prefix, max_results=1))
-        )
+        return bool(gcs.list_objects(uri, prefix, limit=1))
     except StorageError as err:
         if isinstance(err.__cause__, gexc.NotFound):
             return False
@@ -140,7 +113,7 @@ def _any_object_under(uri: str, bucket: str, prefix: str) -> bool:
 def read_bytes(uri: str | Path) -> bytes:
     uri = str(uri)
     if is_gcs(uri):
-        return _gcs_call(uri, _blob(uri).download_as_bytes)
+        return gcs.read_bytes(uri)[0]
     try:
         return Path(uri).read_bytes()
     except FileNotFoundError:
@@ -164,29 +137,21 @@ def get_generation(uri: str) -> int | None:
     """The GCS generation of an object (None if absent). Locally: None (use `locked` for read-modify-write)."""
     if not is_gcs(uri):
         return None
-    blob = _blob(uri)
-    try:
-        blob.reload()
-    except Exception as err:  # NotFound
-        from google.api_core import exceptions as gexc
-
-        if isinstance(err, gexc.NotFound):
-            return None
-        raise
-    return blob.generation
+    meta = gcs.metadata(uri)
+    return None if meta is None else int(meta.generation)
 
 
 def read_bytes_with_generation(uri: str) -> tuple[bytes | None, int]:
     """(content, generation) for a read-modify-write loop; (None, 0) when absent. Generation 0 = 'must not exist'."""
     if is_gcs(uri):
-        from google.api_core import exceptions as gexc
-
-        blob = _blob(uri)
-        try:
-            data = blob.download_as_bytes()
-        except gexc.NotFound:
+        if gcs.metadata(uri) is None:
             return None, 0
-        return data, int(blob.generation)
+        try:
+            return gcs.read_bytes(uri)
+        except StorageError:
+            if gcs.metadata(uri) is None:  # deleted between the two reads
+                return None, 0
+            raise
     p = Path(uri)
     if not p.exists():
         return None, 0
@@ -197,11 +162,10 @@ def list_files(prefix: str | Path, recursive: bool = True) -> list[str]:
     """Files under a folder/prefix, as full URIs, sorted. A missing prefix lists nothing."""
     prefix = str(prefix)
     if is_gcs(prefix):
-        bucket, name = split_gcs(prefix)
+        _, name = split_gcs(prefix)
         p = name.rstrip("/") + "/" if name else ""
-        blobs = _client().list_blobs(bucket, prefix=p, delimiter=None if recursive else "/")
-        out = [f"{GCS_PREFIX}{bucket}/{b.name}" for b in blobs if not b.name.endswith("/")]
-        return sorted(out)
+        objects = gcs.list_objects(prefix, p, delimiter=None if recursive else "/")
+        return sorted(o.uri for o in objects if not o.name.endswith("/"))
     root = Path(prefix)
     if not root.is_dir():
         return []
@@ -256,12 +220,11 @@ def _replaced_atomically(dst: Path) -> Iterator[str]:
 
 
 def write_bytes(uri: str | Path, data: bytes, *, if_generation_match: int | None = None) -> None:
-    """Write atomically. On GCS, `if_generation_match` (0 = must not exist) raises PreconditionFailed on a race."""
+    """Write atomically. On GCS, `if_generation_match` (0 = must not exist) raises PreconditionFailed on a race;
+    a write whose answer was lost but which committed is recognised as ours (storage.gcs.upload)."""
     uri = str(uri)
     if is_gcs(uri):
-        blob = _blob(uri)
-        kwargs = {} if if_generation_match is None else {"if_generation_match": if_generation_match}
-        _gcs_call(uri, blob.upload_from_string, data, **kwargs)
+        gcs.upload(uri, bytes(data), if_generation_match=if_generation_match)
         return
     path = Path(uri)
     if if_generation_match is not None:
@@ -286,7 +249,7 @@ def upload_file(local_path: str | Path, uri: str) -> None:
     """Copy one local file to `uri` (local or gs://), atomically."""
     uri = str(uri)
     if is_gcs(uri):
-        _gcs_call(uri, _blob(uri).upload_from_filename, str(local_path))
+        gcs.upload(uri, str(local_path))
         return
     with _replaced_atomically(Path(uri)) as tmp:
         shutil.copyfile(local_path, tmp)
@@ -297,7 +260,8 @@ def download_file(uri: str, local_path: str | Path) -> None:
     uri = str(uri)
     with _replaced_atomically(Path(local_path)) as tmp:
         if is_gcs(uri):
-            _gcs_call(uri, _blob(uri).download_to_filename, tmp)
+            sink, _ = gcs.download(uri, lambda: open(tmp, "wb"))  # noqa: SIM115 - closed below
+            sink.close()
         else:
             try:
                 shutil.copyfile(uri, tmp)
@@ -311,11 +275,8 @@ def copy(src: str, dst: str) -> None:
         upload_file(src, dst)
     elif not is_gcs(dst):
         download_file(src, dst)
-    else:  # server-side copy: the bytes never pass through this machine (an SD UNet is 3.4 GB)
-        dst_blob = _blob(dst)
-        token, _, _ = _gcs_call(src, dst_blob.rewrite, _blob(src))
-        while token is not None:
-            token, _, _ = _gcs_call(src, dst_blob.rewrite, _blob(src), token=token)
+    else:
+        gcs.copy(src, dst)
 
 
 def copy_prefix(src: str | Path, dst: str | Path) -> list[str]:
@@ -335,10 +296,7 @@ def copy_prefix(src: str | Path, dst: str | Path) -> list[str]:
 def delete(uri: str | Path) -> None:
     uri = str(uri)
     if is_gcs(uri):
-        from google.api_core import exceptions as gexc
-
-        with contextlib.suppress(gexc.NotFound):
-            _blob(uri).delete()
+        gcs.delete(uri)
         return
     with contextlib.suppress(FileNotFoundError):
         Path(uri).unlink()
@@ -419,12 +377,29 @@ def sha256_bytes(data: bytes) -> str:
 
 def sha256_file(path: str | Path) -> str:
     """sha256 of a local file or a gs:// object, streamed in 1 MiB chunks (never the whole file in memory)."""
-    h = hashlib.sha256()
     path = str(path)
-    with _blob(path).open("rb") if is_gcs(path) else open(path, "rb") as f:
+    if is_gcs(path):
+        hasher, _ = gcs.download(path, _Sha256Sink)  # verified against the object's checksum, range by range
+        return hasher.hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class _Sha256Sink:
+    """A download sink that keeps only the sha256 of what it is given."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def digest_prefix(uri: str | Path) -> str:
