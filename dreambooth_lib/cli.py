@@ -635,36 +635,48 @@ KfpServiceAccountOpt = Annotated[
 ParamsOpt = Annotated[str | None, typer.Option(help="YAML/JSON file of pipeline parameters")]
 
 
-def _kfp_auth(existing_token: str | None, token_file: str | None, cookies: str | None):
-    from dreambooth_lib.submit import KfpAuth
+# The options that say which KFP API a command talks to (KfpEndpoint), and where a run goes and with what.
+KFP_ENDPOINT_OPTIONS = {
+    "host": (KfpHostOpt, None),
+    "namespace": (KfpNamespaceOpt, None),
+    "existing_token": (KfpTokenOpt, None),
+    "token_file": (KfpTokenFileOpt, None),
+    "cookies": (KfpCookiesOpt, None),
+}
+KFP_RUN_OPTIONS = {
+    "params": (ParamsOpt, None),
+    "experiment": (str | None, None),
+    "pipeline_root": (KfpRootOpt, None),
+    "service_account": (KfpServiceAccountOpt, None),
+}
 
-    return KfpAuth(existing_token=existing_token, token_file=token_file, cookies=cookies)
+
+def _endpoint(options: dict[str, Any]):
+    """The KfpEndpoint of the KFP_ENDPOINT_OPTIONS given."""
+    from dreambooth_lib.submit import KfpAuth, KfpEndpoint
+
+    auth = {key: options[key] for key in ("existing_token", "token_file", "cookies")}
+    return KfpEndpoint(host=options["host"], namespace=options["namespace"], auth=KfpAuth(**auth))
 
 
-def _run_target(pipeline: str, params: str | None, **where: Any) -> dict[str, Any]:
-    """The keyword arguments submit_run and schedule_run share: the pipeline's parameters read from `params`,
-    where the run goes (host, experiment, namespace, pipeline root, service account) and the credentials."""
+def _run_options(pipeline: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The KFP_RUN_OPTIONS given, as submit_run and schedule_run take them: `params` read from its file."""
     from dreambooth_lib import submit as kfp_submit
 
-    auth = _kfp_auth(where.pop("existing_token"), where.pop("token_file"), where.pop("cookies"))
-    values = kfp_submit.load_params(params, pipeline) if params else {}
-    return {"params": values, "auth": auth, **where}
+    params = options["params"]
+    return {**options, "params": kfp_submit.load_params(params, pipeline) if params else {}}
 
 
 @app.command()
 @user_errors
+@option_group("endpoint", KFP_ENDPOINT_OPTIONS)
+@option_group("run_options", KFP_RUN_OPTIONS)
 def submit(
     pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML (pipelines/compiled/...)")],
-    host: KfpHostOpt = None,
-    params: ParamsOpt = None,
-    experiment: str | None = None,
+    *,
+    endpoint: dict[str, Any],
+    run_options: dict[str, Any],
     run_name: str | None = None,
-    namespace: KfpNamespaceOpt = None,
-    pipeline_root: KfpRootOpt = None,
-    service_account: KfpServiceAccountOpt = None,
-    existing_token: KfpTokenOpt = None,
-    token_file: KfpTokenFileOpt = None,
-    cookies: KfpCookiesOpt = None,
     as_json: JsonOpt = False,
 ):
     """Submit a compiled pipeline as a run on Kubeflow Pipelines (parameters sent typed).
@@ -673,30 +685,24 @@ def submit(
     """
     from dreambooth_lib import submit as kfp_submit
 
-    target = _run_target(
-        pipeline, params, host=host, experiment=experiment, namespace=namespace, pipeline_root=pipeline_root,
-        service_account=service_account, existing_token=existing_token, token_file=token_file, cookies=cookies,
-    )  # fmt: skip
-    result = kfp_submit.submit_run(pipeline, run_name=run_name, **target)
+    result = kfp_submit.submit_run(
+        pipeline, _endpoint(endpoint), run_name=run_name, **_run_options(pipeline, run_options)
+    )
     _emit(result, as_json, f"submitted run {result}")
 
 
 @app.command()
 @user_errors
+@option_group("endpoint", KFP_ENDPOINT_OPTIONS)
+@option_group("run_options", KFP_RUN_OPTIONS)
 def schedule(
     pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML")],
     cron: Annotated[str, typer.Option(help="6-field cron: 'SEC MIN HOUR DOM MON DOW', e.g. '0 0 2 * * *'")],
-    host: KfpHostOpt = None,
-    params: ParamsOpt = None,
-    experiment: str | None = None,
+    *,
+    endpoint: dict[str, Any],
+    run_options: dict[str, Any],
     job_name: str | None = None,
     max_concurrency: int = 1,
-    namespace: KfpNamespaceOpt = None,
-    pipeline_root: KfpRootOpt = None,
-    service_account: KfpServiceAccountOpt = None,
-    existing_token: KfpTokenOpt = None,
-    token_file: KfpTokenFileOpt = None,
-    cookies: KfpCookiesOpt = None,
     as_json: JsonOpt = False,
 ):
     """Create an enabled recurring run (parameters sent typed, unlike `kfp recurring-run create`).
@@ -706,21 +712,24 @@ def schedule(
     """
     from dreambooth_lib import submit as kfp_submit
 
-    target = _run_target(
-        pipeline, params, host=host, experiment=experiment, namespace=namespace, pipeline_root=pipeline_root,
-        service_account=service_account, existing_token=existing_token, token_file=token_file, cookies=cookies,
-    )  # fmt: skip
     result = kfp_submit.schedule_run(
-        pipeline, cron=cron, job_name=job_name, max_concurrency=max_concurrency, **target
+        pipeline,
+        _endpoint(endpoint),
+        cron=cron,
+        job_name=job_name,
+        max_concurrency=max_concurrency,
+        **_run_options(pipeline, run_options),
     )
     _emit(result, as_json, f"scheduled recurring run {result}")
 
 
 @app.command()
 @user_errors
+@option_group("endpoint", KFP_ENDPOINT_OPTIONS)
 def upload(
     pipeline: Annotated[str, typer.Argument(help="compiled pipeline YAML")],
-    host: KfpHostOpt = None,
+    *,
+    endpoint: dict[str, Any],
     name: Annotated[
         str | None, typer.Option(help="pipeline name in the UI (default: the compiled name)")
     ] = None,
@@ -728,10 +737,6 @@ def upload(
         str | None, typer.Option(help="name of the new version (default: <package version>-<file digest>)")
     ] = None,
     description: str | None = None,
-    namespace: KfpNamespaceOpt = None,
-    existing_token: KfpTokenOpt = None,
-    token_file: KfpTokenFileOpt = None,
-    cookies: KfpCookiesOpt = None,
     as_json: JsonOpt = False,
 ):
     """Upload a compiled pipeline to the Pipelines UI; a pipeline of that name gets a new version instead.
@@ -741,13 +746,7 @@ def upload(
     from dreambooth_lib import submit as kfp_submit
 
     result = kfp_submit.upload_pipeline(
-        pipeline,
-        host=host,
-        name=name,
-        description=description,
-        namespace=namespace,
-        version_name=version_name,
-        auth=_kfp_auth(existing_token, token_file, cookies),
+        pipeline, _endpoint(endpoint), name=name, description=description, version_name=version_name
     )
     _emit(result, as_json, f"uploaded {result}")
 

@@ -25,7 +25,7 @@ import warnings
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from dreambooth_lib import storage
 from dreambooth_lib.config import load_config_text
@@ -80,6 +80,15 @@ class KfpAuth(BaseModel):
     existing_token: str | None = None
     token_file: str | None = None
     cookies: str | None = None
+
+
+class KfpEndpoint(BaseModel):
+    """The KFP API a call goes to: its host, the profile namespace (multi-user deployments; None: "kubeflow")
+    and the credentials."""
+
+    host: str | None = None
+    namespace: str | None = None
+    auth: KfpAuth = Field(default_factory=KfpAuth)
 
 
 # --- parameters ------------------------------------------------------------------------------------------------
@@ -268,12 +277,13 @@ def _api_message(body: Any) -> str:
     return " ".join(text.split())[:300]
 
 
-def _client(host: str | None, namespace: str | None, auth: KfpAuth | None):
+def _client(endpoint: KfpEndpoint):
+    host = endpoint.host
     if not host:
         raise ConfigError(
             "--host: the KFP API endpoint is required, e.g. https://kubeflow.example.com/pipeline"
         )
-    kwargs = _client_auth(auth or KfpAuth())
+    kwargs = _client_auth(endpoint.auth)
     with _stdout_to_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         from kfp import Client
@@ -286,7 +296,7 @@ def _client(host: str | None, namespace: str | None, auth: KfpAuth | None):
                 return self._healthz_api.healthz_service_get_healthz()
 
         try:
-            return OneHealthCheck(host=host, namespace=namespace or "kubeflow", **kwargs)
+            return OneHealthCheck(host=host, namespace=endpoint.namespace or "kubeflow", **kwargs)
         except ApiException as err:
             raise DreamboothError(
                 f"--host {host}: the KFP API refused ({err.status} {err.reason}): {_api_message(err.body)}"
@@ -347,27 +357,33 @@ def check_pipeline_root(pipeline_root: str | None) -> str | None:
     return pipeline_root
 
 
+def _prepare_run(
+    package_path: str, endpoint: KfpEndpoint, params: dict[str, Any] | None, pipeline_root: str | None
+) -> tuple[str, dict[str, Any], str | None, Any]:
+    """What a run and a recurring run check before the first API call: the package (local, a compiled
+    pipeline), the parameters typed against it, the pipeline root; then the client."""
+    package_path = _local_package(package_path)
+    values = coerce_params(params or {}, package_path)
+    return package_path, values, check_pipeline_root(pipeline_root), _client(endpoint)
+
+
 def submit_run(
     package_path: str,
-    host: str | None,
+    endpoint: KfpEndpoint,
     params: dict[str, Any] | None = None,
     experiment: str | None = None,
     run_name: str | None = None,
-    namespace: str | None = None,
     *,
     pipeline_root: str | None = None,
     service_account: str | None = None,
-    auth: KfpAuth | None = None,
 ) -> SubmitResult:
     """Start one run of a compiled pipeline; `params` are checked and typed against the pipeline first.
 
     No caching override is offered: kfp's `enable_caching` would set every top-level task alike, re-enabling
     caching on the tasks compiled uncached (they read or write the registry).
     """
-    package_path = _local_package(package_path)
-    values = coerce_params(params or {}, package_path)
-    pipeline_root = check_pipeline_root(pipeline_root)
-    client = _client(host, namespace, auth)
+    package_path, values, pipeline_root, client = _prepare_run(package_path, endpoint, params, pipeline_root)
+    host, namespace = endpoint.host, endpoint.namespace
     result = _api_call(
         host,
         "run creation",
@@ -401,28 +417,24 @@ def check_cron(cron: str) -> str:
 
 def schedule_run(
     package_path: str,
-    host: str | None,
+    endpoint: KfpEndpoint,
     params: dict[str, Any] | None = None,
     cron: str = "",
     experiment: str | None = None,
     job_name: str | None = None,
     max_concurrency: int = 1,
-    namespace: str | None = None,
     *,
     enabled: bool = True,
     no_catchup: bool = True,
     pipeline_root: str | None = None,
     service_account: str | None = None,
-    auth: KfpAuth | None = None,
 ) -> ScheduleResult:
     """Create a recurring run, ENABLED by default, with typed parameters (see the module docstring's trap)."""
     cron = check_cron(cron)
     if max_concurrency < 1:
         raise ConfigError(f"--max-concurrency {max_concurrency}: must be at least 1")
-    package_path = _local_package(package_path)
-    values = coerce_params(params or {}, package_path)
-    pipeline_root = check_pipeline_root(pipeline_root)
-    client = _client(host, namespace, auth)
+    package_path, values, pipeline_root, client = _prepare_run(package_path, endpoint, params, pipeline_root)
+    host, namespace = endpoint.host, endpoint.namespace
     exp = _api_call(
         host, "experiment creation", client.create_experiment, experiment or "Default", namespace=namespace
     )
@@ -467,13 +479,11 @@ def _by_name(name: str) -> str:
 
 def upload_pipeline(
     package_path: str,
-    host: str | None,
+    endpoint: KfpEndpoint,
     name: str | None = None,
     description: str | None = None,
-    namespace: str | None = None,
     *,
     version_name: str | None = None,
-    auth: KfpAuth | None = None,
 ) -> UploadResult:
     """Upload a compiled pipeline to the Pipelines UI: a new pipeline, or a new version of the one of that name.
 
@@ -482,7 +492,7 @@ def upload_pipeline(
     """
     package_path = _local_package(package_path)
     name = name or pipeline_name(package_path)
-    client = _client(host, namespace, auth)
+    client, host, namespace = _client(endpoint), endpoint.host, endpoint.namespace
     listed = _api_call(
         host,
         "pipeline look-up",

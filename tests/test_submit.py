@@ -264,7 +264,7 @@ def test_submit_sends_the_spec_and_typed_params(stub, compiled):
 
     result = submit.submit_run(
         str(compiled["personalize"]),
-        stub.url,
+        submit.KfpEndpoint(host=stub.url),
         {**REQUIRED, "steps": "400", "live": "true"},
         experiment="dogs",
         run_name="dog-1",
@@ -317,7 +317,7 @@ def test_existing_token_and_cookies_reach_the_api(compiled, clean_env):
 
     with KfpApiStub(token="tok", cookie="authservice_session=abc") as api:
         auth = submit.KfpAuth(existing_token="tok", cookies="authservice_session=abc")
-        submit.submit_run(str(compiled["personalize"]), api.url, REQUIRED, auth=auth)
+        submit.submit_run(str(compiled["personalize"]), submit.KfpEndpoint(host=api.url, auth=auth), REQUIRED)
         assert api.only_run()["runtime_config"]["parameters"] == REQUIRED
         for request in api.requests:
             assert request["headers"]["authorization"] == "Bearer tok"
@@ -399,8 +399,9 @@ def test_multi_user_needs_the_profile_namespace(compiled, clean_env):
 
     with KfpApiStub(multi_user=True) as api:
         with pytest.raises(DreamboothError, match="namespace must be specified"):
-            submit.submit_run(str(compiled["personalize"]), api.url, REQUIRED)
-        submit.submit_run(str(compiled["personalize"]), api.url, REQUIRED, namespace="kubeflow-user")
+            submit.submit_run(str(compiled["personalize"]), submit.KfpEndpoint(host=api.url), REQUIRED)
+        in_profile = submit.KfpEndpoint(host=api.url, namespace="kubeflow-user")
+        submit.submit_run(str(compiled["personalize"]), in_profile, REQUIRED)
         run = api.only_run()
         assert api.experiments[run["experiment_id"]]["namespace"] == "kubeflow-user"
 
@@ -445,7 +446,8 @@ def test_schedule_refuses_a_five_field_cron(compiled):
     from dreambooth_lib.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean '0 0 2 \\* \\* \\*'"):
-        submit.schedule_run(str(compiled["batch_personalize"]), "http://127.0.0.1:9", {}, cron="0 2 * * *")
+        nowhere = submit.KfpEndpoint(host="http://127.0.0.1:9")
+        submit.schedule_run(str(compiled["batch_personalize"]), nowhere, {}, cron="0 2 * * *")
 
 
 def test_upload_makes_a_pipeline_then_versions_of_it(stub, compiled, tmp_path, clean_env):
@@ -454,7 +456,8 @@ def test_upload_makes_a_pipeline_then_versions_of_it(stub, compiled, tmp_path, c
 
     package = tmp_path / "personalize.kfp.yaml"
     package.write_text(compiled["personalize"].read_text())
-    first = submit.upload_pipeline(str(package), stub.url)
+    endpoint = submit.KfpEndpoint(host=stub.url)
+    first = submit.upload_pipeline(str(package), endpoint)
     assert first.created == "pipeline" and first.name == "dreambooth-personalize"
     assert stub.pipelines[first.pipeline_id]["display_name"] == "dreambooth-personalize"
 
@@ -465,11 +468,11 @@ def test_upload_makes_a_pipeline_then_versions_of_it(stub, compiled, tmp_path, c
     assert second.version_name == submit.default_version_name(str(package))
     assert stub.versions[second.pipeline_version_id]["pipeline_spec"] == _yaml_docs(package)["pipeline_spec"]
 
-    same = submit.upload_pipeline(str(package), stub.url)
+    same = submit.upload_pipeline(str(package), endpoint)
     assert same.created == "nothing" and same.pipeline_version_id == second.pipeline_version_id
 
     package.write_text(package.read_text() + "\n# recompiled\n")
-    changed = submit.upload_pipeline(str(package), stub.url, version_name="v2")
+    changed = submit.upload_pipeline(str(package), endpoint, version_name="v2")
     assert changed.created == "version" and changed.version_name == "v2"
     assert len(stub.pipelines) == 1 and len(stub.versions) == 3
 
