@@ -285,3 +285,42 @@ def test_loss_curve_renders_in_chromium(chrome, tmp_path, images):
         "const b = document.getElementById('loss-curve').getBBox(); return [b.width, b.height];"
     )
     assert box[0] > 300 and box[1] > 50, box  # drawn, at the plot's size (CSP lets inline SVG through)
+
+
+SELECTION = {
+    "probes": [
+        {"step": 0, "dino": 0.20, "clip_i": 0.50, "clip_t": 0.31, "pres": 0.30, "div": 0.40},
+        {"step": 100, "dino": 0.55, "clip_i": 0.70, "clip_t": 0.30, "pres": 0.35, "div": 0.38},
+        {"step": 200, "dino": 0.62, "clip_i": 0.74, "clip_t": 0.26, "pres": 0.52, "div": 0.30},
+    ],
+    "chosen_step": 100,
+    "stopped_early_at": None,
+}
+
+
+def test_selection_curves_one_line_per_metric_with_the_chosen_step(tmp_path, images):
+    page = Path(
+        _render(str(tmp_path / "r.html"), images, training={**TRAINING, "selection": SELECTION})
+    ).read_text()
+    for metric in ("dino", "clip_i", "clip_t", "pres", "div"):
+        points = re.search(rf'<polyline id="probe-{metric}"[^>]* points="([^"]+)"', page).group(1).split()
+        assert len(points) == 3, metric
+    dino_x = [
+        float(p.split(",")[0])
+        for p in re.search(r'id="probe-dino"[^>]* points="([^"]+)"', page).group(1).split()
+    ]
+    chosen_x = float(re.search(r'<line id="chosen-step" x1="([0-9.]+)"', page).group(1))
+    assert chosen_x == dino_x[1]  # the mark stands on the chosen probe (step 100)
+    assert "<th>exported step (train.select)</th><td>100</td>" in page
+    assert "<tr class=chosen><td>100</td>" in page
+
+
+def test_selection_curves_render_in_chromium(chrome, tmp_path, images):
+    out = Path(_render(str(tmp_path / "report.html"), images, training={**TRAINING, "selection": SELECTION}))
+    chrome.get(out.as_uri())
+    boxes = chrome.execute_script(
+        "return ['probe-dino', 'probe-pres', 'chosen-step'].map(id => {"
+        "const b = document.getElementById(id).getBBox(); return [b.width, b.height];});"
+    )
+    assert boxes[0][0] > 300 and boxes[1][0] > 300, boxes  # each metric's line spans the plot
+    assert boxes[2][1] > 50, boxes  # the chosen step's mark is drawn across it

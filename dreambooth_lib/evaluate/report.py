@@ -6,7 +6,8 @@ Kubeflow UI's iframe, attached to an e-mail, or offline. Every piece of text is 
 prompts and gate reasons come from users). Elements that tests and readers look for have stable ids and
 classes: `#inputs`, `#prior`, `table.grid#grid`, `table#metrics` (rows `#metric-<key>`), `#gate` (class
 `passed` / `failed`), and when the training summary is known `#training` (an inline SVG loss curve,
-`polyline#loss-curve`, one point per logged step, and `table#training-facts`).
+`polyline#loss-curve`, one point per logged step, and `table#training-facts`); with train.select,
+`#selection` (`polyline#probe-<metric>` per metric, `line#chosen-step`, `table#probe-table`).
 """
 
 from __future__ import annotations
@@ -115,37 +116,103 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-LOSS_PLOT_W, LOSS_PLOT_H, LOSS_PLOT_PAD = 480, 160, 36
+PLOT_W, PLOT_H, PLOT_PAD = 480, 160, 36
+PROBE_COLORS = {
+    "dino": "#1a73e8",
+    "clip_i": "#34a853",
+    "clip_t": "#fbbc04",
+    "pres": "#ea4335",
+    "div": "#9334e6",
+}
+
+
+def _line_plot(
+    lines: dict[str, tuple[str, list[tuple[int, float]]]], label: str, x_title: str, mark_x: int | None = None
+) -> str:
+    """Inline SVG of step-indexed lines on one scale: `lines` maps each polyline's id to (colour, points);
+    `mark_x` draws a dashed vertical line (id `chosen-step`) at that step."""
+    points = [p for _, pts in lines.values() for p in pts]
+    s0, s1 = min(s for s, _ in points), max(s for s, _ in points)
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    w, h, pad = PLOT_W, PLOT_H, PLOT_PAD
+
+    def x(step: float) -> float:
+        return pad + (w - 2 * pad) * ((step - s0) / (s1 - s0) if s1 > s0 else 0.5)
+
+    def y(value: float) -> float:
+        return h - pad + (pad * 2 - h) * ((value - lo) / (hi - lo) if hi > lo else 0.5)
+
+    svg = [
+        f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{_esc(label)}">',
+        f'<rect x="{pad}" y="{pad / 2}" width="{w - 2 * pad}" height="{h - 1.5 * pad}" fill="none" stroke="#ddd"/>',
+    ]
+    for line_id, (color, pts) in lines.items():
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts)
+        svg.append(
+            f'<polyline id="{line_id}" fill="none" stroke="{color}" stroke-width="2" points="{coords}"/>'
+        )
+    if mark_x is not None:
+        svg.append(
+            f'<line id="chosen-step" x1="{x(mark_x):.1f}" x2="{x(mark_x):.1f}" y1="{pad / 2}" y2="{h - pad}" '
+            f'stroke="#000" stroke-dasharray="4 3"><title>chosen step {mark_x}</title></line>'
+        )
+    svg += [
+        f'<text x="{pad - 4}" y="{y(hi) + 4:.1f}" text-anchor="end" font-size="10">{hi:.4g}</text>',
+        f'<text x="{pad - 4}" y="{y(lo) + 4:.1f}" text-anchor="end" font-size="10">{lo:.4g}</text>',
+        f'<text x="{x(s0):.1f}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{s0}</text>',
+        f'<text x="{x(s1):.1f}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{s1}</text>',
+        f'<text x="{w / 2}" y="{h - 4}" text-anchor="middle" font-size="10">{_esc(x_title)}</text></svg>',
+    ]
+    return "".join(svg)
+
+
+def _selection_section(selection: dict) -> str:
+    """train.select's probes: one line per metric over the probed steps, the chosen step marked, and a table."""
+    probes, chosen = selection.get("probes") or [], selection.get("chosen_step")
+    lines = {
+        f"probe-{m}": (color, [(p["step"], p[m]) for p in probes if p.get(m) is not None])
+        for m, color in PROBE_COLORS.items()
+    }
+    lines = {k: v for k, v in lines.items() if v[1]}
+    if not lines:
+        return ""
+    legend = " ".join(
+        f'<span style="color:{PROBE_COLORS[k.removeprefix("probe-")]}">&#9632; {_esc(k.removeprefix("probe-"))}</span>'
+        for k in lines
+    )
+    stopped = selection.get("stopped_early_at")
+    caption = f"chosen step {chosen}" + (f"; stopped early at step {stopped}" if stopped is not None else "")
+    metrics = [m for m in PROBE_COLORS if any(p.get(m) is not None for p in probes)]
+    head = "".join(f"<th>{_esc(m)}</th>" for m in ["step", *metrics])
+    rows = "".join(
+        f"<tr{' class=chosen' if p['step'] == chosen else ''}><td>{p['step']}</td>"
+        + "".join(f"<td>{format_value(p.get(m))}</td>" for m in metrics)
+        + "</tr>"
+        for p in probes
+    )
+    return (
+        f'<h3>Checkpoint probes</h3><div id="selection"><p class="note">{_esc(caption)} '
+        f"(step 0: the untrained model, the rule's reference). {legend}</p>"
+        + _line_plot(lines, "probe metrics by step", "step (probe scores)", mark_x=chosen)
+        + f'<table id="probe-table"><tr>{head}</tr>{rows}</table></div>'
+    )
 
 
 def _training_section(training: dict) -> str:
-    """The loss curve (mean loss between log steps, as train.run records it) as inline SVG, and the run's facts."""
+    """The loss curve (mean loss between log steps, as train.run records it) as inline SVG, train.select's probe
+    curves when it ran, and the run's facts."""
     losses = [(int(s), float(v)) for s, v in training.get("losses") or [] if v == v]  # NaN dropped
     parts = ['<h2>Training</h2><div id="training">']
     if losses:
-        steps, values = [s for s, _ in losses], [v for _, v in losses]
-        s0, s1 = min(steps), max(steps)
-        lo, hi = min(values), max(values)
-        w, h, pad = LOSS_PLOT_W, LOSS_PLOT_H, LOSS_PLOT_PAD
-
-        def x(step: int) -> float:
-            return pad + (w - 2 * pad) * ((step - s0) / (s1 - s0) if s1 > s0 else 0.5)
-
-        def y(value: float) -> float:
-            return h - pad + (pad * 2 - h) * ((value - lo) / (hi - lo) if hi > lo else 0.5)
-
-        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in losses)
         parts.append(
-            f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="training loss">'
-            f'<rect x="{pad}" y="{pad / 2}" width="{w - 2 * pad}" height="{h - 1.5 * pad}" fill="none" stroke="#ddd"/>'
-            f'<polyline id="loss-curve" fill="none" stroke="#1a73e8" stroke-width="2" points="{points}"/>'
-            f'<text x="{pad - 4}" y="{y(hi) + 4:.1f}" text-anchor="end" font-size="10">{hi:.4g}</text>'
-            f'<text x="{pad - 4}" y="{y(lo) + 4:.1f}" text-anchor="end" font-size="10">{lo:.4g}</text>'
-            f'<text x="{x(s0):.1f}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{s0}</text>'
-            f'<text x="{x(s1):.1f}" y="{h - pad + 14}" text-anchor="middle" font-size="10">{s1}</text>'
-            f'<text x="{w / 2}" y="{h - 4}" text-anchor="middle" font-size="10">step (mean loss since the '
-            "previous point)</text></svg>"
+            _line_plot(
+                {"loss-curve": ("#1a73e8", losses)},
+                "training loss",
+                "step (mean loss since the previous point)",
+            )
         )
+    if training.get("selection"):
+        parts.append(_selection_section(training["selection"]))
     facts = [
         ("mode", training.get("mode")),
         ("steps", training.get("steps")),
@@ -161,6 +228,7 @@ def _training_section(training: dict) -> str:
             f"{training['peak_memory_bytes'] / 2**30:.2f}" if training.get("peak_memory_bytes") else None,
         ),
         ("resumed from step", training.get("resumed_from")),
+        ("exported step (train.select)", (training.get("selection") or {}).get("chosen_step")),
         (
             "subject / prior images",
             f"{training.get('num_instance_images')} / {training.get('num_prior_images')}",
