@@ -8,6 +8,11 @@ own seed (`image_seed(seed, i)`) and a fixed place in a fixed-size batch, so ima
 it was made in the first run, an extension, or a rerun after an interruption (for the same batch size: a batch's
 shape changes float rounding). Each is written atomically, so a rerun continues from the images that exist and
 never rewrites them.
+
+The set's record, prior_set.json, is its publication: it is written after the images it counts, and readers
+(`load_prior_images`, `open_artifact`) take images 0..count-1 of the record and nothing else, so a reader during
+an extension (or after one was interrupted) sees the old complete set or the new one, never a mix. A record's
+count only grows (a conditional write), so a slower writer of a smaller set never hides a larger one.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from pydantic import BaseModel
 
 from dreambooth_lib import models, storage
 from dreambooth_lib.config import PriorConfig
-from dreambooth_lib.errors import ConfigError, StorageError
+from dreambooth_lib.errors import ConfigError, PreconditionFailed, StorageError
 from dreambooth_lib.images import png_bytes
 from dreambooth_lib.models import sampling
 
 SET_RECORD_NAME = "prior_set.json"
 IMAGE_NAME = re.compile(r"^(\d{6})\.png$")
 KEY_HEX_CHARS = 16  # 64 bits: collisions are out of reach for any number of cached sets
+RECORD_WRITE_ATTEMPTS = 20  # conditional rewrites of prior_set.json racing other writers of the same set
 
 
 class PriorResult(BaseModel):
@@ -159,9 +165,12 @@ def _contiguous_count(indices: set[int]) -> int:
 
 
 def load_prior_images(uri: str, n: int | None = None) -> list[str]:
-    """The URIs of a set's images 000000.png, 000001.png, ... (the gap-free run from 0), the first `n` if given."""
-    indices = _existing_indices(uri)
-    count = _contiguous_count(indices)
+    """The URIs of the images a set's record counts, 000000.png, 000001.png, ..., the first `n` if given. Images
+    not in the record (an extension still being written) are not the set's yet; an image of it that was lost
+    since ends the set there (the gap-free run from 0)."""
+    record, _ = _read_record(uri)
+    published = int(record.get("count", 0))
+    count = _contiguous_count({i for i in _existing_indices(uri) if i < published})
     if n is not None:
         if n > count:
             raise StorageError(
@@ -172,12 +181,26 @@ def load_prior_images(uri: str, n: int | None = None) -> list[str]:
     return [storage.join(uri, image_name(i)) for i in range(count)]
 
 
+def _read_record(set_uri: str) -> tuple[dict, int]:
+    """The set's prior_set.json ({} when there is none) and its generation, for a conditional rewrite."""
+    record_uri = storage.join(set_uri, SET_RECORD_NAME)
+    data, generation = storage.read_bytes_with_generation(record_uri)
+    if data is None:
+        return {}, generation
+    try:
+        return json.loads(data), generation
+    except json.JSONDecodeError as err:
+        raise StorageError(
+            f"{record_uri}: not valid JSON ({err}); delete it and run the prior step again"
+        ) from None
+
+
 def _check_record(set_uri: str, fields: dict) -> dict:
     """The set's prior_set.json (or {}), refusing a folder that holds a set made with other settings."""
     record_uri = storage.join(set_uri, SET_RECORD_NAME)
-    if not storage.exists(record_uri):
+    record, _ = _read_record(set_uri)
+    if not record:
         return {}
-    record = storage.read_json(record_uri)
     differing = [k for k, v in fields.items() if record.get(k) != v]
     if differing:
         raise StorageError(
@@ -190,22 +213,36 @@ def _check_record(set_uri: str, fields: dict) -> dict:
 def _write_record(
     set_uri: str, key: str, fields: dict, model_uri: str, guidance_used: float | None, batch_size: int
 ) -> int:
-    """Update prior_set.json after images are written; `count` is read from the folder, which is the truth.
+    """Publish the images written so far: prior_set.json with `count`, the gap-free run of images in the folder
+    (each is whole: written atomically), unless another writer already published at least as many. The write is
+    conditional on the record read, so of two writers racing, the one with fewer images never wins.
 
     `batch_size` is recorded because pixels are identical to the last bit only for the same batch size (batch
     shape changes float rounding, by about one grey level): extend a set with the batch size that made it.
     """
     count = _contiguous_count(_existing_indices(set_uri))
-    record = {
-        "key": key,
-        **fields,
-        "count": count,
-        "model": model_uri,
-        "guidance_scale_used": guidance_used,
-        "batch_size": batch_size,
-    }
-    storage.write_json(storage.join(set_uri, SET_RECORD_NAME), record)
-    return count
+    record_uri = storage.join(set_uri, SET_RECORD_NAME)
+    for _ in range(RECORD_WRITE_ATTEMPTS):
+        published, generation = _read_record(set_uri)
+        if published and int(published.get("count", 0)) >= count:
+            return int(published["count"])
+        record = {
+            "key": key,
+            **fields,
+            "count": count,
+            "model": model_uri,
+            "guidance_scale_used": guidance_used,
+            "batch_size": batch_size,
+        }
+        try:
+            storage.write_json(record_uri, record, if_generation_match=generation)
+            return count
+        except PreconditionFailed:
+            continue  # another writer published meanwhile: compare with what it wrote
+    raise StorageError(
+        f"{record_uri}: still changing after {RECORD_WRITE_ATTEMPTS} attempts (many writers extending one set); "
+        "run the prior step again"
+    )
 
 
 def run(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TypeVar
@@ -68,7 +69,13 @@ class RegistryBackend(ABC):
 
 
 class FileRegistryBackend(RegistryBackend):
-    """index.json under the root, updated by conditional writes (GCS generations) or under an flock."""
+    """index.json under the root, updated by conditional writes (GCS generations) or under an flock.
+
+    Each change carries an id recorded in the entry it makes (`claim_id`, `change_id`), so a change is applied
+    once even when its write committed but the answer was lost and another writer's change landed on top before
+    ours was retried: the retry re-reads the index, finds its id, and returns the entry instead of claiming a
+    second version or refusing its own status change.
+    """
 
     def __init__(self, root: str, pending_lease_s: float = PENDING_LEASE_S):
         self.root = str(root).rstrip("/") if storage.is_gcs(root) else str(root)
@@ -120,9 +127,12 @@ class FileRegistryBackend(RegistryBackend):
         )
 
     def claim(self, draft: dict, check: Callable[[list[dict]], None]) -> dict:
-        subject = draft["subject"]
+        subject, claim_id = draft["subject"], uuid.uuid4().hex
 
         def allocate(entries: list[dict]) -> dict:
+            mine = next((e for e in entries if e.get("claim_id") == claim_id), None)
+            if mine is not None:
+                return mine  # an earlier attempt of this claim committed
             check(entries)
             version = max((e["version"] for e in entries if e["subject"] == subject), default=0) + 1
             # A folder the index does not know (an index restored from backup): never write into it.
@@ -133,6 +143,7 @@ class FileRegistryBackend(RegistryBackend):
                 "version": version,
                 "uri": self.version_uri(subject, version),
                 "status": "pending",
+                "claim_id": claim_id,
             }
             entry["created"] = now()
             entry["lease_expires"] = lease_end(self.pending_lease_s)
@@ -141,23 +152,21 @@ class FileRegistryBackend(RegistryBackend):
 
         return self._update(allocate)
 
-    def set_status(
-        self,
-        subject: str,
-        version: int,
-        status: Status,
-        updates: dict | None = None,
-        expect: Status | None = None,
-    ) -> dict:
+    def set_status(self, subject, version, status, updates=None, expect=None) -> dict:  # typed in the base
+        change_id = uuid.uuid4().hex
+
         def mark(entries: list[dict]) -> dict:
             for e in entries:
                 if e["subject"] == subject and e["version"] == version:
+                    if e.get("change_id") == change_id:
+                        return e  # an earlier attempt of this change committed
                     if expect is not None and e.get("status") != expect:
                         raise PreconditionFailed(
                             f"{self.index_uri}: {subject} v{version} is {e.get('status')!r}, not {expect!r}"
                         )
                     e.update(updates or {})
                     e["status"] = status
+                    e["change_id"] = change_id
                     e[f"{status}_at"] = now()
                     return e
             raise StorageError(f"{self.index_uri}: entry {subject} v{version} vanished from the index")

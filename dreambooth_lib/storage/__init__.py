@@ -358,8 +358,10 @@ def local_dir_for_reading(uri: str | Path, cache_root: str | Path | None = None)
 
 
 @contextlib.contextmanager
-def local_dir_for_writing(uri: str | Path) -> Iterator[Path]:
-    """A local staging folder whose files are published to `uri` when the block succeeds (nothing otherwise)."""
+def local_dir_for_writing(uri: str | Path, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local staging folder whose files are published to `uri` when the block succeeds (nothing otherwise).
+    The files named in `last` (relative paths: a marker whose presence says the rest is complete) are uploaded
+    after every other file."""
     uri = str(uri)
     if not is_gcs(uri):
         Path(uri).mkdir(parents=True, exist_ok=True)
@@ -367,8 +369,10 @@ def local_dir_for_writing(uri: str | Path) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="dreambooth-out-") as tmp:
         yield Path(tmp)
-        if any(Path(tmp).iterdir()):
-            copy_prefix(tmp, uri)
+        files = list_files(tmp)
+        markers = [f for f in files if relative(f, tmp) in last]
+        for f in [f for f in files if f not in markers] + markers:
+            copy(f, join(uri, *relative(f, tmp).split("/")))
 
 
 def sha256_bytes(data: bytes) -> str:

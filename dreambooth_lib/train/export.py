@@ -25,7 +25,7 @@ def publish(out: str, write_model: Callable[[Path], None], started: float, **fie
     """Write the model with `write_model(folder)` and publish it with its summary. `fields` are TrainResult's, less
     what is known only here (model_uri, final_loss, wall_time_s since `started`)."""
     model_uri = storage.join(out, MODEL_FOLDER)
-    with storage.local_dir_for_writing(out) as stage:
+    with storage.local_dir_for_writing(out, last=(SUMMARY_NAME,)) as stage:
         partial = Path(stage) / "model.partial"
         storage.delete_prefix(str(partial))
         write_model(partial)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 
 from dreambooth_lib import storage
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.errors import TrainingError
+from dreambooth_lib.errors import StorageError, TrainingError
 from dreambooth_lib.train import checkpoint
 from dreambooth_lib.train.subjects import TrainSubject
 from dreambooth_lib.train.tracking import LossTracker
@@ -49,6 +50,8 @@ RESUME_MUST_MATCH = (
     "lora_target_modules",
     "select",  # the probes and the rule decide which step is exported, and when training stops
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,6 +124,10 @@ def check_fingerprint(uri: str, saved: dict, current: dict) -> None:
 
 
 def save(root: str, t: Trainer, tracker: LossTracker, state: LoopState, fingerprint: dict, keep: int) -> None:
+    """Checkpoint the run at `state.step`, then prune to the newest `keep`. A checkpoint that cannot be written
+    (storage still failing after its retries) costs only the steps a resume would redo: training goes on, and the
+    folder it left has no manifest, so resume never picks it (checkpoint.save_checkpoint writes the manifest last).
+    """
     info = {
         "fingerprint": fingerprint,
         "losses": state.losses,
@@ -131,8 +138,15 @@ def save(root: str, t: Trainer, tracker: LossTracker, state: LoopState, fingerpr
     snap = checkpoint.snapshot(
         state.step, t.named_trainable, t.optimizer, info, generators=t.generators, scaler=t.scaler
     )
-    checkpoint.save_checkpoint(root, snap)
-    checkpoint.prune_checkpoints(root, keep)
+    try:
+        checkpoint.save_checkpoint(root, snap)
+    except StorageError as err:
+        log.warning("step %d: checkpoint not saved, training goes on (%s)", state.step, err)
+        return  # nothing is pruned: the older checkpoints are what a resume has
+    try:
+        checkpoint.prune_checkpoints(root, keep)
+    except StorageError as err:  # an older checkpoint stays a while longer; prune runs again at the next one
+        log.warning("step %d: older checkpoints not pruned (%s)", state.step, err)
 
 
 def restore(uri: str, t: Trainer, tracker: LossTracker, fingerprint: dict, steps: int) -> LoopState:
