@@ -8,12 +8,12 @@ registers, too late for the rest of the batch).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from dreambooth_lib import storage
-from dreambooth_lib.config import IdentifierConfig, Subject
+from dreambooth_lib.config import Consent, IdentifierConfig, Subject
 from dreambooth_lib.errors import DreamboothError
 from dreambooth_lib.runs.batch.manifest import BatchManifest, RejectedEntry
 from dreambooth_lib.runs.batch.status import SubjectStatus, rejected_status
@@ -28,12 +28,14 @@ class PlannedSubject(BaseModel):
     class_noun: str
     images: str
     live: bool = False
+    kind: Literal["object", "animal", "person"] = "object"
+    consent: Consent | None = None  # a person's consent record (the manifest refuses a person without one)
     identifier: str
     base_model_digest: str
     prior_root: str
 
     def subject(self) -> Subject:
-        return Subject(name=self.name, class_noun=self.class_noun, images=self.images, live=self.live)
+        return Subject.model_validate(self.model_dump(include=set(Subject.model_fields)))
 
     @classmethod
     def of(cls, subject: PlannedSubject | Mapping[str, Any]) -> PlannedSubject:
