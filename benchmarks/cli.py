@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from dreambooth_lib.cli import option_group
+
 app = typer.Typer(
     help="Speed benchmarks, run from a checkout: printed figures against a baseline run in the same process.",
     no_args_is_help=True,
@@ -26,6 +28,39 @@ ResolutionOpt = Annotated[int | None, typer.Option(help="image side (default: th
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 OutOpt = Annotated[str | None, typer.Option(help="also write the table as Markdown here (local or gs://)")]
 
+# The base model a benchmark times and where: train_speed.BaseChoice.
+BASE_OPTIONS = {
+    "model": (ModelOpt, None),
+    "sd15_shape": (Sd15Opt, False),
+    "resolution": (ResolutionOpt, None),
+    "device": (DeviceOpt, "auto"),
+}
+# The options of `all` that bench_all takes as they are.
+ALL_ROWS_OPTIONS = {
+    "steps": (Annotated[int, typer.Option(help="timed steps per training row")], 10),
+    "warmup": (Annotated[int, typer.Option(help="untimed steps before each training row")], 2),
+    "prior_images": (
+        Annotated[int | None, typer.Option(help="prior images timed (default: 32 CUDA, 4 CPU)")],
+        None,
+    ),
+    "prior_steps": (
+        Annotated[int, typer.Option(help="sampler steps per prior image (at most 4 on CPU)")],
+        25,
+    ),
+    "e2e": (Annotated[bool, typer.Option(help="also one subject end to end")], False),
+    "e2e_mode": (Annotated[str, typer.Option(help="lora or full")], "lora"),
+    "cuda_graph": (
+        Annotated[
+            bool, typer.Option(help="on CUDA, also time full/LoRA steps as CUDA graphs (and the e2e run)")
+        ],
+        True,
+    ),
+    "prior_compile": (
+        Annotated[bool, typer.Option(help="also time prior sampling with a torch.compile'd UNet (minutes)")],
+        False,
+    ),
+}
+
 
 @app.callback()
 def _quiet() -> None:
@@ -39,53 +74,32 @@ def _emit(result: dict[str, Any], table: str, as_json: bool) -> None:
 
 
 @app.command()
-def train(
-    model: ModelOpt = None,
-    sd15_shape: Sd15Opt = False,
-    steps: int = 20,
-    resolution: ResolutionOpt = None,
-    device: DeviceOpt = "auto",
-    as_json: JsonOpt = False,
-):
+@option_group("base", BASE_OPTIONS)
+def train(*, base: dict[str, Any], steps: int = 20, as_json: JsonOpt = False):
     """Time a diffusers-style DreamBooth step against ours, same model and device, one process.
 
     Example: python -m benchmarks train --sd15-shape --resolution 512 --steps 50
     """
-    from benchmarks.train_speed import bench_train, render_train_table
+    from benchmarks.train_speed import BaseChoice, bench_train, render_train_table
 
-    result = bench_train(
-        model=model, sd15_shape=sd15_shape, steps=steps, resolution=resolution, device=device
-    )
+    result = bench_train(BaseChoice(**base), steps=steps)
     _emit(result, render_train_table(result), as_json)
 
 
 @app.command("all")
+@option_group("base", BASE_OPTIONS)
+@option_group("rows", ALL_ROWS_OPTIONS)
 def all_rows(
-    model: ModelOpt = None,
-    sd15_shape: Sd15Opt = False,
-    resolution: ResolutionOpt = None,
-    device: DeviceOpt = "auto",
-    steps: Annotated[int, typer.Option(help="timed steps per training row")] = 10,
-    warmup: Annotated[int, typer.Option(help="untimed steps before each training row")] = 2,
+    *,
+    base: dict[str, Any],
+    rows: dict[str, Any],
     ks: Annotated[str, typer.Option(help="packed subject counts, comma-separated")] = "1,4,8,16",
-    prior_images: Annotated[
-        int | None, typer.Option(help="prior images timed (default: 32 CUDA, 4 CPU)")
-    ] = None,
-    prior_steps: Annotated[int, typer.Option(help="sampler steps per prior image (at most 4 on CPU)")] = 25,
-    e2e: Annotated[bool, typer.Option(help="also one subject end to end")] = False,
-    e2e_mode: Annotated[str, typer.Option(help="lora or full")] = "lora",
     e2e_steps: Annotated[
         int | None, typer.Option(help="end-to-end training steps (default: 1000 CUDA, 10 CPU)")
     ] = None,
     e2e_priors: Annotated[
         int | None, typer.Option(help="end-to-end prior images (default: 200 CUDA, 4 CPU)")
     ] = None,
-    cuda_graph: Annotated[
-        bool, typer.Option(help="on CUDA, also time full/LoRA steps as CUDA graphs (and the e2e run)")
-    ] = True,
-    prior_compile: Annotated[
-        bool, typer.Option(help="also time prior sampling with a torch.compile'd UNet (minutes)")
-    ] = False,
     out: OutOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -93,35 +107,24 @@ def all_rows(
 
     Example: python -m benchmarks all --sd15-shape --resolution 512 --e2e --out bench.md
     """
-    from benchmarks.train_speed import bench_all
+    from benchmarks.train_speed import BaseChoice, bench_all
 
     counts = {"train_steps": e2e_steps, "prior_images": e2e_priors}
     result = bench_all(
-        model=model,
-        sd15_shape=sd15_shape,
-        resolution=resolution,
-        device=device,
-        steps=steps,
+        BaseChoice(**base),
         ks=tuple(int(k) for k in ks.split(",") if k.strip()),
-        e2e=e2e,
-        warmup=warmup,
-        prior_images=prior_images,
-        prior_steps=prior_steps,
-        e2e_mode=e2e_mode,
         e2e_counts={k: v for k, v in counts.items() if v is not None},
-        cuda_graph=cuda_graph,
-        prior_compile=prior_compile,
         out_markdown=out,
+        **rows,
     )
     _emit(result, result["markdown"], as_json)
 
 
 @app.command()
+@option_group("base", BASE_OPTIONS)
 def prior(
-    model: ModelOpt = None,
-    sd15_shape: Sd15Opt = False,
-    resolution: ResolutionOpt = None,
-    device: DeviceOpt = "auto",
+    *,
+    base: dict[str, Any],
     images: Annotated[int, typer.Option(help="images timed, ours and compiled")] = 32,
     naive_images: Annotated[int, typer.Option(help="images timed one per call")] = 4,
     steps: Annotated[int, typer.Option(help="sampler steps per image")] = 25,
@@ -139,12 +142,13 @@ def prior(
     import tempfile
     from pathlib import Path
 
-    from benchmarks.train_speed import bench_prior, prepare_model, render_prior_table
+    from benchmarks.train_speed import BaseChoice, bench_prior, prepare_model, render_prior_table
 
+    choice = BaseChoice(**base)
     with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
-        bm = prepare_model(model, sd15_shape, resolution, Path(tmp))
+        bm = prepare_model(choice, Path(tmp))
         result = bench_prior(
-            bm.pipe, device, num_images=images, naive_images=naive_images, steps=steps, batch_size=batch_size,
+            bm.pipe, choice.device, num_images=images, naive_images=naive_images, steps=steps, batch_size=batch_size,
             resolution=bm.resolution, compiled=compiled,
         )  # fmt: skip
     table = render_prior_table(result)

@@ -22,19 +22,6 @@ from dreambooth_lib import models
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.train.step import train_step
 
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-
 
 def build_flux_shaped_pipeline(device: torch.device, seed: int = 0):
     """FLUX.1-dev's transformer (bf16, random) and scheduler, with shallow encoders and VAE of its widths."""
@@ -45,7 +32,9 @@ def build_flux_shaped_pipeline(device: torch.device, seed: int = 0):
 
     torch.manual_seed(seed)
     with torch.device(device):
-        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(torch.bfloat16)
+        # diffusers' defaults are FLUX.1-dev's transformer (19 double and 38 single blocks, 24 heads of 128, the
+        # widths of T5-XXL and CLIP-L); dev embeds the guidance scale, which schnell does not
+        transformer = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16)
     vae = AutoencoderKL(
         block_out_channels=(32, 64, 64, 64), latent_channels=16, layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -135,21 +135,33 @@ class BenchModel:
         )
 
 
-def prepare_model(model: str | None, sd15_shape: bool, resolution: int | None, folder: Path) -> BenchModel:
-    """The base model (`model`, an SD-1.5-shaped random one, or else a fresh tiny one) and its images in `folder`.
+@dataclass(frozen=True)
+class BaseChoice:
+    """The base model a benchmark times, and where: `model` (a URI; None: a fresh tiny model) or, with
+    `sd15_shape`, an SD-1.5-sized random one, at `resolution` (None: the model's own, 64 px tiny, 512 px SD-1.5),
+    on `device`."""
 
-    resolution: None = the model's own (64 px tiny, 512 px SD-1.5).
-    """
+    model: str | None = None
+    sd15_shape: bool = False
+    resolution: int | None = None
+    device: str = "auto"
+
+    def torch_device(self) -> torch.device:
+        return torch.device(models.resolve_device(self.device))
+
+
+def prepare_model(choice: BaseChoice, folder: Path) -> BenchModel:
+    """The base model of `choice` and its images in `folder`."""
     from dreambooth_lib.models.sampling import default_resolution
     from dreambooth_lib.testing.tiny_models import build_tiny_model
 
-    if sd15_shape:
+    if choice.sd15_shape:
         name, pipe, uri = SD15_MODEL_NAME, build_sd15_shaped_pipeline(), None
     else:
-        name = model or TINY_MODEL_NAME
-        uri = model or str(build_tiny_model(folder / "tiny"))
+        name = choice.model or TINY_MODEL_NAME
+        uri = choice.model or str(build_tiny_model(folder / "tiny"))
         pipe = models.load_pipeline(uri)
-    resolution = resolution or default_resolution(pipe)
+    resolution = choice.resolution or default_resolution(pipe)
     return BenchModel(
         name=name,
         pipe=pipe,
@@ -284,35 +296,18 @@ def _progress(line: str) -> None:
 
 
 def bench_train(
-    model: str | None = None,
-    sd15_shape: bool = False,
-    steps: int = 20,
-    resolution: int | None = None,
-    device: str = "auto",
-    *,
-    batch_size: int = 1,
-    warmup: int = 2,
-    mode: str = "full",
-    compile: bool = False,
+    choice: BaseChoice = BaseChoice(), steps: int = 20, *, warmup: int = 2, **train_options: Any
 ) -> dict[str, Any]:
     """Time the reference step and ours on the same model and device; return the figures (`render_train_table`).
 
-    model: a base model URI (default: a fresh tiny model); sd15_shape: an SD-1.5-sized random model instead.
-    resolution: None = the model's own (64 px tiny, 512 px SD-1.5). On CPU, peak memory is the process's peak
-    RSS, which only grows: ours (measured second) includes the reference's.
+    train_options: TrainConfig fields both steps train with (mode, batch_size, compile, ...). On CPU, peak memory
+    is the process's peak RSS, which only grows: ours (measured second) includes the reference's.
     """
-    dev = torch.device(models.resolve_device(device))
+    dev = choice.torch_device()
     with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
-        bm = prepare_model(model, sd15_shape, resolution, Path(tmp))
+        bm = prepare_model(choice, Path(tmp))
         base, resolution, instance_uris, prior_uris = bm.pipe, bm.resolution, bm.instance_uris, bm.prior_uris
-        config = TrainConfig(
-            mode=mode,
-            resolution=resolution,
-            batch_size=batch_size,
-            steps=steps,
-            device=str(dev),
-            compile=compile,
-        )
+        config = TrainConfig(resolution=resolution, steps=steps, device=str(dev), **train_options)
         reference = reference_step_fn(copy.deepcopy(base), *bm.pixels(), config, dev)
         ref_s, ref_peak = _time_steps(reference, steps, warmup, dev)
         del reference
@@ -325,8 +320,8 @@ def bench_train(
         "model": bm.name,
         "device": str(dev),
         "resolution": resolution,
-        "batch_size": batch_size,
-        "mode": mode,
+        "batch_size": config.batch_size,
+        "mode": config.mode,
         "steps": steps,
         "reference": reference_label(dev),
         "ours": f"ours ({trainer.speed.precision}, cached latents, "
@@ -705,10 +700,7 @@ def _end_to_end_row(
 
 
 def bench_all(
-    model: str | None = None,
-    sd15_shape: bool = False,
-    resolution: int | None = None,
-    device: str = "auto",
+    choice: BaseChoice = BaseChoice(),
     steps: int = 10,
     ks: tuple[int, ...] = (1, 4, 8, 16),
     e2e: bool = False,
@@ -727,20 +719,19 @@ def bench_all(
     the diffusers-style step, our full fine-tune step, our LoRA step, the packed K-subject LoRA step for each K
     (s/step and subjects·steps/s), prior sampling (naive vs ours, images/s), and with `e2e` one subject end to end.
 
-    model: a base model URI (default: a fresh tiny model); sd15_shape: an SD-1.5-sized random model instead.
-    resolution: None = the model's own (64 px tiny, 512 px SD-1.5). prior_images / prior_batch_size: None = 32 / 16
-    on CUDA, 4 / 2 on CPU. e2e_counts: overrides of bench_end_to_end's counts (prior_images, train_steps,
-    eval_prompts, images_per_prompt, sample_steps); on CPU the defaults are tiny (CPU_END_TO_END_COUNTS).
+    prior_images / prior_batch_size: None = 32 / 16 on CUDA, 4 / 2 on CPU. e2e_counts: overrides of
+    bench_end_to_end's counts (prior_images, train_steps, eval_prompts, images_per_prompt, sample_steps); on CPU
+    the defaults are tiny (CPU_END_TO_END_COUNTS).
     cuda_graph: on CUDA, also time the full and LoRA steps as replayed CUDA graphs (train.cuda_graph), and run
     the end-to-end subject with it. prior_compile: also time prior sampling with a torch.compile'd UNet (minutes
     of compiling, reported in the row). out_markdown: also write the table there (local or gs://), after every
     row. Peak memory on CPU is the process's peak RSS, which only grows; on CUDA each row's own
     max_memory_allocated. Progress goes to stderr; nothing is printed on stdout.
     """
-    dev = torch.device(models.resolve_device(device))
+    dev = choice.torch_device()
     cuda = dev.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
-        bm = prepare_model(model, sd15_shape, resolution, Path(tmp))
+        bm = prepare_model(choice, Path(tmp))
         title = (
             f"model: {bm.name}   device: {dev}   {bm.resolution} px   1+1 images/step   {steps} timed steps"
         )
