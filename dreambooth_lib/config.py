@@ -22,6 +22,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PERSON_NEEDS_CONSENT = (
+    "is a person (kind: person) but has no consent record; add consent: {given_by: <name>, date: YYYY-MM-DD, "
+    "reference: <where the signed record is kept>}, or do not personalize this person"
+)
+
+
 class Consent(_Strict):
     """A person's consent to be personalized: who gave it, when, and where the signed record is kept."""
 
@@ -67,11 +73,7 @@ class Subject(_Strict):
     def _people_need_consent(self) -> Subject:
         # refused here, when the config is read: before any photo is copied or any GPU is asked for
         if self.kind == "person" and self.consent is None:
-            raise ValueError(
-                f"subject {self.name!r} is a person (kind: person) but has no consent record; add consent: "
-                "{given_by: <name>, date: YYYY-MM-DD, reference: <where the signed record is kept>}, or do not "
-                "personalize this person"
-            )
+            raise ValueError(f"subject {self.name!r} {PERSON_NEEDS_CONSENT}")
         return self
 
 

@@ -29,7 +29,8 @@ from pydantic import BaseModel, Field
 
 from dreambooth_lib import storage
 from dreambooth_lib.artifacts import INGEST_MANIFEST_NAME
-from dreambooth_lib.config import IngestConfig
+from dreambooth_lib.config import Consent, IngestConfig
+from dreambooth_lib.consent import SubjectRecord, require_consent, subject_record
 from dreambooth_lib.errors import IngestError
 from dreambooth_lib.images import png_bytes
 
@@ -82,6 +83,7 @@ class IngestResult(BaseModel):
     images: list[IngestedImage]
     rejections: list[Rejection] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    subject: SubjectRecord | None = Field(None, description="its kind, a person's consent, the face check")
     digest: str = Field(
         description="sha256 over the output images' names and sha256: the pipeline's cache key"
     )
@@ -387,13 +389,22 @@ def _rejection_summary(rejections: list[Rejection]) -> str:
     return "; ".join(f"{storage.basename(r.source)}: {r.reason}" for r in rejections) or "none"
 
 
-def run(src: str, out: str, config: IngestConfig, class_noun: str | None = None) -> IngestResult:
+def run(
+    src: str,
+    out: str,
+    config: IngestConfig,
+    class_noun: str | None = None,
+    subject_kind: str = "object",
+    consent: Consent | dict | None = None,
+) -> IngestResult:
     """Validate the photos under `src` and write `out/NN.png` (square, `config.resolution`) + `out/manifest.json`.
 
     Raises IngestError, writing nothing, when fewer than `config.min_images` photos are usable (1 or more are
-    enough with `allow_few`, with a warning) or, with `strict`, when any file is rejected.
+    enough with `allow_few`, with a warning) or, with `strict`, when any file is rejected; ConfigError, before
+    reading anything, for a subject of kind person without a consent record.
     """
     src, out = str(src), str(out)
+    consent = require_consent(subject_kind, consent, src)
     if not storage.is_dir(src):
         raise IngestError(f"{src}: no such folder (or empty gs:// prefix); point to the subject's photos")
     if _same_folder(src, out):
@@ -447,6 +458,8 @@ def run(src: str, out: str, config: IngestConfig, class_noun: str | None = None)
                 phash=str(photo.phash),
             )
         )
+    record, face_warning = subject_record(subject_kind, consent, [photo.square for photo in accepted])
+    warn += [face_warning] if face_warning else []
     result = IngestResult(
         source=src,
         class_noun=class_noun,
@@ -454,6 +467,7 @@ def run(src: str, out: str, config: IngestConfig, class_noun: str | None = None)
         images=images,
         rejections=rejections,
         warnings=warn,
+        subject=record,
         digest=output_digest(images),
         config=config,
     )

@@ -47,6 +47,7 @@ def render_model_card(
     lines += _samples_section(samples)
     lines += _training_section(train_config)
     lines += _data_section(data_manifest)
+    lines += _subject_section((data_manifest or {}).get("subject"))
     lines += ["## License", "", license_note, ""]
     lines += [
         "## Lineage",
@@ -223,6 +224,23 @@ def _data_section(data_manifest: dict | None) -> list[str]:
             *(f"| {_code(name)} | {_code(digest)} |" for name, digest in rows),
             "",
         ]
+    return lines
+
+
+def _subject_section(subject: dict | None) -> list[str]:
+    """Who or what is pictured, as ingest recorded it: the kind, a person's consent record, the face check."""
+    if not subject:
+        return []
+    lines = ["## Subject and consent", "", f"- kind: {_code(subject.get('kind'))}"]
+    consent = subject.get("consent")
+    if consent:
+        lines += [
+            f"- consent given by {_code(consent['given_by'])} on {_code(consent['date'])}; record: "
+            f"{_code(consent['reference'])}"
+        ]
+    elif subject.get("kind") == "person":
+        lines += ["- consent: **none recorded**"]
+    lines += [f"- faces in the photos: {subject.get('faces')}", ""]
     return lines
 
 

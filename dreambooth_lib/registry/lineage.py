@@ -47,6 +47,8 @@ def lineage_record(
         "reference": r.reference,
         "gate": r.gate,
         "train_config": r.train_config,
+        # who or what is pictured and, for a person, the consent record (ingest checked it before any training)
+        "subject_record": (r.data_manifest or {}).get("subject"),
         "data_manifest": {"sha256": json_digest(r.data_manifest), "content": r.data_manifest}
         if r.data_manifest is not None
         else None,

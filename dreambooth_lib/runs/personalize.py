@@ -52,6 +52,7 @@ class RunResult(BaseModel):
     prior_preservation: bool = True  # False: trained without class-prior images, λ = 0
     prior_mode: str = "sampled"  # "model_output": the prior term against the frozen model, no images
     warnings: list[str] = Field(default_factory=list)  # settings the run read differently than they say
+    chosen_step: int | None = None  # train.select: the step whose weights were exported
 
     def summary(self) -> str:
         lines = [
@@ -59,6 +60,8 @@ class RunResult(BaseModel):
             f"  model    {self.model_uri}",
             f"  samples  {self.samples_dir}",
         ]
+        if self.chosen_step is not None:
+            lines.append(f"  step     {self.chosen_step} (chosen by train.select)")
         if not self.prior_preservation:
             lines.append("  prior    off (no class-prior images, λ = 0)")
         elif self.prior_mode == "model_output":
@@ -191,8 +194,9 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
 
     ingest_dir = storage.join(rd, "ingest")
     ingested = clock.timed(
-        "ingest", ingest.run, subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun
-    )
+        "ingest", ingest.run, subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun,
+        subject_kind=subject.kind, consent=subject.consent,
+    )  # fmt: skip
     chosen = bound_identifier(config, clock)
     prior_result = clock.timed("prior", class_prior, config) if preservation.samples else None
     if prior_result is not None:
@@ -205,6 +209,7 @@ def run(config: RunConfig, resume: bool = False, reuse_training: bool = False) -
         identifier=chosen.identifier,
         prompt=chosen.prompt,
         model_uri=trained.model_uri,
+        chosen_step=(trained.selection or {}).get("chosen_step"),
         num_instance_images=len(ingested.images),
         prior_uri=prior_result.uri if prior_result else None,
         samples_dir=render_samples(config, trained.model_uri, chosen.identifier, clock),

@@ -128,7 +128,8 @@ def _packed_subject(subject: PlannedSubject, config: RunConfig, priors: dict[str
     from dreambooth_lib.train import TrainSubject
 
     ingest_dir = storage.join(config.run_dir, "ingest")
-    ingest.run(subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun)
+    ingest.run(subject.images, ingest_dir, config.ingest, class_noun=subject.class_noun,
+               subject_kind=subject.kind, consent=subject.consent)  # fmt: skip
     if subject.class_noun not in priors:
         samples = personalize.training_config(config)[1].samples
         priors[subject.class_noun] = personalize.class_prior(config) if samples else None
