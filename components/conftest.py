@@ -94,16 +94,17 @@ def no_prior(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(ingested, no_prior, tiny_model_dir, tmp_path_factory):
     """The fine-tune component's output Model: 2 steps on the tiny model, no prior."""
-    from kfp.dsl import Model
+    from kfp.dsl import Metrics, Model
 
     from components.train.component import fine_tune
 
     out = artifact(Model, tmp_path_factory.mktemp("trained") / "model")
+    selection = artifact(Metrics, tmp_path_factory.mktemp("trained") / "selection")
     fine_tune.python_func(
         base_model=tiny_model_dir, base_model_digest="md", instance_images=ingested, instance_digest="id",
         prior_set=no_prior, checkpoint_root=str(tmp_path_factory.mktemp("checkpoints")), identifier="zwx",
         class_noun="square", resolution=64, steps=2, prior_loss_weight=0.0, mode="full", trained_model=out,
-        train_options=TINY_TRAIN,
+        selection=selection, train_options=TINY_TRAIN,
     )  # fmt: skip
     return out
 

@@ -51,6 +51,8 @@ def build_personalize(placement: Placement):
         subject_name: str,
         class_noun: str,
         live: bool = False,
+        subject_kind: str = "object",
+        consent: dict = {},  # noqa: B006
         resolution: int = defaults.RESOLUTION,
         steps: int = defaults.STEPS,
         prior_loss_weight: float = defaults.PRIOR_LOSS_WEIGHT,
@@ -79,6 +81,9 @@ def build_personalize(placement: Placement):
             images_digest=fingerprint.outputs["images_digest"],
             resolution=resolution,
             ingest_options=ingest_options,
+            class_noun=class_noun,
+            subject_kind=subject_kind,  # a person without a consent record is refused here, before any GPU
+            consent=consent,
         )
         on_cpu(ingest.set_display_name("ingest and validate photos"), placement)
 
@@ -119,6 +124,8 @@ def build_personalize(placement: Placement):
             prior_loss_weight=prior.outputs["train_prior_loss_weight"],  # 0 when the prior set is empty
             mode=mode,
             train_options=train_options,
+            eval_options=eval_options,  # train_options.select's probe scores with the evaluate task's evaluators
+            live=live,
             allow_pickle=allow_pickle,
         )
         on_gpu(train.set_display_name("fine-tune"), placement)

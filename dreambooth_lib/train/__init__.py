@@ -4,4 +4,5 @@ graphs, export. `run` trains one subject; `multi_subject.train_packed_subjects` 
 from dreambooth_lib.train.export import MODEL_MARKER_NAME, SUMMARY_NAME
 from dreambooth_lib.train.loop import run, train_subjects
 from dreambooth_lib.train.results import SubjectOutcome, TrainResult
+from dreambooth_lib.train.select import selection_metrics
 from dreambooth_lib.train.subjects import TrainSubject

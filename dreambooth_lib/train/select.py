@@ -299,3 +299,21 @@ class Selector:
 
 def _best_uri(ckpt_root: str, subject: int, step: int) -> str:
     return storage.join(ckpt_root, "best", f"subject-{subject}-step-{step:08d}.safetensors")
+
+
+def selection_metrics(selection: dict[str, Any] | None) -> dict[str, float]:
+    """A train_summary's selection as flat KFP metrics: the chosen step, its scores, and every probe's scores
+    (`probe_<step>_<metric>`); empty when train.select was off."""
+    if not selection:
+        return {}
+    flat: dict[str, float] = {}
+    for key in ("chosen_step", "stopped_early_at", "probe_seconds"):
+        if selection.get(key) is not None:
+            flat[key] = float(selection[key])
+    for prefix, probe in [("chosen", selection.get("chosen_metrics"))] + [
+        (f"probe_{p['step']}", p) for p in selection.get("probes", [])
+    ]:
+        for metric in PROBE_METRICS:
+            if probe and probe.get(metric) is not None:
+                flat[f"{prefix}_{metric}"] = float(probe[metric])
+    return flat

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-from kfp.dsl import Model
+from kfp.dsl import Metrics, Model
 
-from components.conftest import artifact
+from components.conftest import TINY_TRAIN, artifact
 from components.train.component import fine_tune
 
 
@@ -31,7 +31,8 @@ def test_named_params_override_options(ingested, no_prior, tiny_model_dir, tmp_p
     fine_tune.python_func(
         base_model=tiny_model_dir, base_model_digest="", instance_images=ingested, instance_digest="",
         prior_set=no_prior, checkpoint_root="", identifier="zwx", class_noun="square", resolution=64, steps=1,
-        prior_loss_weight=0.0, mode="lora", trained_model=out, train_options=stale,
+        prior_loss_weight=0.0, mode="lora", trained_model=out,
+        selection=artifact(Metrics, tmp_path / "s"), train_options=stale,
     )  # fmt: skip
     summary = json.loads((Path(out.path) / "train_summary.json").read_text())
     assert (summary["steps"], summary["mode"], summary["num_prior_images"]) == (1, "lora", 0)
@@ -47,6 +48,7 @@ def test_a_bad_mode_is_a_config_error(ingested, no_prior, tiny_model_dir, tmp_pa
             base_model=tiny_model_dir, base_model_digest="", instance_images=ingested, instance_digest="",
             prior_set=no_prior, checkpoint_root="", identifier="zwx", class_noun="square", resolution=64, steps=1,
             prior_loss_weight=0.0, mode="qlora", trained_model=artifact(Model, tmp_path / "m"),
+            selection=artifact(Metrics, tmp_path / "s"),
         )  # fmt: skip
 
 
@@ -65,7 +67,8 @@ def test_a_retried_task_resumes_from_the_checkpoint_root(ingested, no_prior, tin
         fine_tune.python_func(
             base_model=tiny_model_dir, base_model_digest="md", instance_images=ingested, instance_digest="id",
             prior_set=no_prior, checkpoint_root=root, identifier="zwx", class_noun="square", resolution=64,
-            steps=steps, prior_loss_weight=0.0, mode="lora", trained_model=out, train_options=options,
+            steps=steps, prior_loss_weight=0.0, mode="lora", trained_model=out,
+            selection=artifact(Metrics, tmp_path / name / "s"), train_options=options,
         )  # fmt: skip
         return out
 
@@ -74,3 +77,26 @@ def test_a_retried_task_resumes_from_the_checkpoint_root(ingested, no_prior, tin
     again = attempt("retry", 4)  # steps may grow: the same run's content key
     assert again.metadata["resumed_from"] == 2
     assert again.metadata["checkpoint_dir"].startswith(root)
+
+
+def test_select_scores_with_the_evaluate_options_and_logs_the_chosen_step(
+    ingested, no_prior, tiny_model_dir, tiny_evaluators, tmp_path
+):
+    """train_options {"select": ...} without evaluators takes eval_options' (as the evaluate task scores), and the
+    selection Metrics artifact carries the chosen step and every probe's scores."""
+    out, selection = artifact(Model, tmp_path / "m"), artifact(Metrics, tmp_path / "s")
+    rule = {"every": 1, "prompts": 1, "images_per_prompt": 1, "class_images": 1, "sample_steps": 1}
+    fine_tune.python_func(
+        base_model=tiny_model_dir, base_model_digest="", instance_images=ingested, instance_digest="",
+        prior_set=no_prior, checkpoint_root="", identifier="zwx", class_noun="square", resolution=64, steps=2,
+        prior_loss_weight=0.0, mode="lora", trained_model=out, selection=selection,
+        train_options={**TINY_TRAIN, "select": rule}, eval_options={**tiny_evaluators, "steps": 3}, live=True,
+    )  # fmt: skip
+    summary = json.loads((Path(out.path) / "train_summary.json").read_text())
+    chosen = summary["selection"]["chosen_step"]
+    assert summary["config"]["select"]["dino_model"] == tiny_evaluators["dino_model"]
+    assert summary["selection"]["prompts"] == ["a zwx square in the jungle"]  # the paper's first live prompt
+    logged = selection.metadata
+    assert logged["chosen_step"] == chosen and chosen in (1, 2)
+    assert {f"probe_{s}_dino" for s in (0, 1, 2)} <= logged.keys()
+    assert logged["chosen_dino"] == logged[f"probe_{chosen}_dino"]

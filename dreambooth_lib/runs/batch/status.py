@@ -27,6 +27,7 @@ RESULT_KEYS = (
     "report_html",
     "registered",
     "wall_time_s",
+    "chosen_step",
 )
 
 
@@ -52,6 +53,7 @@ class SubjectStatus(BaseModel):
     registered: dict[str, Any] | None = None
     wall_time_s: float | None = None
     packed: bool | None = Field(None, description="its model was trained in a pack (batch.train_pack)")
+    chosen_step: int | None = Field(None, description="train.select: the step whose weights were exported")
 
     @property
     def ok(self) -> bool:

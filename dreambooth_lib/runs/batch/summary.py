@@ -16,6 +16,7 @@ SUMMARY_COLUMNS = (
     "DINO",
     "CLIP-I",
     "CLIP-T",
+    "step",
     "gate",
     "model",
     "report",
@@ -30,6 +31,7 @@ STATUS_FIELDS = (
     "gate",
     "report_html",
     "registered",
+    "chosen_step",
 )
 
 
@@ -51,6 +53,7 @@ def summary_rows(statuses: list[SubjectStatus]) -> list[list[str]]:
             _metric(s, "dino"),
             _metric(s, "clip_i"),
             _metric(s, "clip_t"),
+            str(s.chosen_step) if s.chosen_step is not None else "",
             _gate(s),
             (s.registered or {}).get("uri") or s.model_uri or "",
             s.report_html or "",
