@@ -173,3 +173,72 @@ def test_probing_leaves_training_unchanged(
     got = load_file(tmp_path / "probed" / "model" / LORA_WEIGHTS_NAME)
     want = load_file(tmp_path / "plain" / "model" / LORA_WEIGHTS_NAME)
     assert all((got[k] == want[k]).all() for k in want)
+
+
+def test_a_pack_probes_each_subject_through_its_own_adapter(
+    tiny_model, tiny_evaluators, two_subjects, pack_of, assert_same_lora, tmp_path, monkeypatch
+):
+    """Each packed subject's probes sample its own adapter (as its single run's model), and each exports its own
+    chosen step: the pack's scripted scores pick step 2 for both, so each model is its 2-step single run's."""
+    from dreambooth_lib.train import multi_subject
+
+    config = _config(tiny_evaluators, patience=2).model_copy(update={"steps": 8})
+    subjects = pack_of(two_subjects, tmp_path / "packed", {"a": "sks", "b": "zwx"})
+    outcomes = multi_subject.run_packed(tiny_model, subjects, config)
+    single = train.run(tiny_model, subjects[0].instance_dir, subjects[0].prior_dir, "sks", "square", config,
+                       str(tmp_path / "single-a"))  # fmt: skip
+    packed_probes = outcomes[0].train.selection["probes"]
+    assert [p["step"] for p in packed_probes] == [p["step"] for p in single.selection["probes"]]
+    for got, want in zip(packed_probes, single.selection["probes"], strict=True):
+        assert all(abs(got[m] - want[m]) < 1e-3 for m in select.PROBE_METRICS), (got, want)
+
+    _scripted_dino(monkeypatch, {0: 0.1, 2: 0.6, 4: 0.5, 6: 0.4, 8: 0.3})
+    out = tmp_path / "scripted"
+    outcomes = multi_subject.run_packed(
+        tiny_model, pack_of(two_subjects, out, {"a": "sks", "b": "zwx"}), config
+    )
+    assert [o.train.selection["chosen_step"] for o in outcomes] == [2, 2]
+    assert [o.train.selection["stopped_early_at"] for o in outcomes] == [6, 6]
+    monkeypatch.undo()
+    two_steps = config.model_copy(update={"steps": 2, "select": None})
+    for s, identifier in (("a", "sks"), ("b", "zwx")):
+        want = tmp_path / "two-steps" / s
+        train.run(tiny_model, str(two_subjects / s), str(two_subjects / "prior"), identifier, "square", two_steps,
+                  str(want))  # fmt: skip
+        assert_same_lora(out / s / "model", want / "model")
+
+
+def test_dreambooth_run_exports_the_chosen_step_and_reports_the_curves(
+    tiny_model, tiny_evaluators, subject_dir, tmp_path
+):
+    """`dreambooth run` with train.select: the probe takes eval's evaluators, the run result names the chosen
+    step, the summary and the report carry every probe, and evaluate scores the exported (chosen) model."""
+    from dreambooth_lib.config import RunConfig
+    from dreambooth_lib.runs import personalize
+
+    config = RunConfig.model_validate(
+        {
+            "base_model": tiny_model,
+            "run_dir": str(tmp_path / "run"),
+            "subject": {"name": "red-square", "class_noun": "square", "images": str(subject_dir)},
+            "ingest": {"resolution": TRAIN_RES, "min_side": TRAIN_RES},
+            "prior": {"num_images": 0},
+            "train": {
+                "mode": "lora", "steps": 4, "resolution": TRAIN_RES, "prior_loss_weight": 0.0,
+                "checkpoint_every": 0, "select": {"every": 2, "prompts": 1, "images_per_prompt": 2,
+                                                  "class_images": 2, "sample_steps": 2},
+            },
+            "eval": {"max_prompts": 1, "images_per_prompt": 2, "pres_images": 2, "steps": 2,
+                     "dino_model": tiny_evaluators["dino"], "clip_model": tiny_evaluators["clip"]},
+            "samples_per_prompt": 0,
+        }
+    )  # fmt: skip
+    assert config.train.select.dino_model == tiny_evaluators["dino"]
+    result = personalize.run(config)
+    summary = (tmp_path / "run" / "train" / "train_summary.json").read_text()
+    chosen = result.chosen_step
+    assert chosen in (2, 4) and f'"chosen_step": {chosen}' in summary
+    assert f"step     {chosen} (chosen by train.select)" in result.summary()
+    page = (tmp_path / "run" / "eval" / "report.html").read_text()
+    assert 'id="probe-dino"' in page and 'id="chosen-step"' in page
+    assert f"<th>exported step (train.select)</th><td>{chosen}</td>" in page
