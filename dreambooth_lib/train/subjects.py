@@ -17,7 +17,7 @@ class TrainSubject(BaseModel):
     prior_dir: str | None
     identifier: str
     class_noun: str
-    live: bool = False  # a live subject (animal, person): the probes of train.select use the paper's live prompts
+    live: bool = False  # an animal or person: train.select probes with the paper's live prompts
     out: str  # out/model and out/train_summary.json are written here
     instance_images: list[str] | None = None  # default: the PNGs directly inside instance_dir
     prior_images: list[str] | None = None  # default: the PNGs directly inside prior_dir
