@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dreambooth_lib.errors import ConfigError
 
@@ -165,65 +165,42 @@ class NodeShape(_Strict):
 
 _GKE_GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
+
+def _gke_gpu_node(
+    name: str,
+    gpu: str,
+    vcpus: int,
+    memory_gib: int,
+    gpu_memory_gib: int,
+    label: str,
+    vertex: str,
+    cpu_request: str,
+    memory_request: str,
+) -> NodeShape:
+    """A GKE machine with one NVIDIA GPU: GKE's reservations, its accelerator label and Vertex enum, and the pod
+    size it fits (the limits are default_size's: all the vCPUs, memory equal to its request)."""
+    return NodeShape(
+        name=name,
+        description=f"GKE {name}: {vcpus} vCPU, {memory_gib} GB, 1x NVIDIA {gpu} {gpu_memory_gib} GB",
+        vcpus=vcpus,
+        memory_gib=memory_gib,
+        reservation="gke",
+        gpu_memory_gib=gpu_memory_gib,
+        node_selector={"cloud.google.com/gke-accelerator": label},
+        vertex_accelerator=vertex,
+        cpu_request=cpu_request,
+        memory_request=memory_request,
+    )
+
+
 NODE_SHAPES: dict[str, NodeShape] = {
     s.name: s
     for s in (
-        NodeShape(
-            name="g2-standard-8",
-            description="GKE g2-standard-8: 8 vCPU, 32 GB, 1x NVIDIA L4 24 GB",
-            vcpus=8,
-            memory_gib=32,
-            reservation="gke",
-            gpu_memory_gib=24,
-            node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
-            vertex_accelerator="NVIDIA_L4",
-            cpu_request="6",
-            cpu_limit="8",
-            memory_request="24Gi",
-            memory_limit="24Gi",
-        ),
-        NodeShape(
-            name="a2-highgpu-1g",
-            description="GKE a2-highgpu-1g: 12 vCPU, 85 GB, 1x NVIDIA A100 40 GB",
-            vcpus=12,
-            memory_gib=85,
-            reservation="gke",
-            gpu_memory_gib=40,
-            node_selector={"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
-            vertex_accelerator="NVIDIA_TESLA_A100",
-            cpu_request="10",
-            cpu_limit="12",
-            memory_request="64Gi",
-            memory_limit="64Gi",
-        ),
-        NodeShape(
-            name="a2-ultragpu-1g",
-            description="GKE a2-ultragpu-1g: 12 vCPU, 170 GB, 1x NVIDIA A100 80 GB",
-            vcpus=12,
-            memory_gib=170,
-            reservation="gke",
-            gpu_memory_gib=80,
-            node_selector={"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"},
-            vertex_accelerator="NVIDIA_A100_80GB",
-            cpu_request="10",
-            cpu_limit="12",
-            memory_request="128Gi",
-            memory_limit="128Gi",
-        ),
-        NodeShape(
-            name="a3-highgpu-1g",
-            description="GKE a3-highgpu-1g: 26 vCPU, 234 GB, 1x NVIDIA H100 80 GB",
-            vcpus=26,
-            memory_gib=234,
-            reservation="gke",
-            gpu_memory_gib=80,
-            node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
-            vertex_accelerator="NVIDIA_H100_80GB",
-            cpu_request="22",
-            cpu_limit="26",
-            memory_request="192Gi",
-            memory_limit="192Gi",
-        ),
+        #             machine           GPU   vCPU   GB GPU GB  GKE accelerator label  Vertex enum       pod request
+        _gke_gpu_node("g2-standard-8",  "L4",     8,  32, 24, "nvidia-l4",         "NVIDIA_L4",         "6", "24Gi"),
+        _gke_gpu_node("a2-highgpu-1g",  "A100",  12,  85, 40, "nvidia-tesla-a100", "NVIDIA_TESLA_A100", "10", "64Gi"),
+        _gke_gpu_node("a2-ultragpu-1g", "A100",  12, 170, 80, "nvidia-a100-80gb",  "NVIDIA_A100_80GB",  "10", "128Gi"),
+        _gke_gpu_node("a3-highgpu-1g",  "H100",  26, 234, 80, "nvidia-h100-80gb",  "NVIDIA_H100_80GB",  "22", "192Gi"),
         NodeShape(
             name="onprem-gpu",
             description="on-prem GPU node labelled by the NVIDIA GPU operator; assumed 8 CPU, 32 GiB, 1 GPU",
@@ -232,12 +209,10 @@ NODE_SHAPES: dict[str, NodeShape] = {
             reservation="kubelet",
             node_selector={"nvidia.com/gpu.present": "true"},
             cpu_request="6",
-            cpu_limit="8",
             memory_request="24Gi",
-            memory_limit="24Gi",
         ),
     )
-}
+}  # fmt: skip
 
 
 # --- the per-step policy -----------------------------------------------------------------------------------------
@@ -266,39 +241,47 @@ def _per_family(sd15: str, sdxl: str, sd3: str, flux: str) -> dict[str, str]:
     return {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "flux": flux}
 
 
+# What several steps share because they hold the same things: the time to download a base model (or digest it),
+# the disk of its folder, the time to sample with it, and the disk of the model with a step's images or adapters.
+BASE_MODEL_TIME = _per_family("30m", "1h", "1h", "1h")
+BASE_MODEL_DISK = _per_family("12Gi", "32Gi", "48Gi", "80Gi")
+SAMPLING_TIME = _per_family("2h", "4h", "4h", "6h")
+MODEL_AND_IMAGES_DISK = _per_family("20Gi", "40Gi", "60Gi", "100Gi")
+FINE_TUNE_DISK = _per_family("40Gi", "80Gi", "80Gi", "120Gi")  # + a full UNet checkpoint with its AdamW state
+
 STEPS: dict[str, StepPolicy] = {
     "fingerprint-inputs": StepPolicy(
         "cpu", False, "deterministic (a missing model or photo folder); digests stream, nothing is copied",
-        _per_family("30m", "1h", "1h", "1h"), _same("2Gi"),
+        BASE_MODEL_TIME, _same("2Gi"),
     ),
     "ingest-images": StepPolicy("cpu", False, "deterministic: a bad photo fails once, with its message", _same("15m"), _same("4Gi")),
     "choose-identifier": StepPolicy(
         "cpu", False, "deterministic; downloads the base model for its tokenizer",
-        _per_family("30m", "1h", "1h", "1h"), _per_family("12Gi", "32Gi", "48Gi", "80Gi"),
+        BASE_MODEL_TIME, BASE_MODEL_DISK,
     ),
     "make-prior-set": StepPolicy(
         "gpu", True, "GPU pod: preemption; a rerun finds the sets already in the prior root",
-        _per_family("2h", "4h", "4h", "6h"), _per_family("20Gi", "40Gi", "60Gi", "100Gi"),
+        SAMPLING_TIME, MODEL_AND_IMAGES_DISK,
     ),
     "fine-tune": StepPolicy(
         "gpu", True, "GPU pod: preemption; a rerun resumes from the newest checkpoint in the checkpoint root",
-        _per_family("6h", "12h", "12h", "16h"), _per_family("40Gi", "80Gi", "80Gi", "120Gi"),
+        _per_family("6h", "12h", "12h", "16h"), FINE_TUNE_DISK,
     ),
     "evaluate-model": StepPolicy(
         "gpu", True, "GPU pod: preemption; evaluation is repeatable (the gate is decided in register)",
-        _per_family("2h", "4h", "4h", "6h"), _per_family("20Gi", "40Gi", "60Gi", "100Gi"),
+        SAMPLING_TIME, MODEL_AND_IMAGES_DISK,
     ),
     "register-model": StepPolicy(
         "cpu", False, "deterministic: a failed gate fails once, with its message", _same("1h"), _same("8Gi"),
     ),
     "plan-batch": StepPolicy(
         "cpu", False, "deterministic: a bad manifest fails once; downloads the base model",
-        _per_family("30m", "1h", "1h", "1h"), _per_family("12Gi", "32Gi", "48Gi", "80Gi"),
+        BASE_MODEL_TIME, BASE_MODEL_DISK,
     ),
     "list-classes": StepPolicy("cpu", False, "deterministic", _same("10m"), _same("1Gi")),
     "train-packed-loras": StepPolicy(
         "gpu", True, "GPU pod: preemption; a rerun retrains the pack (its subjects' failures never fail it)",
-        _per_family("12h", "24h", "24h", "36h"), _per_family("20Gi", "40Gi", "60Gi", "100Gi"),
+        _per_family("12h", "24h", "24h", "36h"), MODEL_AND_IMAGES_DISK,
     ),
     "personalize-subject": StepPolicy(
         "gpu", False, "records its own failure instead of raising; a rerun could register a model twice",
@@ -313,9 +296,7 @@ STEPS: dict[str, StepPolicy] = {
 # A step missing from STEPS (a new component) still compiles, with the policy of its node kind; a test lists the
 # compiled tasks against STEPS so the gap is seen.
 _UNLISTED = {
-    "gpu": StepPolicy(
-        "gpu", True, "unlisted GPU step", _same("6h"), _per_family("40Gi", "80Gi", "80Gi", "120Gi")
-    ),
+    "gpu": StepPolicy("gpu", True, "unlisted GPU step", _same("6h"), FINE_TUNE_DISK),
     "cpu": StepPolicy("cpu", False, "unlisted CPU step", _same("1h"), _same("4Gi")),
 }
 
@@ -341,18 +322,12 @@ class Resources(_Strict):
     node_selector: dict[str, str] | None = None
     tolerations: list[Toleration] = Field(default_factory=list)
 
-    @field_validator("cpu_request", "cpu_limit")
+    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit")
     @classmethod
-    def _cpu(cls, v: str | None) -> str | None:
+    def _quantity(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A quantity KFP accepts: CPU cores for cpu_*, memory for memory_* (ValueError names the fix)."""
         if v is not None:
-            cpu_cores(v)
-        return v
-
-    @field_validator("memory_request", "memory_limit")
-    @classmethod
-    def _memory(cls, v: str | None) -> str | None:
-        if v is not None:
-            memory_gib(v)
+            (cpu_cores if info.field_name.startswith("cpu") else memory_gib)(v)
         return v
 
 
