@@ -1,9 +1,10 @@
 """The `dreambooth` command: each command parses flags into a config and calls one step of the library.
 
 User errors (DreamboothError) print one line on stderr and exit 2; bugs keep their traceback. Options bound to a
-config field take their help and the default they show from the pydantic model (`config_option`); an option the
-user leaves out is not passed, so the config's own default applies. The speed benchmark is not part of the
-installed package: from a checkout, `python -m benchmarks --help`.
+config field are made from the pydantic model (`config_fields`): their type, help and the default they show; an
+option the user leaves out is not passed, so the config's own default applies. Options several commands share
+are written once (`option_group`). The speed benchmark is not part of the installed package: from a checkout,
+`python -m benchmarks --help`.
 """
 
 from __future__ import annotations
