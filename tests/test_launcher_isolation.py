@@ -222,6 +222,67 @@ def test_a_retried_fine_tune_pod_resumes_from_the_checkpoint_root_bit_identicall
     assert differ == [], f"{len(differ)} tensors differ after the resume, e.g. {differ[:3]}"
 
 
+@pytest.mark.slow
+def test_a_retried_fine_tune_pod_exports_the_same_chosen_step(personalize_spec, on_gcs, tmp_path):
+    """train.select across a preemption: the probes and the best weights live beside the checkpoints in the
+    durable root, so the retried pod exports the step an uninterrupted run chooses, bit for bit."""
+    import torch
+
+    store = ObjectStore()
+    bucket = on_gcs["bucket"]
+    checkpoints = f"{bucket}/checkpoints"
+    rule = {"every": 2, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "sample_steps": 2}
+    train_options = {"learning_rate": 1e-4, "checkpoint_every": 2, "log_every": 2, "select": rule}
+
+    def preempt_after_first_checkpoint(task: RunningTask) -> None:
+        if (
+            task.attempt == 1
+            and not task.killed
+            and any(u.endswith(MANIFEST) for u in store.list(checkpoints))
+        ):
+            task.kill()
+
+    launcher = Launcher(personalize_spec, f"{bucket}/pipeline-root", tmp_path / "pods", env=POD_ENV,
+                        honor_retries=True, monitors={"fine-tune": preempt_after_first_checkpoint})  # fmt: skip
+    result = launcher.run(
+        tiny_arguments(on_gcs, steps=8, checkpoint_root=checkpoints, train_options=train_options)
+    )
+    assert [a.returncode for a in result.task("fine-tune").attempts] == [-9, 0]
+    model = result.outputs["model"]
+    summary = json.loads(store.read_bytes(f"{model.uri}/train_summary.json"))
+    assert summary["resumed_from"] and summary["selection"]["chosen_step"] is not None
+    assert summary["selection"]["rule"]["dino_model"].startswith(
+        bucket
+    )  # eval_options' evaluators, from gs://
+    selection = result.task("fine-tune").artifacts["selection"]
+    assert selection.metadata["chosen_step"] == summary["selection"]["chosen_step"]
+
+    reference = launcher.rerun_task(
+        result, "fine-tune", {"checkpoint_root": f"{bucket}/checkpoints-reference"}, run_id="uninterrupted"
+    )
+    reference_uri = reference.artifacts["trained_model"].uri
+    uninterrupted = json.loads(store.read_bytes(f"{reference_uri}/train_summary.json"))["selection"]
+    assert uninterrupted["probes"] == summary["selection"]["probes"]
+    assert uninterrupted["chosen_step"] == summary["selection"]["chosen_step"]
+    resumed, want = fine_tune_weights(store, model.uri), fine_tune_weights(store, reference_uri)
+    assert resumed.keys() == want.keys() and all(torch.equal(resumed[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_a_person_without_consent_fails_at_ingest_once_before_any_gpu_task(
+    personalize_spec, on_gcs, tmp_path
+):
+    bucket = on_gcs["bucket"]
+    launcher = Launcher(personalize_spec, f"{bucket}/pipeline-root", tmp_path / "pods", env=POD_ENV,
+                        honor_retries=True)  # fmt: skip
+    with pytest.raises(TaskFailed) as failed:
+        launcher.run(tiny_arguments(on_gcs, subject_kind="person", registry_uri=f"{bucket}/registry"))
+    assert failed.value.task.endswith("ingest-images")
+    assert "no consent record" in failed.value.attempt.log
+    assert "(exit code 1, attempt 1)" in str(failed.value)  # a deterministic refusal is not retried
+    assert ObjectStore().list(f"{bucket}/registry") == []
+
+
 # --- isolation itself: a task that reads what it did not declare fails ------------------------------------------
 
 
