@@ -1,0 +1,350 @@
+"""Train the toy world's text-to-image model from scratch on one CPU thread and write a diffusers folder that
+`StableDiffusionPipeline.from_pretrained` loads, with the toy evaluators beside it.
+
+    python -m dreambooth_lib.testing.toyworld.train --out toyworld-out        # the shipped model (make toyworld)
+    python -m dreambooth_lib.testing.toyworld.train --out /tmp/tw --unet-steps 300   # a quick look
+
+Stages, each seeded from `seed`: (1) an AutoencoderKL (x2 downsampling, 4 latent channels) on world images, its
+scaling factor set so latents have unit variance, as SD's 0.18215 does; (2) a CLIP text encoder (the real CLIP
+vocabulary) and a UNet2DConditionModel trained together on cached latents, SD's noise schedule and epsilon
+target, captions dropped to "" 10 % of the time so classifier-free guidance works, an EMA of both kept and
+shipped; (3) the toy evaluators (probe.py, evaluators.py); (4) the probe's accuracy on samples of every caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dreambooth_lib.testing.toyworld import world
+
+
+@dataclass
+class ToyTrainConfig:
+    seed: int = 0
+    num_images: int = 24000  # the cached training set (48 captions x ~500 placements)
+    vae_steps: int = 700
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    unet_steps: int = 2600
+    batch: int = 64
+    lr: float = 1.5e-3
+    warmup: int = 200
+    caption_dropout: float = 0.1  # classifier-free guidance
+    ema_decay: float = 0.999
+    text_hidden: int = 32
+    text_layers: int = 4
+    unet_channels: tuple[int, int, int] = (32, 64, 64)
+    probe_steps: int = 1500
+    clip_steps: int = 1500
+    eval_samples_per_caption: int = 4
+
+
+# --- models --------------------------------------------------------------------------------------------------
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=world.SIZE,
+    )
+
+
+def build_text_encoder(cfg: ToyTrainConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth_lib.models import clip_bpe_vocab_and_merges
+
+    vocab, _ = clip_bpe_vocab_and_merges()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            vocab_size=len(vocab),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 2,
+            num_attention_heads=4,
+            num_hidden_layers=cfg.text_layers,
+            max_position_embeddings=77,
+            projection_dim=cfg.text_hidden,
+        )
+    )
+
+
+def build_unet(cfg: ToyTrainConfig):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=world.SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        # no attention at the 16x16 level: self-attention over 256 positions tripled the step time (measured)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=8,
+    )
+
+
+def tokenizer():
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from dreambooth_lib.models import write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(Path(tmp) / "tok")))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --- stage 1: the VAE ----------------------------------------------------------------------------------------
+
+
+def train_vae(images: np.ndarray, cfg: ToyTrainConfig, log) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 1)
+    x_all = to_tensor(images)
+    for step in range(cfg.vae_steps):
+        x = x_all[rng.integers(len(x_all), size=cfg.vae_batch)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # a tiny KL weight: the latents stay near a unit Gaussian's scale without blurring the decoder
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        opt.step()
+        if step % 250 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae {step} mse {F.mse_loss(recon, x).item():.5f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The posterior means of all images (unscaled)."""
+    x_all = to_tensor(images)
+    return torch.cat([vae.encode(x_all[i : i + batch]).latent_dist.mean for i in range(0, len(x_all), batch)])
+
+
+@torch.no_grad()
+def vae_psnr(vae, images: np.ndarray) -> float:
+    x = to_tensor(images[:256])
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = F.mse_loss((recon + 1) / 2, (x + 1) / 2).item()
+    return 10 * math.log10(1.0 / mse)
+
+
+# --- stage 2: text encoder + UNet ----------------------------------------------------------------------------
+
+
+def train_text_to_image(latents: torch.Tensor, captions: list[str], cfg: ToyTrainConfig, log):
+    """Text encoder and UNet trained together on scaled latents; returns their EMA copies."""
+    from diffusers import DDPMScheduler
+
+    from dreambooth_lib.models.families.sd import SD_TRAINING_SCHEDULE
+
+    tok = tokenizer()
+    torch.manual_seed(cfg.seed + 2)
+    text_encoder = build_text_encoder(cfg)
+    unet = build_unet(cfg)
+    ema_te, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
+    scheduler = DDPMScheduler(**SD_TRAINING_SCHEDULE, clip_sample=False)
+    # the distinct captions (and "") are encoded once per step: the batch indexes into them
+    vocabulary = sorted(set(captions)) + [""]
+    ids = tok(
+        vocabulary,
+        padding="max_length",
+        max_length=tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    ids = ids.input_ids
+    caption_index = torch.tensor([vocabulary.index(c) for c in captions])
+    empty = len(vocabulary) - 1
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    text_encoder.train()
+    unet.train()
+    t0, running = time.perf_counter(), 0.0
+    for step in range(cfg.unet_steps):
+        lr = (
+            cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))
+        )
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
+        x0 = latents[idx]
+        cap = caption_index[idx]
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+        cap = torch.where(drop, torch.full_like(cap, empty), cap)
+        used, inverse = torch.unique(cap, return_inverse=True)
+        hidden = text_encoder(ids[used])[0][inverse]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, model in ((ema_te, text_encoder), (ema_unet, unet)):
+                for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    pe.lerp_(p, 1 - decay)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 200 == 0 or step == cfg.unet_steps - 1:
+            rate = (step + 1) * cfg.batch / (time.perf_counter() - t0)
+            log(f"unet {step} loss {running:.4f} lr {lr:.2e} {rate:.0f} samples/s")
+    return ema_te, ema_unet, tok
+
+
+def save_pipeline(out: Path, unet, vae, text_encoder, tok, dtype=torch.float16) -> Path:
+    """The diffusers folder, weights in `dtype` (fp16 ships: half the bytes; loaders upcast on CPU)."""
+    import shutil
+    import tempfile
+
+    from dreambooth_lib.models import write_clip_tokenizer
+    from dreambooth_lib.models.families import StableDiffusion
+
+    pipe = StableDiffusion.pipeline_from_parts(unet, vae, text_encoder, tok)
+    pipe.to(dtype=dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = write_clip_tokenizer(Path(tmp) / "tok")
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
+    pipe.to(dtype=torch.float32)
+    return out
+
+
+# --- the whole run -------------------------------------------------------------------------------------------
+
+
+def run(out_dir: str | Path, cfg: ToyTrainConfig) -> dict:
+    from dreambooth_lib.testing.toyworld import evaluators, probe
+
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / "train.log").open("w")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    scenes = world.sample_world(cfg.num_images, cfg.seed)
+    images = world.images_array(scenes)
+    caption_rng = np.random.default_rng(cfg.seed + 7)
+    captions = [world.partial_caption(s, caption_rng) for s in scenes]
+    labels = np.asarray([s.labels for s in scenes])
+    timings["world_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    vae = train_vae(images, cfg, log)
+    latents = encode_latents(vae, images)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    psnr = vae_psnr(vae, images)
+    timings["vae_s"] = time.perf_counter() - t
+    log(f"vae PSNR {psnr:.1f} dB, scaling_factor {scaling:.4f}")
+
+    t = time.perf_counter()
+    text_encoder, unet, tok = train_text_to_image(latents * scaling, captions, cfg, log)
+    timings["text_to_image_s"] = time.perf_counter() - t
+    model_dir = save_pipeline(out / "model", unet, vae, text_encoder, tok)
+
+    t = time.perf_counter()
+    probe_dir = probe.train_probe(
+        out / "evaluators" / "dino", images, labels, cfg.probe_steps, cfg.seed + 4, log
+    )
+    timings["probe_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    full_captions = [s.caption for s in scenes]
+    evaluators.train_clip(
+        out / "evaluators" / "clip", images, full_captions, cfg.clip_steps, cfg.seed + 5, log
+    )
+    timings["clip_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    accuracy = None
+    if cfg.eval_samples_per_caption:
+        accuracy = probe.prompt_following(
+            model_dir, probe_dir, cfg.eval_samples_per_caption, seed=cfg.seed + 6
+        )
+        log(f"probe accuracy on samples: {accuracy}")
+    timings["eval_s"] = time.perf_counter() - t
+    record = {
+        "config": asdict(cfg),
+        "vae_psnr_db": round(psnr, 2),
+        "scaling_factor": scaling,
+        "prompt_following": accuracy,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "threads": torch.get_num_threads(),
+        "cpu_time_s": round(time.process_time(), 1),
+        "command": "python -m dreambooth_lib.testing.toyworld.train --out OUT --ship  (make toyworld)",
+        "torch": torch.__version__,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log_file.close()
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--ship", action="store_true", help="then replace dreambooth_lib/assets/toyworld with it"
+    )
+    defaults = ToyTrainConfig()
+    for name, value in asdict(defaults).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    cfg = ToyTrainConfig(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
+    print(json.dumps(run(args.out, cfg), indent=2))
+    if args.ship:
+        from dreambooth_lib.testing.toyworld import shipped
+
+        print(f"shipped to {shipped.ship(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The toy world: 32x32 pictures of one coloured shape on a plain coloured background, with a caption and labels,
+deterministic in the seed.
+
+Small on purpose, so that a text-to-image model trained on one CPU thread for well under an hour follows prompts:
+4 shapes x 4 colours x 3 backgrounds (48 captions), strong colour contrasts, the shape's position, size and
+rotation varying so that a prompt has many right pictures (what DIV measures). Nothing in the world is magenta or
+cyan: `subject_images` draws a star split magenta | cyan, a subject the base world cannot draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (35, 60, 225), "yellow": (245, 215, 25)}
+BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
+# The subject's two colours: in no caption of the world.
+SUBJECT_COLORS = {"magenta": (235, 40, 215), "cyan": (30, 225, 225)}
+SUBJECT_CLASS = "star"
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+    cx: float  # centre, pixels
+    cy: float
+    radius: float  # pixels
+    angle: float  # radians
+
+    @property
+    def caption(self) -> str:
+        return caption(self.shape, self.color, self.background)
+
+    @property
+    def labels(self) -> tuple[int, int, int]:
+        """(shape, colour, background) indices: what the probe classifier learns."""
+        return (
+            SHAPES.index(self.shape),
+            list(COLORS).index(self.color),
+            list(BACKGROUNDS).index(self.background),
+        )
+
+
+def caption(shape: str, color: str, background: str) -> str:
+    return f"a {color} {shape} on a {background} background"
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A training caption: the full one 70 % of the time, else one that leaves out the colour, the background or
+    both, so that "a star" (DreamBooth's class prompt) and "a red star" mean "any such picture" to the model."""
+    kind = rng.choice(4, p=(0.7, 0.1, 0.1, 0.1))
+    if kind == 0:
+        return scene.caption
+    if kind == 1:
+        return f"a {scene.color} {scene.shape}"
+    if kind == 2:
+        return f"a {scene.shape} on a {scene.background} background"
+    return f"a {scene.shape}"
+
+
+def random_scene(rng: np.random.Generator, shape=None, color=None, background=None) -> Scene:
+    """A scene with the given attributes (each drawn uniformly when None) and a random placement."""
+    radius = float(rng.uniform(7.0, 11.0))
+    margin = radius + 1.0
+    return Scene(
+        shape=shape or SHAPES[rng.integers(len(SHAPES))],
+        color=color or list(COLORS)[rng.integers(len(COLORS))],
+        background=background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        cx=float(rng.uniform(margin, SIZE - margin)),
+        cy=float(rng.uniform(margin, SIZE - margin)),
+        radius=radius,
+        angle=float(rng.uniform(0, 2 * math.pi)),
+    )
+
+
+def _polygon(scene: Scene) -> list[tuple[float, float]] | None:
+    """Outline points of the scene's shape at 4x scale (None for a circle)."""
+    s, cx, cy, r, a = 4, scene.cx * 4, scene.cy * 4, scene.radius * 4, scene.angle
+    if scene.shape == "square":
+        pts = [
+            (r * 0.8 * math.cos(a + k * math.pi / 2), r * 0.8 * math.sin(a + k * math.pi / 2))
+            for k in range(4)
+        ]
+        pts = [(x * math.sqrt(2), y * math.sqrt(2)) for x, y in pts]
+        pts = [(x * 0.75, y * 0.75) for x, y in pts]
+    elif scene.shape == "triangle":
+        pts = [
+            (r * math.cos(a + k * 2 * math.pi / 3), r * math.sin(a + k * 2 * math.pi / 3)) for k in range(3)
+        ]
+    elif scene.shape == "star":
+        pts = [
+            ((r if k % 2 == 0 else r * 0.45) * math.cos(a + k * math.pi / 5),
+             (r if k % 2 == 0 else r * 0.45) * math.sin(a + k * math.pi / 5))
+            for k in range(10)
+        ]  # fmt: skip
+    else:
+        return None
+    del s
+    return [(cx + x, cy + y) for x, y in pts]
+
+
+def render(scene: Scene, fill=None, second_fill=None) -> Image.Image:
+    """The scene as a 32x32 RGB image, drawn at 4x and downsampled (anti-aliased edges). `fill` overrides the
+    shape's colour; `second_fill` paints the shape's right half (the subject's pattern)."""
+    big = SIZE * 4
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    poly = _polygon(scene)
+    if poly is None:
+        r = scene.radius * 4 * 0.85
+        draw.ellipse((scene.cx * 4 - r, scene.cy * 4 - r, scene.cx * 4 + r, scene.cy * 4 + r), fill=255)
+    else:
+        draw.polygon(poly, fill=255)
+    img.paste(fill or COLORS[scene.color], (0, 0), mask)
+    if second_fill is not None:
+        half = Image.new("L", (big, big), 0)
+        ImageDraw.Draw(half).rectangle((int(scene.cx * 4), 0, big, big), fill=255)
+        right = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(half)))
+        img.paste(second_fill, (0, 0), right)
+    return img.resize((SIZE, SIZE), Image.BOX)
+
+
+def sample_world(n: int, seed: int) -> list[Scene]:
+    """`n` random scenes, deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+def images_array(scenes: list[Scene]) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 of the rendered scenes."""
+    return np.stack([np.asarray(render(s)) for s in scenes])
+
+
+def subject_scenes(
+    n: int = 4, seed: int = 0, background: str = "gray", shape: str = SUBJECT_CLASS
+) -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng, shape=shape, color="red", background=background) for _ in range(n)]
+
+
+def render_subject(scene: Scene, colors: tuple[str, str] = ("magenta", "cyan")) -> Image.Image:
+    """The subject: the scene's shape with its left half in colors[0] and right half in colors[1] (by default a
+    magenta | cyan split: colours in no caption of the world)."""
+    return render(scene, fill=SUBJECT_COLORS[colors[0]], second_fill=SUBJECT_COLORS[colors[1]])
+
+
+def subject_images(
+    out_dir: str | Path,
+    n: int = 4,
+    seed: int = 0,
+    size: int = SIZE,
+    background: str = "gray",
+    shape: str = SUBJECT_CLASS,
+    colors: tuple[str, str] = ("magenta", "cyan"),
+) -> Path:
+    """Write `n` PNG views of a subject (upscaled to `size` px, nearest) for ingest; deterministic in `seed`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(subject_scenes(n, seed, background, shape)):
+        img = render_subject(scene, colors)
+        if size != SIZE:
+            img = img.resize((size, size), Image.NEAREST)
+        img.save(out / f"{i:02d}.png")
+    return out
+
+
+def subject_fraction(image: Image.Image) -> float:
+    """The fraction of the image's pixels near the subject's magenta or cyan: nothing of the base world is."""
+    arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)
+    near = np.zeros(arr.shape[:2], dtype=bool)
+    for rgb in SUBJECT_COLORS.values():
+        near |= np.linalg.norm(arr - np.asarray(rgb, dtype=np.float32), axis=-1) < 60
+    return float(near.mean())
+
+
+def is_subject(image: Image.Image, threshold: float = 0.04) -> bool:
+    """Whether the image shows the subject's colours over at least `threshold` of it (a star of the world covers
+    ~10-20 % of the picture)."""
+    return subject_fraction(image) >= threshold
