@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu test-containers lint format demo compile bench bench-gpu submit schedule images clean
+.PHONY: install test test-gpu test-containers lint format demo toyworld compile bench bench-gpu submit schedule images clean
 
 # The development environment installs the same pins as the container images (images/requirements.txt), so the
 # tests run exactly what the cluster runs.
@@ -33,6 +33,11 @@ test-containers: $(STAMP)
 # The main job on the embedded default: tiny model + synthetic subjects through kfp.local, end to end.
 demo: $(STAMP)
 	$(BIN)/python -W ignore -m pipelines.demo
+
+# Retrain the toy world the demo runs on (VAE, text encoder, UNet, probe, toy CLIP; ~45 min of one CPU thread) and
+# replace the shipped weights in dreambooth_lib/assets/toyworld/ (fp16, SHA256SUMS rewritten). Not part of CI.
+toyworld: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m dreambooth_lib.testing.toyworld.train --out build/toyworld --ship
 
 # pipelines/compiled/*.yaml for both targets (KFP on Kubernetes, Vertex AI Pipelines).
 compile: $(STAMP)
