@@ -144,12 +144,12 @@ def get_generation(uri: str) -> int | None:
 def read_bytes_with_generation(uri: str) -> tuple[bytes | None, int]:
     """(content, generation) for a read-modify-write loop; (None, 0) when absent. Generation 0 = 'must not exist'."""
     if is_gcs(uri):
-        if gcs.metadata(uri) is None:
-            return None, 0
+        from google.api_core import exceptions as gexc
+
         try:
             return gcs.read_bytes(uri)
-        except StorageError:
-            if gcs.metadata(uri) is None:  # deleted between the two reads
+        except StorageError as err:
+            if isinstance(err.__cause__, gexc.NotFound):
                 return None, 0
             raise
     p = Path(uri)

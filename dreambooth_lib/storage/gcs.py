@@ -163,65 +163,99 @@ def list_objects(
 # --- downloading -------------------------------------------------------------------------------------------------
 
 
-def _crc32c_b64(crc) -> str:
-    return base64.b64encode(crc.digest()).decode()
+@dataclass(frozen=True)
+class _Piece:
+    """One range of an object as a media GET returned it, with what the headers say of the whole object."""
+
+    data: bytes
+    generation: int
+    size: int  # of the whole object
+    hashes: dict[str, str]  # x-goog-hash: the object's stored "crc32c" and "md5", base64
 
 
 def download(uri: str, new_sink: Callable[[], IO[bytes]]) -> tuple[IO[bytes], int]:
-    """Read the object into a sink from `new_sink()` (a fresh one per attempt), in ranges pinned to one
-    generation, and check the whole against the object's CRC32C (or MD5); (the sink, the generation)."""
+    """Read the object into a sink from `new_sink()` (a fresh one per attempt) and check the whole against the
+    object's stored CRC32C (or MD5); (the sink, the generation). The object is read in ranges, each retried on its
+    own; the first range's answer names the generation, which the others are pinned to, and the checksums (GCS
+    sends them with every media answer, so they always describe the bytes being read)."""
     import hashlib
 
     import google_crc32c
 
+    step = current_policy().download_range_bytes
+
     def whole_object() -> tuple[IO[bytes], int]:
-        meta = metadata(uri)
-        if meta is None:
-            raise StorageError(f"{uri}: not found (check the bucket and path)")
-        size, generation = int(meta.size or 0), int(meta.generation)
         sink, crc, md5 = new_sink(), google_crc32c.Checksum(), hashlib.md5()
-        step = current_policy().download_range_bytes
         try:
-            for start in range(0, size, step):
-                end = min(size, start + step) - 1
-                piece = with_retries(
-                    uri,
-                    f"download of bytes {start}-{end}",
-                    lambda s=start, e=end: _range(uri, generation, s, e),
+            first = with_retries(
+                uri, f"download of bytes 0-{step - 1}", lambda: _media(uri, None, 0, step - 1)
+            )
+            pieces = [first.data]
+            for start in range(len(first.data), first.size, step):
+                end = min(first.size, start + step) - 1
+                pieces.append(
+                    with_retries(
+                        uri,
+                        f"download of bytes {start}-{end}",
+                        lambda s=start, e=end: _media(uri, first.generation, s, e).data,
+                    )
                 )
+            for piece in pieces:
                 sink.write(piece)
                 crc.update(piece)
                 md5.update(piece)
-            if meta.crc32c:
-                want, got, kind = meta.crc32c, _crc32c_b64(crc), "CRC32C"
-            else:  # a composite object has no MD5, any object a CRC32C; the fallback is for emulators
-                want, got, kind = meta.md5_hash, base64.b64encode(md5.digest()).decode(), "MD5"
+            if "crc32c" in first.hashes:
+                want, got, kind = first.hashes["crc32c"], base64.b64encode(crc.digest()).decode(), "CRC32C"
+            else:  # every GCS object has a CRC32C (a composite one no MD5); the fallback is for emulators
+                want, got, kind = first.hashes.get("md5"), base64.b64encode(md5.digest()).decode(), "MD5"
             if want and got != want:
                 count("checksum mismatch")
                 raise TransientError(f"checksum mismatch: {kind} {got} read, the object's is {want}")
         except BaseException:
             getattr(sink, "close", lambda: None)()  # a file sink of a failed attempt
             raise
-        return sink, generation
+        return sink, first.generation
 
     with errors_named(uri):
         return with_retries(uri, "verified download", whole_object)
 
 
-def _range(uri: str, generation: int, start: int, end: int) -> bytes:
+def _media(uri: str, generation: int | None, start: int, end: int) -> _Piece:
+    """Bytes start..end of the object (of `generation`, when given), as stored: no transcoding, no decoding."""
+    from urllib.parse import quote
+
     from google.api_core import exceptions as gexc
 
-    try:
-        return blob(uri).download_as_bytes(
-            start=start,
-            end=end,
-            if_generation_match=generation,
-            checksum=None,  # the whole object is checked against its metadata once all ranges are in
-            timeout=_timeout(),
-            retry=None,
-        )
-    except (gexc.PreconditionFailed, gexc.NotFound) as err:
-        raise TransientError(f"replaced while read: generation {generation} is gone ({err})") from err
+    bucket, name = split_gcs(uri)
+    url = f"{client()._connection.API_BASE_URL}/download/storage/v1/b/{bucket}/o/{quote(name, safe='')}?alt=media"
+    if generation is not None:
+        url += f"&generation={generation}"
+    headers = {
+        "Range": f"bytes={start}-{end}",
+        "Accept-Encoding": "gzip",
+    }  # gzip: the stored bytes, as hashed
+    with client()._http.get(url, headers=headers, stream=True, timeout=_timeout()) as response:
+        if response.status_code == 416:  # no byte 0: an empty object, described by its metadata
+            meta = metadata(uri)
+            if meta is None:
+                raise gexc.NotFound(f"{uri}: deleted while read")
+            return _Piece(b"", int(meta.generation), 0, {"crc32c": meta.crc32c} if meta.crc32c else {})
+        if response.status_code not in (200, 206):
+            response.content  # noqa: B018 - the error's message is in the body
+            err = gexc.from_http_response(response)
+            if generation is not None and response.status_code == 404:
+                raise TransientError(f"replaced while read: generation {generation} is gone ({err})") from err
+            raise err
+        data = response.raw.read(decode_content=False)
+        headers = response.headers
+    total = headers.get("Content-Range", "").rsplit("/", 1)[-1]
+    hashes = dict(h.strip().split("=", 1) for h in headers.get("x-goog-hash", "").split(",") if "=" in h)
+    return _Piece(
+        data=data,
+        generation=int(headers.get("x-goog-generation") or generation or 0),
+        size=int(total) if response.status_code == 206 and total.isdigit() else len(data),
+        hashes=hashes,
+    )
 
 
 def read_bytes(uri: str) -> tuple[bytes, int]:

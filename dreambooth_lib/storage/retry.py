@@ -126,11 +126,13 @@ def transient_reason(err: BaseException) -> str | None:
         return "timeout"
     if isinstance(err, requests.exceptions.ConnectionError) and "timed out" in str(err).lower():
         return "timeout"  # a read timeout inside a streamed body surfaces as a ConnectionError
+    if isinstance(err, urllib3.exceptions.TimeoutError):
+        return "timeout"
     if isinstance(
         err,
-        requests.exceptions.ConnectionError
+        urllib3.exceptions.HTTPError  # ProtocolError, IncompleteRead: a body cut short
+        | requests.exceptions.ConnectionError
         | requests.exceptions.ChunkedEncodingError
-        | urllib3.exceptions.ProtocolError
         | http.client.HTTPException
         | ConnectionError,
     ):

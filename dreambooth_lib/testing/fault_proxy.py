@@ -39,6 +39,7 @@ FAULT_KINDS = (
     "drop_response",
     "corrupt_download",
 )
+HEAD_BYTES = 4096  # of a request's body a rule may match: a multipart upload names its object there
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "trailer"}
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -50,6 +51,9 @@ class Request:
     method: str
     path: str  # with the query
     body_bytes: int
+    head: str = (
+        ""  # the start of the body (latin-1), e.g. a multipart upload's metadata with the object's name
+    )
 
     @property
     def is_media_download(self) -> bool:
@@ -76,7 +80,7 @@ def applicable(kind: str, request: Request) -> bool:
 @dataclass
 class FaultRule:
     """A fault forced on matching requests, before the random schedule: `kind` for requests whose
-    "METHOD path" matches `pattern`, the first `times` of them (every one when None)."""
+    "METHOD path\nhead of the body" matches `pattern` (re.search), the first `times` of them (all when None)."""
 
     kind: str
     pattern: str
@@ -86,7 +90,7 @@ class FaultRule:
     def take(self, request: Request) -> bool:
         if self.times is not None and self.used >= self.times:
             return False
-        if not re.search(self.pattern, f"{request.method} {request.path}"):
+        if not re.search(self.pattern, f"{request.method} {request.path}\n{request.head}"):
             return False
         if not applicable(self.kind, request):
             return False
@@ -130,6 +134,7 @@ class FaultProxy:
         self.schedule = schedule or FaultSchedule()
         self.stall_s = stall_s
         self._counts: Counter[str] = Counter()
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault) of every request
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -144,10 +149,15 @@ class FaultProxy:
         with self._lock:
             self.schedule = schedule
             self._counts.clear()
+            self.log.clear()
 
     def record(self, event: str) -> None:
         with self._lock:
             self._counts[event] += 1
+
+    def logged(self, request: Request, fault: str | None) -> None:
+        with self._lock:
+            self.log.append((request.method, request.path, fault))
 
     def stats(self) -> dict:
         """{"requests": how many arrived, "faults": {kind: how many were injected}}."""
@@ -189,21 +199,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self._serve()
+        try:
+            self._serve()
+        except OSError:  # the client gave up first (its timeout, after a stall): nothing to answer
+            self.close_connection = True
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-        request = Request(self.command, self.path, length if not chunked else 1)
+        head = b"" if chunked else self.rfile.read(min(length, HEAD_BYTES))
+        request = Request(self.command, self.path, length if not chunked else 1, head.decode("latin-1"))
         self.proxy.record("requests")
         fault = self.proxy.schedule.pick(request)
-        if fault == "reset_upload":
-            self.rfile.read(max(length // 2, 0) if not chunked else 1)
+        self.proxy.logged(request, fault)
+        if fault == "reset_upload":  # mid-body: the client is still sending the rest
+            self.rfile.read(max(length // 2 - len(head), 0))
             self.proxy.record(fault)
             return self._reset()
-        body = self._read_body(length, chunked)
+        body = head + self._read_body(length - len(head), chunked)
         if fault in ("503", "429", "500"):
             self.proxy.record(fault)
             return self._error(int(fault))
