@@ -58,13 +58,10 @@ def default_cache_dir() -> Path:
 
 def _gcs_content_key(uri: str) -> str:
     """A key of a gs:// model from object metadata (names, sizes, checksums), with no download."""
-    from dreambooth_lib.storage import _client, split_gcs
-
-    bucket, name = split_gcs(uri)
-    prefix = name.rstrip("/") + "/"
+    prefix = storage.split_gcs(uri)[1].rstrip("/") + "/"
     h = hashlib.sha256()
     n = 0
-    for blob in sorted(_client().list_blobs(bucket, prefix=prefix), key=lambda b: b.name):
+    for blob in storage.list_objects(uri):
         h.update(
             f"{blob.name[len(prefix) :]}\0{blob.size}\0{blob.crc32c or ''}\0{blob.md5_hash or ''}\n".encode()
         )
@@ -145,19 +142,13 @@ def _digest_entries(uri: str, allow_pickle: bool) -> list[tuple[str, int, str]]:
     """(relative name, size, base64 MD5) of every file of the model, hidden files (cache markers) left out. On
     gs:// the MD5 is the object's own metadata (no download); a composite object has none and is read."""
     if storage.is_gcs(uri):
-        from dreambooth_lib.storage import _client, split_gcs
-
-        bucket, name = split_gcs(uri)
-        prefix = name.rstrip("/") + "/"
+        prefix = storage.split_gcs(uri)[1].rstrip("/") + "/"
         entries = []
-        for blob in _client().list_blobs(bucket, prefix=prefix):
+        for blob in storage.list_objects(uri):
             rel = blob.name[len(prefix) :]
             if rel.rsplit("/", 1)[-1].startswith("."):
                 continue
-            md5 = blob.md5_hash
-            if not md5:
-                with blob.open("rb") as f:
-                    md5 = _md5_b64(iter(lambda f=f: f.read(1 << 20), b""))
+            md5 = blob.md5_hash or base64.b64encode(storage.file_hash(blob.uri, "md5").digest()).decode()
             entries.append((rel, int(blob.size), md5))
         if not entries:
             raise ModelLoadError(

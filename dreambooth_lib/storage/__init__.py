@@ -173,6 +173,14 @@ def list_files(prefix: str | Path, recursive: bool = True) -> list[str]:
     return sorted(str(p) for p in it if p.is_file() and not p.name.startswith(".tmp-"))
 
 
+def list_objects(prefix: str) -> list[gcs.ObjectInfo]:
+    """Every object under a gs:// folder/prefix, by name, with its size and stored checksums (nothing is
+    downloaded): what identifies a gs:// model's content."""
+    _, name = split_gcs(prefix)
+    objects = gcs.list_objects(prefix, name.rstrip("/") + "/" if name else "")
+    return sorted(objects, key=lambda o: o.name)
+
+
 def relative(uri: str, prefix: str) -> str:
     """The part of `uri` below `prefix`, with '/' separators."""
     uri, prefix = str(uri), str(prefix)
@@ -380,30 +388,33 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    """sha256 of a local file or a gs:// object, streamed in 1 MiB chunks (never the whole file in memory)."""
+    """sha256 of a local file or a gs:// object, streamed (never the whole file in memory)."""
+    return file_hash(path, "sha256").hexdigest()
+
+
+def file_hash(path: str | Path, algorithm: str):
+    """The hashlib hash (`algorithm`: "sha256", "md5", ...) of a local file, read in 1 MiB chunks, or of a gs://
+    object, downloaded range by range and verified against its stored checksum."""
     path = str(path)
     if is_gcs(path):
-        hasher, _ = gcs.download(path, _Sha256Sink)  # verified against the object's checksum, range by range
-        return hasher.hexdigest()
-    h = hashlib.sha256()
+        sink, _ = gcs.download(path, lambda: _HashSink(algorithm))
+        return sink.hash
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
 
 
-class _Sha256Sink:
-    """A download sink that keeps only the sha256 of what it is given."""
+class _HashSink:
+    """A download sink that keeps only the hash of what it is given."""
 
-    def __init__(self):
-        self._hash = hashlib.sha256()
+    def __init__(self, algorithm: str):
+        self.hash = hashlib.new(algorithm, usedforsecurity=False)
 
     def write(self, data: bytes) -> int:
-        self._hash.update(data)
+        self.hash.update(data)
         return len(data)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
 
 
 def digest_prefix(uri: str | Path) -> str:
