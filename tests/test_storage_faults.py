@@ -378,6 +378,47 @@ def test_16_concurrent_registry_publications_under_faults(proxy, bucket, tmp_pat
     assert len(reader_saw) > 1 and all(seen.items() <= state.items() for seen in reader_saw)
 
 
+def test_a_registry_change_committed_under_a_lost_answer_is_applied_once(gcs_bucket, tmp_path, monkeypatch):
+    """The case the write id cannot settle: our index write committed, its answer was lost, and another writer's
+    change landed on top before the retry, so storage reports a conflict. The claim and the publication are still
+    applied once: one version, published, beside the rival's entries."""
+    root = f"{gcs_bucket}/registry"
+    index = f"{root}/index.json"
+    real_write = storage.write_bytes
+    superseded: list[str] = []
+
+    def committed_then_overwritten(uri, data, *, if_generation_match=None):
+        real_write(uri, data, if_generation_match=if_generation_match)
+        stage = "claim" if not superseded else "publication" if b'"ready"' in data else None
+        if uri == index and stage and stage not in superseded:
+            superseded.append(stage)
+            entries = json.loads(storage.read_bytes(index))
+            rival = {"subject": "cat", "version": len(superseded), "identifier": "abc", "base_model": "x"}
+            real_write(index, json.dumps([*entries, {**rival, "status": "pending"}]).encode())
+            raise PreconditionFailed(f"{index}: changed by another writer (generation precondition failed)")
+
+    monkeypatch.setattr(storage, "write_bytes", committed_then_overwritten)
+    m = open_registry(root).register(
+        subject="dog",
+        model_dir=_fake_model(tmp_path / "m", "0"),
+        identifier="zwx",
+        class_noun="dog",
+        base_model="org/tiny-sd",
+        base_model_digest="digest-a",
+        metrics=None,
+        gate=None,
+        lineage={},
+    )
+    assert superseded == ["claim", "publication"]
+    entries = storage.read_json(index)
+    assert [(e["subject"], e["version"], e["status"]) for e in entries] == [
+        ("dog", 1, "ready"),
+        ("cat", 1, "pending"),
+        ("cat", 2, "pending"),
+    ]
+    assert m.version == 1 and open_registry(root).show("dog").model_uri == m.model_uri
+
+
 # --- training with checkpoints on gs://, and a resume -----------------------------------------------------------
 
 TRAIN = TrainConfig(
