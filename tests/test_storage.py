@@ -114,3 +114,23 @@ def test_gcs_uri_parsing():
     assert storage.join("gs://b/x/", "y", "z.png") == "gs://b/x/y/z.png"
     with pytest.raises(StorageError, match="no bucket"):
         storage.split_gcs("gs:///x")
+
+
+def test_which_gcs_failures_are_retried_and_how_long_it_waits():
+    import requests
+    from google.api_core import exceptions as gexc
+
+    from dreambooth_lib.storage.retry import transient_reason
+
+    assert transient_reason(gexc.ServiceUnavailable("x")) == "503"
+    assert transient_reason(gexc.TooManyRequests("x")) == "429"
+    assert transient_reason(requests.exceptions.ReadTimeout("x")) == "timeout"
+    assert transient_reason(ConnectionResetError()) == "connection"
+    for final in (gexc.NotFound("x"), gexc.Forbidden("x"), gexc.PreconditionFailed("x"), ValueError("bug")):
+        assert transient_reason(final) is None  # another attempt cannot help: raised at once
+
+    policy = storage.RetryPolicy(initial_backoff_s=1.0, max_backoff_s=8.0)
+    assert all(0 <= policy.backoff(1) <= 1.0 for _ in range(50))  # full jitter under the exponential ceiling
+    assert all(0 <= policy.backoff(10) <= 8.0 for _ in range(50))
+    assert all(policy.backoff(1, retry_after_s=3.0) >= 3.0 for _ in range(50))  # what the server asked for
+    assert policy.backoff(1, retry_after_s=600.0) == 8.0  # but never past the policy's longest wait

@@ -3,7 +3,8 @@ whether a lost answer committed, paged listings, server-side copies, deletes.
 
 Every library call is made with `retry=None` and the policy's timeout: the retrying is done here, once, so its
 counts and limits are ours. Three cases need more than "try again":
-- a download is checked against the object's stored CRC32C (or MD5): a mismatch is retried, never returned;
+- a download is checked against the object's stored CRC32C (or MD5), as the answer's x-goog-hash gives it for the
+  generation read: a mismatch is retried, never returned;
 - an upload whose answer was lost (a reset, a timeout, a 5xx) may still have committed. Retrying an unconditional
   upload writes the same bytes again, which is harmless; a conditional one (`if_generation_match`) would fail its
   own precondition, so it carries a write id in its metadata and a 412 after a lost answer is checked against it:
@@ -315,7 +316,7 @@ def _upload_once(
     conditions: dict[str, Any] = {}
     if if_generation_match is not None:
         conditions["if_generation_match"] = if_generation_match
-    from google.cloud.storage.blob import _MAX_MULTIPART_SIZE
+    from google.cloud.storage.blob import _MAX_MULTIPART_SIZE  # above it the library itself goes resumable
 
     if size <= min(policy.multipart_max_bytes, _MAX_MULTIPART_SIZE):
         b.upload_from_file(stream, size=size, timeout=policy.request_timeout_s, retry=None, **conditions)

@@ -111,10 +111,14 @@ def transient_reason(err: BaseException) -> str | None:
     import requests
     import urllib3
     from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exceptions
     from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
     if isinstance(err, TransientError):
         return str(err).split(":", 1)[0]
+    if isinstance(err, auth_exceptions.TransportError):  # refreshing a token met a network failure
+        cause = err.args[0] if err.args and isinstance(err.args[0], BaseException) else None
+        return transient_reason(cause) if cause is not None else "token refresh"
     if isinstance(err, DataCorruption):
         return "checksum mismatch"
     if isinstance(err, gexc.GoogleAPICallError):
