@@ -29,9 +29,9 @@ def tiny_evaluators(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture
 def photos(tmp_path) -> Path:
-    from pipelines.demo import make_subject
+    from dreambooth_lib.testing.synthetic import make_subject_images
 
-    return make_subject(tmp_path / "photos")
+    return make_subject_images(tmp_path / "photos", n=4, size=96)
 
 
 @pytest.fixture
@@ -65,12 +65,12 @@ def ingested(tmp_path_factory):
     from kfp.dsl import Dataset
 
     from components.ingest.component import ingest_images
-    from pipelines.demo import make_subject
+    from dreambooth_lib.testing.synthetic import make_subject_images
 
     root = tmp_path_factory.mktemp("ingested")
     out = artifact(Dataset, root / "instance")
     ingest_images.python_func(
-        images_uri=str(make_subject(root / "photos")), images_digest="", resolution=64, instance_images=out,
+        images_uri=str(make_subject_images(root / "photos", n=4, size=96)), images_digest="", resolution=64, instance_images=out,
         ingest_options={"min_side": 64},
     )  # fmt: skip
     return out

@@ -163,7 +163,7 @@ class SelectConfig(_Strict):
     )
     images_per_prompt: int = Field(2, ge=1, le=16, description="fixed seeds per prompt")
     class_images: int = Field(4, ge=0, le=64, description="'a [class]' images for PRES (0: PRES unscored)")
-    sample_steps: int = Field(20, ge=1, le=1000)
+    steps: int = Field(20, ge=1, le=1000, description="sampler steps per probe image")
     sampler: Sampler = "dpm++"
     guidance_scale: float | None = Field(None, ge=0, description="None: the model family's default")
     batch_size: int = Field(8, ge=1, le=256)

@@ -231,7 +231,7 @@ def test_a_retried_fine_tune_pod_exports_the_same_chosen_step(personalize_spec, 
     store = ObjectStore()
     bucket = on_gcs["bucket"]
     checkpoints = f"{bucket}/checkpoints"
-    rule = {"every": 2, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "sample_steps": 2}
+    rule = {"every": 2, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "steps": 2}
     train_options = {"learning_rate": 1e-4, "checkpoint_every": 2, "log_every": 2, "select": rule}
 
     def preempt_after_first_checkpoint(task: RunningTask) -> None:

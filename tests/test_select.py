@@ -77,7 +77,7 @@ def _config(tiny_evaluators, **select_options) -> TrainConfig:
         "prompts": 2,
         "images_per_prompt": 2,
         "class_images": 2,
-        "sample_steps": 2,
+        "steps": 2,
         "dino_model": tiny_evaluators["dino"],
         "clip_model": tiny_evaluators["clip"],
         "lpips_weights": tiny_evaluators["lpips"],
@@ -226,7 +226,7 @@ def test_dreambooth_run_exports_the_chosen_step_and_reports_the_curves(
             "train": {
                 "mode": "lora", "steps": 4, "resolution": TRAIN_RES, "prior_loss_weight": 0.0,
                 "checkpoint_every": 0, "select": {"every": 2, "prompts": 1, "images_per_prompt": 2,
-                                                  "class_images": 2, "sample_steps": 2},
+                                                  "class_images": 2, "steps": 2},
             },
             "eval": {"max_prompts": 1, "images_per_prompt": 2, "pres_images": 2, "steps": 2,
                      "dino_model": tiny_evaluators["dino"], "clip_model": tiny_evaluators["clip"]},

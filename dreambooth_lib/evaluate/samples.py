@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from dreambooth_lib import storage
-from dreambooth_lib.config import EvalConfig
+from dreambooth_lib.config import EvalConfig, SelectConfig
 from dreambooth_lib.images import png_bytes
 
 
@@ -56,9 +56,12 @@ def release_pipeline(pipe: Any) -> None:
 
 
 def sample_prompts(
-    pipe: Any, prompts: list[str], n: int, config: EvalConfig, resolution: int
+    pipe: Any, prompts: list[str], n: int, config: EvalConfig | SelectConfig, resolution: int
 ) -> list[list[Image.Image]]:
-    """n images per prompt, image j of every prompt from seed image_seed(config.seed, j), batched across prompts."""
+    """n images per prompt, image j of every prompt from seed image_seed(config.seed, j), batched across prompts
+    (`config`: the evaluation's settings, or train.select's for its probes)."""
+    if n == 0:
+        return [[] for _ in prompts]
     from dreambooth_lib.models.sampling import image_seed, sample_images
 
     flat = [p for p in prompts for _ in range(n)]

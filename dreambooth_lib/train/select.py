@@ -204,27 +204,17 @@ class Selector:
         return stop
 
     def _score(self, pipe: Any, t: Trainer, k: int) -> dict[str, float | None]:
-        from dreambooth_lib.models.sampling import image_seed, sample_images
+        from dreambooth_lib.evaluate.samples import sample_prompts
 
-        s, n, m = self.select, self.select.images_per_prompt, self.select.class_images
-        prompts = [p for p in self.prompts[k] for _ in range(n)] + [self.class_prompts[k]] * m
-        seeds = [image_seed(s.seed, j) for _ in self.prompts[k] for j in range(n)]
-        seeds += [image_seed(s.seed, j) for j in range(m)]
+        s = self.select
         with sampling_view(pipe, t, k) as view:
-            images = sample_images(
-                view,
-                prompts,
-                seeds,
-                steps=s.sample_steps,
-                sampler=s.sampler,
-                guidance_scale=s.guidance_scale,
-                resolution=self.resolution,
-                batch_size=s.batch_size,
-            )
-        groups = [images[i * n : (i + 1) * n] for i in range(len(self.prompts[k]))]
+            groups = sample_prompts(view, self.prompts[k], s.images_per_prompt, s, self.resolution)
+            class_images = sample_prompts(view, [self.class_prompts[k]], s.class_images, s, self.resolution)[
+                0
+            ]
         scorer = self.scorers[k]
         _, overall = scorer.score_prompts(groups, self.clip_t_texts[k])
-        overall["pres"] = scorer.pres(images[len(prompts) - m :]) if m else None
+        overall["pres"] = scorer.pres(class_images)
         return {name: overall.get(name) for name in PROBE_METRICS}
 
     @staticmethod

@@ -85,7 +85,7 @@ def test_select_scores_with_the_evaluate_options_and_logs_the_chosen_step(
     """train_options {"select": ...} without evaluators takes eval_options' (as the evaluate task scores), and the
     selection Metrics artifact carries the chosen step and every probe's scores."""
     out, selection = artifact(Model, tmp_path / "m"), artifact(Metrics, tmp_path / "s")
-    rule = {"every": 1, "prompts": 1, "images_per_prompt": 1, "class_images": 1, "sample_steps": 1}
+    rule = {"every": 1, "prompts": 1, "images_per_prompt": 1, "class_images": 1, "steps": 1}
     fine_tune.python_func(
         base_model=tiny_model_dir, base_model_digest="", instance_images=ingested, instance_digest="",
         prior_set=no_prior, checkpoint_root="", identifier="zwx", class_noun="square", resolution=64, steps=2,
