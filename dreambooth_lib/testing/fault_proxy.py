@@ -115,15 +115,16 @@ class FaultSchedule:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
 
-    def pick(self, request: Request) -> str | None:
+    def pick(self, request: Request) -> tuple[str | None, bool]:
+        """(the fault for `request` or None, whether a rule forced it)."""
         with self._lock:
             for rule in self.rules:
                 if rule.take(request):
-                    return rule.kind
+                    return rule.kind, True
             if self._rng.random() >= self.rate:
-                return None
+                return None, False
             choices = [k for k in self.kinds if applicable(k, request)]
-            return self._rng.choice(choices) if choices else None
+            return (self._rng.choice(choices) if choices else None), False
 
 
 class FaultProxy:
@@ -136,12 +137,14 @@ class FaultProxy:
         self._counts: Counter[str] = Counter()
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, fault) of every request
         self._lock = threading.Lock()
-        self._closing = threading.Event()
+        self.closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self.netloc = f"127.0.0.1:{self._server.server_address[1]}"
         self.url = f"http://{self.netloc}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
+        )
         self._thread.start()
 
     def use(self, schedule: FaultSchedule) -> None:
@@ -160,13 +163,14 @@ class FaultProxy:
             self.log.append((request.method, request.path, fault))
 
     def stats(self) -> dict:
-        """{"requests": how many arrived, "faults": {kind: how many were injected}}."""
+        """{"requests": how many arrived, "faults": {kind: how many were injected}}; a fault a rule forced is
+        counted as "<kind> (rule)"."""
         with self._lock:
             faults = {k: v for k, v in self._counts.items() if k != "requests"}
             return {"requests": self._counts["requests"], "faults": dict(sorted(faults.items()))}
 
     def close(self) -> None:
-        self._closing.set()
+        self.closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -212,31 +216,32 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         head = b"" if chunked else self.rfile.read(min(length, HEAD_BYTES))
         request = Request(self.command, self.path, length if not chunked else 1, head.decode("latin-1"))
         self.proxy.record("requests")
-        fault = self.proxy.schedule.pick(request)
+        fault, forced = self.proxy.schedule.pick(request)
+        counted = f"{fault} (rule)" if forced else fault
         self.proxy.logged(request, fault)
         if fault == "reset_upload":  # mid-body: the client is still sending the rest
             self.rfile.read(max(length // 2 - len(head), 0))
-            self.proxy.record(fault)
+            self.proxy.record(counted)
             return self._reset()
         body = head + self._read_body(length - len(head), chunked)
         if fault in ("503", "429", "500"):
-            self.proxy.record(fault)
+            self.proxy.record(counted)
             return self._error(int(fault))
         if fault == "stall":
-            self.proxy.record(fault)
-            self.proxy._closing.wait(self.proxy.stall_s)
+            self.proxy.record(counted)
+            self.proxy.closing.wait(self.proxy.stall_s)
             self.close_connection = True
             return None
         status, reason, headers, answer = self._forward(body)
         if fault == "drop_response":
-            self.proxy.record(fault)
+            self.proxy.record(counted)
             return self._reset()
-        if fault == "corrupt_download" and answer:
-            self.proxy.record(fault)
+        if fault == "corrupt_download" and answer and status in (200, 206):  # an object's bytes, not an error
+            self.proxy.record(counted)
             middle = len(answer) // 2
             answer = answer[:middle] + bytes([answer[middle] ^ 0xFF]) + answer[middle + 1 :]
         if fault == "reset_download":
-            self.proxy.record(fault)
+            self.proxy.record(counted)
             self._send_head(status, reason, headers, len(answer))
             self.wfile.write(answer[: len(answer) // 2])
             self.wfile.flush()
