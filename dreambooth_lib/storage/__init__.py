@@ -24,23 +24,11 @@ from typing import Any
 from dreambooth_lib.errors import PreconditionFailed, StorageError
 from dreambooth_lib.storage import gcs
 from dreambooth_lib.storage.gcs import GCS_PREFIX, split_gcs
-from dreambooth_lib.storage.retry import (
-    RetryPolicy,
-    current_policy,
-    retry_counts,
-    retry_policy_in_effect,
-    set_retry_policy,
-)
-
-__all__ = [
-    "GCS_PREFIX",
-    "RetryPolicy",
-    "current_policy",
-    "retry_counts",
-    "retry_policy_in_effect",
-    "set_retry_policy",
-    "split_gcs",
-]
+from dreambooth_lib.storage.retry import RetryPolicy as RetryPolicy  # the policy and its counts, re-exported
+from dreambooth_lib.storage.retry import current_policy as current_policy
+from dreambooth_lib.storage.retry import retry_counts as retry_counts
+from dreambooth_lib.storage.retry import retry_policy_in_effect as retry_policy_in_effect
+from dreambooth_lib.storage.retry import set_retry_policy as set_retry_policy
 
 
 def is_gcs(uri: str | Path) -> bool:
