@@ -159,6 +159,35 @@ def prior(
     _emit(result, table, as_json)
 
 
+@app.command()
+@option_group("base", BASE_OPTIONS)
+def probes(
+    *,
+    base: dict[str, Any],
+    steps: int = 200,
+    every: Annotated[int, typer.Option(help="train.select.every: steps between probes")] = 50,
+    mode: Annotated[str, typer.Option(help="lora or full")] = "lora",
+    repeats: Annotated[int, typer.Option(help="interleaved runs of each kind (the median is shown)")] = 2,
+    out: OutOpt = None,
+    as_json: JsonOpt = False,
+):
+    """What train.select costs: the same training with and without probes (its default probe), interleaved.
+
+    Example: python -m benchmarks probes --sd15-shape --resolution 512 --steps 1000 --every 200
+    """
+    from benchmarks.probe_overhead import bench_probe_overhead, render_probe_table
+    from benchmarks.train_speed import BaseChoice
+    from dreambooth_lib import storage
+
+    result = bench_probe_overhead(
+        BaseChoice(**base), steps=steps, mode=mode, repeats=repeats, select={"every": every}
+    )
+    table = render_probe_table(result)
+    if out:
+        storage.write_text(out, table)
+    _emit(result, table, as_json)
+
+
 @app.command("host-syncs")
 def host_syncs(device: DeviceOpt = "cuda", as_json: JsonOpt = False):
     """Check that our eager full and packed training steps read nothing back to the host (CUDA's sync debug mode).

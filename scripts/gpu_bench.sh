@@ -3,15 +3,17 @@
 # host syncs), a host-sync check of the eager steps, then every row of `python -m benchmarks all` on an
 # SD-1.5-shaped random-weight model at 512 px (diffusers-style step, ours full FT and LoRA, each also as a replayed
 # CUDA graph, packed LoRA for K = 1/4/8/16, prior images/s, one subject end to end), then the FLUX.1 LoRA step on a
-# FLUX.1-dev-shaped random transformer (bf16 base; checkpointed; packed K = 2/4), then prior sampling with a
-# torch.compile'd UNet if time is left.
-# Writes $OUT/bench.md (+ bench.json, bench.log, gpu_tests.log, flux.md/.json, prior_compiled.md/.json, gpu.txt).
+# FLUX.1-dev-shaped random transformer (bf16 base; checkpointed; packed K = 2/4), then train.select's probe
+# overhead (400 LoRA steps with and without a probe every 100), then prior sampling with a torch.compile'd UNet if
+# time is left.
+# Writes $OUT/bench.md (+ bench.json, bench.log, gpu_tests.log, flux.md/.json, probes.md/.json,
+# prior_compiled.md/.json, gpu.txt).
 #   bash scripts/gpu_bench.sh
 # A machine without the project's dependencies (and no PyPI): run `bash scripts/gpu_wheels.sh` where pip works,
 # carry .whl/ along; they are installed from there into /tmp/site.
 # Env: BUDGET (seconds for the whole script, default 540), STEPS (timed steps per row, 10), E2E=0 to skip the
 #      end-to-end row, E2E_MODE (lora|full), E2E_STEPS / E2E_PRIORS (1000 / 200), CUDA_GRAPH=0 to leave the graph
-#      rows out, FLUX=0 to skip the FLUX.1 LoRA rows, PRIOR_COMPILE=0 to skip the compiled-prior rows, OUT
+#      rows out, FLUX=0 to skip the FLUX.1 LoRA rows, PROBES=0 to skip the probe overhead, PRIOR_COMPILE=0 to skip the compiled-prior rows, OUT
 #      (default ./bench-out), PYTHON.
 #      GPU_BENCH_SMOKE=1: every step on the CPU with a fresh tiny model (and a tiny FLUX.1) and tiny counts (a minute or so), the GPU
 #      tests only collected and prior sampling not compiled: tests/test_bench.py runs it, so the script cannot rot
@@ -35,6 +37,7 @@ if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then
             --e2e-steps "${E2E_STEPS:-2}" --e2e-priors "${E2E_PRIORS:-2}")
   PRIOR_ARGS=(--resolution 32 --images 2 --naive-images 1 --steps 2 --batch-size 2)
   FLUX_ARGS=(--steps 1 --warmup 0 --ks 1,2)
+  PROBE_ARGS=(--resolution 32 --steps 4 --every 2 --repeats 1)
 else
   DEVICE=cuda
   PYTEST_MODE=()
@@ -42,6 +45,7 @@ else
             --e2e-steps "${E2E_STEPS:-1000}" --e2e-priors "${E2E_PRIORS:-200}")
   PRIOR_ARGS=(--sd15-shape --resolution 512 --images 64 --naive-images 4 --steps 25 --batch-size 32 --compiled)
   FLUX_ARGS=(--flux-shape --resolution 512 --steps "${STEPS:-10}" --ks 1,2,4)
+  PROBE_ARGS=(--sd15-shape --resolution 512 --steps 400 --every 100 --repeats 1)
 fi
 [ "${E2E:-1}" = 1 ] && ALL_ARGS+=(--e2e --e2e-mode "${E2E_MODE:-lora}")
 [ "${CUDA_GRAPH:-1}" = 1 ] || ALL_ARGS+=(--no-cuda-graph)
@@ -89,7 +93,18 @@ else
   echo "FLUX.1 LoRA step skipped ($(left) s left)"
 fi
 
-# 5. prior sampling with a compiled UNet, if the budget allows (compiling alone takes a minute or two)
+# 5. train.select's probes: the same LoRA run with and without them (the overhead the issue bounds at ~15 %)
+if [ "${PROBES:-1}" = 1 ] && [ "$(left)" -gt 150 ]; then
+  echo "== train.select probe overhead ($(left) s left)"
+  timeout "$(( $(left) - 30 ))" "$PY" -m benchmarks probes --device "$DEVICE" "${PROBE_ARGS[@]}" \
+    --out "$OUT/probes.md" --json >"$OUT/probes.json" 2> >(tee -a "$OUT/bench.log" >&2) \
+    || failed "probe overhead (bench.log)"
+  cat "$OUT/probes.md" 2>/dev/null
+else
+  echo "probe overhead skipped ($(left) s left)"
+fi
+
+# 6. prior sampling with a compiled UNet, if the budget allows (compiling alone takes a minute or two)
 if [ "${PRIOR_COMPILE:-1}" = 1 ] && [ "$(left)" -gt 100 ]; then
   echo "== compiled prior sampling ($(left) s left)"
   timeout "$(( $(left) - 5 ))" "$PY" -m benchmarks prior --device "$DEVICE" "${PRIOR_ARGS[@]}" \

@@ -77,7 +77,7 @@ def test_a_row_times_only_the_steps_after_warm_up_and_counts_every_subject():
 
 def test_every_benchmark_command_has_an_example_in_its_help():
     commands = typer.main.get_command(app).commands
-    assert set(commands) == {"train", "all", "prior", "host-syncs", "flux"}
+    assert set(commands) == {"train", "all", "prior", "host-syncs", "flux", "probes"}
     for name in commands:
         result = CliRunner().invoke(app, [name, "--help"])
         assert result.exit_code == 0 and "Example: python -m benchmarks " + name in result.output, name
@@ -140,6 +140,9 @@ def test_gpu_bench_script_smoke_mode_writes_every_table(tmp_path):
         "ours tiny FLUX.1 LoRA r4 (fp32, 1+1 images)", "  + gradient checkpointing",
         "packed tiny FLUX.1 LoRA, K=2 subjects",
     ]  # fmt: skip
+    probes = json.loads((out / "probes.json").read_text())
+    assert probes["probes"] == 3 and probes["wall_with_s"] > 0  # steps 0, 2 and 4
+    assert "| with train.select |" in (out / "probes.md").read_text()
     assert "host syncs in train_step: not checked on cpu" in (out / "bench.log").read_text()
     assert (
         "tests/test_fast_paths.py::" in (out / "gpu_tests.log").read_text()
