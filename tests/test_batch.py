@@ -311,6 +311,36 @@ def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
     assert status.status == "failed" and "train.run called" in status.error
 
 
+def test_a_packed_batch_with_train_select_exports_and_lists_each_chosen_step(
+    tmp_path, tiny_model, tiny_evaluators
+):
+    """run_options.train.select in a batch: the pack probes each subject with eval's evaluators, each subject's
+    run reuses its packed model with the chosen step, and the summary lists the step."""
+    root, prior_root = str(tmp_path / "b"), str(tmp_path / "priors")
+    subjects = _pack_subjects(tmp_path, prior_root, tiny_model)[:2]
+    options = _pack_options()
+    options["prior"]["root"] = prior_root
+    options["train"] |= {
+        "steps": 4,
+        "select": {"every": 2, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "steps": 2},
+    }
+    options["eval"] = {"dino_model": tiny_evaluators["dino"], "clip_model": tiny_evaluators["clip"]}
+    packed = {s.subject: s for s in train_pack(subjects, tiny_model, root, "j1", options, pack_size=2)}
+    statuses = []
+    for s in subjects:
+        summary = json.loads(
+            (tmp_path / "b" / "j1" / "subjects" / s.name / "train" / "train_summary.json").read_text()
+        )
+        chosen = summary["selection"]["chosen_step"]
+        assert packed[s.name].packed and [p["step"] for p in summary["selection"]["probes"]] == [0, 2, 4]
+        status = run_subject(s, tiny_model, subject_run_dir(root, "j1", s.name), options)
+        assert status.status == "trained" and status.packed and status.chosen_step == chosen in (2, 4)
+        statuses.append(status)
+    markdown, _ = render_summary(statuses)
+    assert "| step |" in markdown
+    assert all(f"| {s.chosen_step} |" in markdown for s in statuses)
+
+
 def test_train_pack_leaves_full_fine_tunes_and_single_packs_to_the_subject_loop(
     tmp_path, tiny_model, monkeypatch
 ):
@@ -395,7 +425,7 @@ def test_summary_has_identifier_metrics_gate_and_links():
         SubjectStatus(
             subject="rex", status="registered", class_noun="dog", identifier="zwx",
             metrics={"dino": 0.61234, "clip_i": 0.7, "clip_t": 0.3}, gate={"passed": True, "reasons": []},
-            registered={"uri": "gs://r/rex/1"}, report_html="gs://b/rex/eval/report.html",
+            registered={"uri": "gs://r/rex/1"}, report_html="gs://b/rex/eval/report.html", chosen_step=400,
         ),
         SubjectStatus(
             subject="cup", status="gate failed", class_noun="cup", identifier="qyv", error="DINO 0.1 < 0.5",
@@ -408,11 +438,11 @@ def test_summary_has_identifier_metrics_gate_and_links():
     markdown, page = render_summary(statuses, job_id="j1", run_error="pod evicted")
     assert markdown.startswith("# Batch j1: 1 of 4 subjects succeeded\n")
     assert (
-        "| rex | dog | zwx | registered | 0.612 | 0.700 | 0.300 | passed | gs://r/rex/1 "
+        "| rex | dog | zwx | registered | 0.612 | 0.700 | 0.300 | 400 | passed | gs://r/rex/1 "
         "| gs://b/rex/eval/report.html |" in markdown
     )
     assert (
-        "| cup | cup | qyv | gate failed (DINO 0.1 < 0.5) | 0.100 | 0.200 |  | failed: DINO 0.1 < 0.5 "
+        "| cup | cup | qyv | gate failed (DINO 0.1 < 0.5) | 0.100 | 0.200 |  |  | failed: DINO 0.1 < 0.5 "
         "| gs://b/cup/train/model |  |" in markdown
     )
     assert "| a\\|b <x> |" in markdown  # a pipe in a name does not break the table
