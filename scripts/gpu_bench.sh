@@ -83,36 +83,26 @@ timeout "$(( $(left) - 20 ))" "$PY" -m benchmarks all --device "$DEVICE" "${ALL_
   --json >"$OUT/bench.json" 2> >(tee -a "$OUT/bench.log" >&2) || failed "bench (bench.log)"
 cat "$OUT/bench.md" 2>/dev/null
 
+# Steps 4-6 each run only when enabled and the budget leaves at least NEED seconds, stopping SPARE seconds before
+# it ends: table(NAME, TITLE, ENABLED, NEED, SPARE, benchmarks args...) writes $OUT/NAME.md and $OUT/NAME.json.
+table() {
+  local name=$1 title=$2 enabled=$3 need=$4 spare=$5
+  shift 5
+  if [ "$enabled" = 1 ] && [ "$(left)" -gt "$need" ]; then
+    echo "== $title ($(left) s left)"
+    timeout "$(( $(left) - spare ))" "$PY" -m benchmarks "$@" --device "$DEVICE" --out "$OUT/$name.md" --json \
+      >"$OUT/$name.json" 2> >(tee -a "$OUT/bench.log" >&2) || failed "$title (bench.log)"
+    cat "$OUT/$name.md" 2>/dev/null
+  else
+    echo "$title skipped ($(left) s left)"
+  fi
+}
+
 # 4. FLUX.1 LoRA: a FLUX.1-dev-shaped transformer (random, bf16 base): one subject, checkpointed, packed
-if [ "${FLUX:-1}" = 1 ] && [ "$(left)" -gt 120 ]; then
-  echo "== FLUX.1 LoRA step ($(left) s left)"
-  timeout "$(( $(left) - 60 ))" "$PY" -m benchmarks flux --device "$DEVICE" "${FLUX_ARGS[@]}" --out "$OUT/flux.md" \
-    --json >"$OUT/flux.json" 2> >(tee -a "$OUT/bench.log" >&2) || failed "FLUX.1 LoRA step (bench.log)"
-  cat "$OUT/flux.md" 2>/dev/null
-else
-  echo "FLUX.1 LoRA step skipped ($(left) s left)"
-fi
-
+table flux "FLUX.1 LoRA step" "${FLUX:-1}" 120 60 flux "${FLUX_ARGS[@]}"
 # 5. train.select's probes: the same LoRA run with and without them (the overhead the issue bounds at ~15 %)
-if [ "${PROBES:-1}" = 1 ] && [ "$(left)" -gt 150 ]; then
-  echo "== train.select probe overhead ($(left) s left)"
-  timeout "$(( $(left) - 30 ))" "$PY" -m benchmarks probes --device "$DEVICE" "${PROBE_ARGS[@]}" \
-    --out "$OUT/probes.md" --json >"$OUT/probes.json" 2> >(tee -a "$OUT/bench.log" >&2) \
-    || failed "probe overhead (bench.log)"
-  cat "$OUT/probes.md" 2>/dev/null
-else
-  echo "probe overhead skipped ($(left) s left)"
-fi
-
+table probes "train.select probe overhead" "${PROBES:-1}" 150 30 probes "${PROBE_ARGS[@]}"
 # 6. prior sampling with a compiled UNet, if the budget allows (compiling alone takes a minute or two)
-if [ "${PRIOR_COMPILE:-1}" = 1 ] && [ "$(left)" -gt 100 ]; then
-  echo "== compiled prior sampling ($(left) s left)"
-  timeout "$(( $(left) - 5 ))" "$PY" -m benchmarks prior --device "$DEVICE" "${PRIOR_ARGS[@]}" \
-    --out "$OUT/prior_compiled.md" --json >"$OUT/prior_compiled.json" 2> >(tee -a "$OUT/bench.log" >&2) \
-    || failed "compiled prior sampling (bench.log)"
-  cat "$OUT/prior_compiled.md" 2>/dev/null
-else
-  echo "compiled prior sampling skipped ($(left) s left)"
-fi
+table prior_compiled "compiled prior sampling" "${PRIOR_COMPILE:-1}" 100 5 prior "${PRIOR_ARGS[@]}"
 echo "== done in $(( $(date +%s) - started )) s"
 exit "$status"

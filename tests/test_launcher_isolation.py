@@ -146,6 +146,21 @@ def test_personalize_runs_with_nothing_shared_between_tasks_but_artifacts(person
     assert registered.identifier == result.task("choose-identifier").parameters["identifier"]
 
 
+def preempt_after_first_checkpoint(store: ObjectStore, checkpoints: str):
+    """A monitor that kills the first attempt once a complete checkpoint is in `checkpoints`, as a preempted
+    GPU node takes the pod down."""
+
+    def monitor(task: RunningTask) -> None:
+        if (
+            task.attempt == 1
+            and not task.killed
+            and any(u.endswith(MANIFEST) for u in store.list(checkpoints))
+        ):
+            task.kill()
+
+    return monitor
+
+
 def fine_tune_weights(store: ObjectStore, model_uri: str) -> dict:
     """Every tensor of the trained model's safetensors files, by file and name."""
     from safetensors.torch import load
@@ -171,21 +186,13 @@ def test_a_retried_fine_tune_pod_resumes_from_the_checkpoint_root_bit_identicall
     steps = 16  # checkpoints every 2 steps: the kill lands well before the end
     train_options = {"learning_rate": 1e-4, "checkpoint_every": 2, "log_every": 2}
 
-    def preempt_after_first_checkpoint(task: RunningTask) -> None:
-        if (
-            task.attempt == 1
-            and not task.killed
-            and any(u.endswith(MANIFEST) for u in store.list(checkpoints))
-        ):
-            task.kill()
-
     launcher = Launcher(
         personalize_spec,
         f"{bucket}/pipeline-root",
         tmp_path / "pods",
         env=POD_ENV,
         honor_retries=True,  # fine-tune's retryPolicy reruns it in a fresh pod, as KFP does
-        monitors={"fine-tune": preempt_after_first_checkpoint},
+        monitors={"fine-tune": preempt_after_first_checkpoint(store, checkpoints)},
     )
     result = launcher.run(
         tiny_arguments(on_gcs, steps=steps, checkpoint_root=checkpoints, train_options=train_options)
@@ -234,16 +241,9 @@ def test_a_retried_fine_tune_pod_exports_the_same_chosen_step(personalize_spec, 
     rule = {"every": 2, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "steps": 2}
     train_options = {"learning_rate": 1e-4, "checkpoint_every": 2, "log_every": 2, "select": rule}
 
-    def preempt_after_first_checkpoint(task: RunningTask) -> None:
-        if (
-            task.attempt == 1
-            and not task.killed
-            and any(u.endswith(MANIFEST) for u in store.list(checkpoints))
-        ):
-            task.kill()
-
+    preempt = {"fine-tune": preempt_after_first_checkpoint(store, checkpoints)}
     launcher = Launcher(personalize_spec, f"{bucket}/pipeline-root", tmp_path / "pods", env=POD_ENV,
-                        honor_retries=True, monitors={"fine-tune": preempt_after_first_checkpoint})  # fmt: skip
+                        honor_retries=True, monitors=preempt)  # fmt: skip
     result = launcher.run(
         tiny_arguments(on_gcs, steps=8, checkpoint_root=checkpoints, train_options=train_options)
     )

@@ -18,29 +18,12 @@ import dreambooth_lib
 from dreambooth_lib import registry, storage
 from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed, PreconditionFailed, StorageError
 from dreambooth_lib.registry import RegistryBackend, open_registry, register_backend, register_from_dirs
+from dreambooth_lib.testing.synthetic import fake_model_folder
 
 WRITERS = 16
 METRICS = {"dino": 0.7123, "clip_i": 0.81, "clip_t": 0.29, "pres": 0.5, "div": None}
 REFERENCE = {"dino": 0.77, "clip_i": 0.88}
 PASSED = {"passed": True, "reasons": []}
-
-
-def fake_model(folder: Path, tag: str = "0", lora: bool = False) -> str:
-    """A tiny stand-in for a trained model folder; `tag` makes each one's bytes unique."""
-    if lora:
-        files = {
-            "pytorch_lora_weights.safetensors": f"lora-weights-{tag}",
-            "dreambooth_lora.json": json.dumps({"base_model": "base", "rank": 4, "tag": tag}),
-        }
-    else:
-        files = {
-            "model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline", "tag": tag}),
-            "unet/diffusion_pytorch_model.safetensors": f"unet-weights-{tag}",
-        }
-    for rel, text in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
-    return str(folder)
 
 
 def _png(path: Path, color) -> str:
@@ -74,7 +57,7 @@ def _index(root: str) -> list[dict]:
 
 def test_register_writes_an_immutable_version_with_card_lineage_report_and_samples(tmp_path):
     root = str(tmp_path / "reg")
-    model = fake_model(tmp_path / "model", tag="A")
+    model = fake_model_folder(tmp_path / "model", tag="A")
     samples = [_png(tmp_path / "eval" / f"{i}.png", (10 * i, 0, 0)) for i in range(3)]
     report = tmp_path / "eval" / "report.html"
     report.write_text("<html>report</html>")
@@ -142,7 +125,9 @@ def test_register_writes_an_immutable_version_with_card_lineage_report_and_sampl
 
 
 def test_lora_card_of_an_unevaluated_model(tmp_path):
-    m = _register(str(tmp_path / "reg"), fake_model(tmp_path / "lora", lora=True), metrics=None, gate=None)
+    m = _register(
+        str(tmp_path / "reg"), fake_model_folder(tmp_path / "lora", lora=True), metrics=None, gate=None
+    )
     card = open_registry(str(tmp_path / "reg")).model_card("dog")
     assert m.mode == "lora" and "lora" in yaml.safe_load(card.split("---\n")[1])["tags"]
     assert "Not evaluated." in card and "Quality gate: not evaluated." in card
@@ -230,7 +215,9 @@ def test_the_card_code_of_a_lora_model_runs(where, tiny_model, tiny_lora, tmp_pa
 
 
 def test_the_card_loads_a_hub_base_as_is_with_its_family_class(tmp_path):
-    lora = _register(str(tmp_path / "reg"), fake_model(tmp_path / "lora", lora=True), metrics=None, gate=None)
+    lora = _register(
+        str(tmp_path / "reg"), fake_model_folder(tmp_path / "lora", lora=True), metrics=None, gate=None
+    )
     card = storage.read_text(lora.card_uri)
     # a hub id diffusers downloads itself; its family is not looked up, DiffusionPipeline reads model_index.json
     assert (
@@ -240,7 +227,7 @@ def test_the_card_loads_a_hub_base_as_is_with_its_family_class(tmp_path):
     assert "gcloud" not in card
 
     sdxl = tmp_path / "sdxl"
-    fake_model(sdxl, tag="xl")
+    fake_model_folder(sdxl, tag="xl")
     (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     m = _register(str(tmp_path / "reg"), str(sdxl), subject="cat", identifier="qxv", metrics=None, gate=None)
     assert f'StableDiffusionXLPipeline.from_pretrained("{m.model_uri}")' in storage.read_text(m.card_uri)
@@ -250,9 +237,11 @@ def test_versions_list_and_show(tmp_path):
     root = str(tmp_path / "reg")
     reg = open_registry(root)
     assert reg.list_models() == []
-    _register(root, fake_model(tmp_path / "m1", "1"))
-    _register(root, fake_model(tmp_path / "m2", "2"))
-    _register(root, fake_model(tmp_path / "m3", "3"), subject="cat", identifier="qxv", class_noun="cat")
+    _register(root, fake_model_folder(tmp_path / "m1", "1"))
+    _register(root, fake_model_folder(tmp_path / "m2", "2"))
+    _register(
+        root, fake_model_folder(tmp_path / "m3", "3"), subject="cat", identifier="qxv", class_noun="cat"
+    )
 
     assert [(m.subject, m.version) for m in reg.list_models()] == [("cat", 1), ("dog", 1), ("dog", 2)]
     assert [m.version for m in reg.list_models("dog")] == [1, 2]
@@ -276,7 +265,7 @@ def test_versions_list_and_show(tmp_path):
 
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ConfigError, match="subject 'Bad Name'"):
-        _register(str(tmp_path / "reg"), fake_model(tmp_path / "m"), subject="Bad Name")
+        _register(str(tmp_path / "reg"), fake_model_folder(tmp_path / "m"), subject="Bad Name")
     with pytest.raises(StorageError, match="no model files"):
         _register(str(tmp_path / "reg"), str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="registry.backend 'mlflow' is unknown; known: file"):
@@ -290,7 +279,9 @@ def test_bad_inputs_are_named(tmp_path):
 def test_a_base_model_this_machine_cannot_read_still_registers(gcs_bucket, tmp_path):
     """The base's family only picks the card's pipeline class: an unreadable base does not fail registering."""
     unreadable = "gs://no-such-bucket-for-the-registry-test/models/sd"
-    m = _register(str(tmp_path / "reg"), fake_model(tmp_path / "lora", lora=True), base_model=unreadable)
+    m = _register(
+        str(tmp_path / "reg"), fake_model_folder(tmp_path / "lora", lora=True), base_model=unreadable
+    )
     card = storage.read_text(m.card_uri)
     assert f"gcloud storage cp -r {unreadable} ./base" in card
     assert 'pipe = DiffusionPipeline.from_pretrained("./base")' in card
@@ -301,7 +292,7 @@ def test_a_base_model_this_machine_cannot_read_still_registers(gcs_bucket, tmp_p
 
 def test_failed_gate_raises_and_registers_nothing(tmp_path):
     root = tmp_path / "reg"
-    model = fake_model(tmp_path / "model")
+    model = fake_model_folder(tmp_path / "model")
     before = storage.digest_prefix(model)
     gate = {"passed": False, "reasons": ["DINO 0.41 < min_dino 0.5", "CLIP-T 0.2 < min_clip_t 0.25"]}
     with pytest.raises(
@@ -319,16 +310,22 @@ def test_failed_gate_raises_and_registers_nothing(tmp_path):
 def test_identifiers_are_unique_per_base_model(tmp_path):
     root = str(tmp_path / "reg")
     reg = open_registry(root)
-    _register(root, fake_model(tmp_path / "m1", "1"), subject="dog", identifier="zwx")
+    _register(root, fake_model_folder(tmp_path / "m1", "1"), subject="dog", identifier="zwx")
     with pytest.raises(DreamboothError, match=r"identifier 'zwx' is already used by subject 'dog' \(v1\)"):
-        _register(root, fake_model(tmp_path / "m2", "2"), subject="cat", identifier="zwx")
+        _register(root, fake_model_folder(tmp_path / "m2", "2"), subject="cat", identifier="zwx")
     assert [m.subject for m in reg.list_models()] == ["dog"]
 
     _register(
-        root, fake_model(tmp_path / "m3", "3"), subject="cat", identifier="zwx", base_model_digest="digest-b"
+        root,
+        fake_model_folder(tmp_path / "m3", "3"),
+        subject="cat",
+        identifier="zwx",
+        base_model_digest="digest-b",
     )
-    _register(root, fake_model(tmp_path / "m4", "4"), subject="dog", identifier="zwx")  # a new version: fine
-    _register(root, fake_model(tmp_path / "m5", "5"), subject="cat", identifier="pqr")
+    _register(
+        root, fake_model_folder(tmp_path / "m4", "4"), subject="dog", identifier="zwx"
+    )  # a new version: fine
+    _register(root, fake_model_folder(tmp_path / "m5", "5"), subject="cat", identifier="pqr")
     assert reg.used_identifiers("digest-a") == {"zwx", "pqr"}
     assert reg.used_identifiers("digest-b") == {"zwx"}
     assert reg.used_identifiers("digest-c") == set()
@@ -349,7 +346,7 @@ def test_a_failed_write_retires_its_version_and_readers_never_see_a_pending_one(
 
     monkeypatch.setattr(storage, "copy_prefix", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        _register(root, fake_model(tmp_path / "m1", "1"))
+        _register(root, fake_model_folder(tmp_path / "m1", "1"))
     # while the weights were copied the claim was pending: invisible to readers, but its identifier was taken
     assert seen_while_copying == {"listed": [], "used": {"zwx"}}
     assert [(e["version"], e["status"]) for e in _index(root)] == [(1, "failed")]
@@ -357,7 +354,7 @@ def test_a_failed_write_retires_its_version_and_readers_never_see_a_pending_one(
     assert reg.used_identifiers() == set()
 
     monkeypatch.setattr(storage, "copy_prefix", real_copy_prefix)
-    assert _register(root, fake_model(tmp_path / "m2", "2")).version == 2  # number 1 is never reused
+    assert _register(root, fake_model_folder(tmp_path / "m2", "2")).version == 2  # number 1 is never reused
 
 
 def _register_then_hang(root: str, model_dir: str) -> None:
@@ -392,7 +389,7 @@ def test_a_crashed_writer_is_retired_after_its_lease(tmp_path):
             "-c",
             code,
             root,
-            fake_model(tmp_path / "cat-model", "c"),
+            fake_model_folder(tmp_path / "cat-model", "c"),
             str(Path(__file__).parent),
         ],
         stdout=subprocess.PIPE,
@@ -408,14 +405,14 @@ def test_a_crashed_writer_is_retired_after_its_lease(tmp_path):
 
     # within the lease the claim holds its identifier: the writer may still be alive
     with pytest.raises(DreamboothError, match="'zwx' is already used by subject 'cat'"):
-        _register(root, fake_model(tmp_path / "dog-model", "d"))
+        _register(root, fake_model_folder(tmp_path / "dog-model", "d"))
     assert open_registry(root).used_identifiers() == {"zwx"}
 
     # an hour later (the lease moved into the past): the next registration retires it and takes the identifier
     entries = _index(root)
     entries[0]["lease_expires"] = "2000-01-01T00:00:00+00:00"
     storage.write_json(storage.join(root, "index.json"), entries)
-    dog = _register(root, fake_model(tmp_path / "dog-model", "d"))
+    dog = _register(root, fake_model_folder(tmp_path / "dog-model", "d"))
     assert (dog.subject, dog.version, dog.identifier) == ("dog", 1, "zwx")
     assert [(e["subject"], e["version"], e["status"]) for e in _index(root)] == [
         ("cat", 1, "abandoned"),
@@ -423,7 +420,10 @@ def test_a_crashed_writer_is_retired_after_its_lease(tmp_path):
     ]
     assert not Path(root, "cat", "1").exists()  # the partial folder is gone
     # the number stays retired: cat's next registration is v2
-    assert _register(root, fake_model(tmp_path / "cat2", "c2"), subject="cat", identifier="qxv").version == 2
+    assert (
+        _register(root, fake_model_folder(tmp_path / "cat2", "c2"), subject="cat", identifier="qxv").version
+        == 2
+    )
 
 
 def test_a_writer_past_its_lease_cannot_publish(tmp_path):
@@ -439,11 +439,13 @@ def test_a_writer_past_its_lease_cannot_publish(tmp_path):
 
 def test_registering_the_same_weights_again_returns_the_published_version(tmp_path):
     root = str(tmp_path / "reg")
-    model = fake_model(tmp_path / "m", "1")
+    model = fake_model_folder(tmp_path / "m", "1")
     first = _register(root, model)
     again = _register(root, model)  # e.g. the register task retried after publishing
     assert again == first and len(_index(root)) == 1
-    assert _register(root, fake_model(tmp_path / "m2", "2")).version == 2  # other weights: a new version
+    assert (
+        _register(root, fake_model_folder(tmp_path / "m2", "2")).version == 2
+    )  # other weights: a new version
     assert _register(root, model, metrics=None).version == 3  # same weights, another record: a new version
 
 
@@ -479,7 +481,7 @@ def _check_all_landed(root: str, tags: list[str]) -> None:
 
 
 def _models(tmp_path: Path) -> list[str]:
-    return [fake_model(tmp_path / f"m{i}", tag=str(i)) for i in range(WRITERS)]
+    return [fake_model_folder(tmp_path / f"m{i}", tag=str(i)) for i in range(WRITERS)]
 
 
 def test_concurrent_threads_local(tmp_path):
@@ -535,7 +537,7 @@ def test_gcs_claim_retries_when_another_writer_wins(gcs_bucket, tmp_path, monkey
         real_write(uri, data, if_generation_match=if_generation_match)
 
     monkeypatch.setattr(storage, "write_bytes", racing_write)
-    m = _register(root, fake_model(tmp_path / "m", "mine"))
+    m = _register(root, fake_model_folder(tmp_path / "m", "mine"))
     assert raced.is_set() and m.version == 2
     assert [(e["version"], e["status"]) for e in _index(root)] == [(1, "pending"), (2, "ready")]
 
@@ -545,7 +547,7 @@ def test_gcs_claim_retries_when_another_writer_wins(gcs_bucket, tmp_path, monkey
 
 def _run_dirs(tmp_path: Path, gate: dict) -> dict:
     train = tmp_path / "run" / "train"
-    fake_model(train / "model", tag="run")
+    fake_model_folder(train / "model", tag="run")
     summary = {
         "identifier": "zwx",
         "class_noun": "dog",
@@ -663,7 +665,7 @@ def test_a_backend_plugs_in(tmp_path, monkeypatch):
     reg = open_registry(str(tmp_path / "mem"), backend="memory")
     m = reg.register(
         subject="dog",
-        model_dir=fake_model(tmp_path / "m"),
+        model_dir=fake_model_folder(tmp_path / "m"),
         identifier="zwx",
         class_noun="dog",
         base_model="b",

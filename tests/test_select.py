@@ -71,18 +71,13 @@ def test_rule_that_needs_an_unscored_metric_is_refused():
 # --- on the tiny model -------------------------------------------------------------------------------------------
 
 
+PROBE = {"every": 2, "prompts": 2, "images_per_prompt": 2, "class_images": 2, "steps": 2}  # 2 steps per image
+
+
 def _config(tiny_evaluators, **select_options) -> TrainConfig:
-    rule = {
-        "every": 2,
-        "prompts": 2,
-        "images_per_prompt": 2,
-        "class_images": 2,
-        "steps": 2,
-        "dino_model": tiny_evaluators["dino"],
-        "clip_model": tiny_evaluators["clip"],
-        "lpips_weights": tiny_evaluators["lpips"],
-        **select_options,
-    }
+    rule = SelectConfig(**PROBE, **select_options).with_evaluators(
+        tiny_evaluators["dino"], tiny_evaluators["clip"], tiny_evaluators["lpips"]
+    )
     return TrainConfig(
         mode="lora", steps=6, resolution=TRAIN_RES, learning_rate=1e-2, checkpoint_every=0, log_every=1,
         device="cpu", select=rule,

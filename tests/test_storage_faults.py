@@ -23,6 +23,7 @@ from dreambooth_lib.config import PriorConfig, TrainConfig
 from dreambooth_lib.errors import PreconditionFailed, StorageError
 from dreambooth_lib.registry import open_registry
 from dreambooth_lib.testing.fault_proxy import FAULT_KINDS, FaultProxy, FaultRule, FaultSchedule
+from dreambooth_lib.testing.synthetic import fake_model_folder
 from dreambooth_lib.train import checkpoint
 
 KiB = 1024
@@ -296,17 +297,6 @@ def test_a_reader_sees_the_old_prior_set_or_the_new_one_never_a_mix(
 WRITERS = 16
 
 
-def _fake_model(folder: Path, tag: str) -> str:
-    files = {
-        "model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline", "tag": tag}),
-        "unet/diffusion_pytorch_model.safetensors": f"unet-weights-{tag}",
-    }
-    for rel, text in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
-    return str(folder)
-
-
 def _publish_16(root: str, models: list[str]) -> list[tuple[str, int, str]]:
     """16 writers at once (12 versions of one subject, 4 of another); (subject, version, tag) of each."""
 
@@ -345,7 +335,7 @@ def test_16_concurrent_registry_publications_under_faults(proxy, bucket, tmp_pat
     models = []
     for i in range(WRITERS):
         models.append(f"{bucket}/runs/{i}/model")
-        storage.copy_prefix(_fake_model(tmp_path / str(i), str(i)), models[-1])
+        storage.copy_prefix(fake_model_folder(tmp_path / str(i), str(i)), models[-1])
 
     clean, clean_figures = measured(proxy, FaultSchedule(), lambda: _publish_16(f"{bucket}/clean", models))
     reader_saw, done = [], threading.Event()
@@ -400,7 +390,7 @@ def test_a_registry_change_committed_under_a_lost_answer_is_applied_once(gcs_buc
     monkeypatch.setattr(storage, "write_bytes", committed_then_overwritten)
     m = open_registry(root).register(
         subject="dog",
-        model_dir=_fake_model(tmp_path / "m", "0"),
+        model_dir=fake_model_folder(tmp_path / "m", "0"),
         identifier="zwx",
         class_noun="dog",
         base_model="org/tiny-sd",

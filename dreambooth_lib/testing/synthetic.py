@@ -1,7 +1,9 @@
-"""A synthetic subject for demos and tests: a coloured square on a lightly noisy grey background (no downloads)."""
+"""Synthetic data for demos and tests (no downloads): a subject, a coloured square on a lightly noisy grey
+background; and a stand-in model folder for tests that move models without loading them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -22,3 +24,22 @@ def make_subject_images(
         img[y0 : y0 + side, x0 : x0 + side] = color
         Image.fromarray(np.clip(img, 0, 255).astype("uint8")).save(out / f"{i:02d}.png")
     return out
+
+
+def fake_model_folder(folder: str | Path, tag: str = "0", lora: bool = False) -> str:
+    """A few-byte stand-in for a trained model folder (a diffusers pipeline, or a LoRA folder) for registry and
+    storage tests, which move folders and never load them; `tag` makes each one's bytes unique."""
+    if lora:
+        files = {
+            "pytorch_lora_weights.safetensors": f"lora-weights-{tag}",
+            "dreambooth_lora.json": json.dumps({"base_model": "base", "rank": 4, "tag": tag}),
+        }
+    else:
+        files = {
+            "model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline", "tag": tag}),
+            "unet/diffusion_pytorch_model.safetensors": f"unet-weights-{tag}",
+        }
+    for rel, text in files.items():
+        (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / rel).write_text(text)
+    return str(folder)
