@@ -237,3 +237,31 @@ def test_dreambooth_run_exports_the_chosen_step_and_reports_the_curves(
     page = (tmp_path / "run" / "eval" / "report.html").read_text()
     assert 'id="probe-dino"' in page and 'id="chosen-step"' in page
     assert f"<th>exported step (train.select)</th><td>{chosen}</td>" in page
+
+
+def test_a_best_weights_write_that_fails_skips_only_that_checkpoint(
+    tiny_model, tiny_evaluators, train_data_dirs, tmp_path, monkeypatch
+):
+    """Storage still failing after its retries when the best weights are written: training goes on without that
+    checkpoint (it would name a missing file), and the next checkpoint writes them."""
+    from dreambooth_lib import storage
+    from dreambooth_lib.errors import StorageError
+    from dreambooth_lib.train import checkpoint
+
+    _scripted_dino(monkeypatch, {0: 0.1, 2: 0.6, 4: 0.5, 6: 0.4})
+    real_write, failed = storage.write_bytes, []
+
+    def write_bytes(uri, data, **kwargs):
+        if "/best/" in str(uri) and not failed:
+            failed.append(uri)
+            raise StorageError(f"{uri}: upload failed 12 times in 120 s, last with 503")
+        return real_write(uri, data, **kwargs)
+
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    config = _config(tiny_evaluators).model_copy(update={"checkpoint_every": 2, "keep_checkpoints": 3,
+                                                         "keep_checkpoints_on_success": True})  # fmt: skip
+    result = _train(tiny_model, train_data_dirs, config, tmp_path / "run")
+    assert failed and result.selection["chosen_step"] == 2
+    steps = [step for step, _ in checkpoint.complete_checkpoints(result.checkpoint_dir)]
+    assert steps == [4, 6]  # step 2's checkpoint was skipped, not written half
+    assert storage.exists(failed[0])  # written again with the step-4 checkpoint

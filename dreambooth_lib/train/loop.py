@@ -117,10 +117,9 @@ def train_subjects(
                 t.active.remove(k)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             _drop_non_finite(t, tracker, state, subjects)  # a checkpoint never carries a poisoned model on
-            if t.active:
-                if selector is not None:  # the best weights first: the checkpoint names their step
-                    selector.save_best(ckpt_root)
-                    state.selection = selector.state()
+            # train.select's best weights first: the checkpoint names their step
+            if t.active and (selector is None or selector.save_best(ckpt_root)):
+                state.selection = selector.state() if selector is not None else None
                 resuming.save(ckpt_root, t, tracker, state, fingerprint, config.keep_checkpoints)
         if not t.active:
             break

@@ -24,7 +24,7 @@ import torch
 
 from dreambooth_lib import storage
 from dreambooth_lib.config import SelectConfig
-from dreambooth_lib.errors import ConfigError
+from dreambooth_lib.errors import ConfigError, StorageError
 from dreambooth_lib.evaluate.prompts import clip_t_text, paper_prompts, render_prompt
 from dreambooth_lib.train.subjects import TrainSubject
 from dreambooth_lib.train.trainer import Trainer
@@ -227,15 +227,21 @@ class Selector:
 
     # --- what survives a retry: the probes in the checkpoint, the best weights beside it ---
 
-    def save_best(self, ckpt_root: str) -> None:
+    def save_best(self, ckpt_root: str) -> bool:
         """Write each subject's best weights that changed since the last checkpoint (one object each, before the
-        checkpoint that names their step: a checkpoint never points at a missing file)."""
+        checkpoint that names their step: a checkpoint never points at a missing file). False when storage still
+        fails after its retries: the caller skips this checkpoint, and the next one writes them again."""
         from safetensors.torch import save
 
         for k in sorted(self._unsaved):
             uri = _best_uri(ckpt_root, k, self.chosen[k])
-            storage.write_bytes(uri, save({n: w.contiguous() for n, w in self.best_weights[k].items()}))
-        self._unsaved.clear()
+            try:
+                storage.write_bytes(uri, save({n: w.contiguous() for n, w in self.best_weights[k].items()}))
+            except StorageError as err:
+                log.warning("best weights of subject %d not saved, so no checkpoint this time (%s)", k, err)
+                return False
+            self._unsaved.discard(k)
+        return True
 
     def state(self) -> dict[str, Any]:
         return {
