@@ -242,6 +242,14 @@ def ingest(
     ],
     *,
     options: dict[str, Any],
+    kind: Annotated[
+        str, typer.Option(help="object, animal or person (a person needs the three --consent-* options)")
+    ] = "object",
+    consent_given_by: Annotated[
+        str | None, typer.Option(help="who consented: the person, or a guardian")
+    ] = None,
+    consent_date: Annotated[str | None, typer.Option(help="when consent was given, YYYY-MM-DD")] = None,
+    consent_reference: Annotated[str | None, typer.Option(help="where the signed record is kept")] = None,
     as_json: JsonOpt = False,
 ):
     """Validate and normalise subject photos: decode, fix orientation/mode, reject bad files and duplicates.
@@ -252,7 +260,9 @@ def ingest(
 
     class_noun = _class_noun(class_noun)
     cfg = _config(IngestConfig, "ingest options", **options)
-    result = step.run(src, out, cfg, class_noun=class_noun)
+    consent = {"given_by": consent_given_by, "date": consent_date, "reference": consent_reference}
+    consent = {k: v for k, v in consent.items() if v is not None}
+    result = step.run(src, out, cfg, class_noun=class_noun, subject_kind=kind, consent=consent or None)
     for r in result.rejections:
         typer.echo(f"skipped {r.source}: {r.reason}", err=True)
     for w in result.warnings:

@@ -108,3 +108,35 @@ def test_ingest_face_check(tmp_path, monkeypatch, detector, kind, faces, warned)
                         subject_kind=kind, consent=record)  # fmt: skip
     assert result.subject.faces.startswith(faces)
     assert any("faces found in 3 of 3 photos" in w for w in result.warnings) == warned
+
+
+def test_dreambooth_ingest_takes_the_kind_and_the_consent_record(tmp_path):
+    from dreambooth_lib.testing.synthetic import make_subject_images
+
+    photos = str(make_subject_images(tmp_path / "photos", n=3, size=64))
+    args = [
+        "ingest",
+        photos,
+        str(tmp_path / "out"),
+        "--class-noun",
+        "woman",
+        "--resolution",
+        "64",
+        "--min-side",
+        "64",
+    ]
+    refused = CliRunner().invoke(app, [*args, "--kind", "person", "--consent-given-by", "Ada Example"])
+    assert refused.exit_code == 2 and "consent" in refused.output and "reference" in refused.output
+    assert not (tmp_path / "out").exists()
+    record = [
+        "--consent-given-by",
+        "Ada Example",
+        "--consent-date",
+        "2026-11-30",
+        "--consent-reference",
+        "f/42",
+    ]
+    done = CliRunner().invoke(app, [*args, "--kind", "person", *record, "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["subject"]["consent"] == {"given_by": "Ada Example", "date": "2026-11-30",
+                                                             "reference": "f/42"}  # fmt: skip
