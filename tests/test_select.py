@@ -116,11 +116,19 @@ def _scripted_dino(monkeypatch, by_step: dict[int, float]):
     monkeypatch.setattr(select.Selector, "_score", score)
 
 
+def _exported_weights(out: Path) -> dict:
+    """Every tensor the exported model holds (a LoRA file, or a full pipeline's safetensors), by file and name."""
+    files = sorted((out / "model").rglob("*.safetensors"))
+    return {f"{f.relative_to(out)}:{k}": v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("mode", ["lora", pytest.param("full", id="full-with-text-encoder")])
 def test_early_stop_ends_training_and_exports_the_chosen_step(
-    tiny_model, tiny_evaluators, train_data_dirs, tmp_path, monkeypatch
+    tiny_model, tiny_evaluators, train_data_dirs, tmp_path, monkeypatch, mode
 ):
     _scripted_dino(monkeypatch, {0: 0.1, 2: 0.6, 4: 0.5, 6: 0.4, 8: 0.3})
-    config = _config(tiny_evaluators, patience=2).model_copy(update={"steps": 12})
+    update = {"steps": 12, "mode": mode, "train_text_encoder": mode == "full"}
+    config = _config(tiny_evaluators, patience=2).model_copy(update=update)
     result = _train(tiny_model, train_data_dirs, config, tmp_path / "stopped")
     selection = result.selection
     assert [p["step"] for p in selection["probes"]] == [0, 2, 4, 6]  # two probes without a better one: stop
@@ -130,9 +138,8 @@ def test_early_stop_ends_training_and_exports_the_chosen_step(
     monkeypatch.undo()
     plain = config.model_copy(update={"steps": 2, "select": None})
     _train(tiny_model, train_data_dirs, plain, tmp_path / "two-steps")
-    got = load_file(tmp_path / "stopped" / "model" / LORA_WEIGHTS_NAME)
-    want = load_file(tmp_path / "two-steps" / "model" / LORA_WEIGHTS_NAME)
-    assert got.keys() == want.keys()
+    got, want = _exported_weights(tmp_path / "stopped"), _exported_weights(tmp_path / "two-steps")
+    assert got.keys() == want.keys() and any("text_encoder" in k for k in want) == (mode == "full")
     assert all((got[k] == want[k]).all() for k in want)  # the weights of step 2, not of step 6
 
 
