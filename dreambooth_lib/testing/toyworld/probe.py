@@ -1,6 +1,9 @@
-"""The toy world's probe: a small ViT trained on the generator's own labels (shape, colour, background), saved as
-a transformers ViTModel folder so that it also stands in for DINO in evaluation (its features are the CLS token
-after the last layernorm, what `DinoEmbedder` reads), with the three linear heads in `probe_heads.safetensors`.
+"""The toy world's probe: a small CNN trained on the generator's own labels (shape, colour, background), in
+`probe.safetensors`; and the toy DINO stand-in, a small ViT trained on the same labels, saved as a transformers
+ViTModel folder (its features are the CLS token after the last layernorm, what `DinoEmbedder` reads).
+
+Measured: the ViT learns colour and background at once but shape slowly (54 % held out after 1,500 steps, where
+the CNN reaches ~99 % in less time), so the CNN is the classifier and the ViT only an embedding.
 
 `prompt_following` samples every caption of the world from a diffusers folder and reports how often the probe
 reads back what the prompt asked for: the toy world's measure of prompt following.
@@ -18,7 +21,9 @@ import torch.nn.functional as F
 
 from dreambooth_lib.testing.toyworld import world
 
-HEADS_FILE = "probe_heads.safetensors"
+HEADS_FILE = "probe_heads.safetensors"  # the ViT's heads (kept for inspection; the CNN is the classifier)
+PROBE_FILE = "probe.safetensors"
+CONV_PROBE_STEPS = 4000
 LABEL_FILE = "toyworld.json"
 ATTRIBUTES = {"shape": world.SHAPES, "color": tuple(world.COLORS), "background": tuple(world.BACKGROUNDS)}
 
@@ -50,20 +55,10 @@ def pixels(images) -> torch.Tensor:
     return preprocess_images(images, dino_preprocess(world.SIZE))
 
 
-class Probe(torch.nn.Module):
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-        width = vit.config.hidden_size
-        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in ATTRIBUTES.items()})
-
-    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.vit(pixel_values=pixel_values).last_hidden_state[:, 0]
-        return {k: head(features) for k, head in self.heads.items()}
-
+class _Classifier(torch.nn.Module):
     @torch.no_grad()
     def classify(self, images, batch: int = 64) -> dict[str, list[str]]:
-        """The probe's reading of each image: {"shape": [...], "color": [...], "background": [...]}."""
+        """The reading of each image: {"shape": [...], "color": [...], "background": [...]}."""
         self.eval()
         x = pixels(images)
         out: dict[str, list[str]] = {k: [] for k in ATTRIBUTES}
@@ -74,22 +69,58 @@ class Probe(torch.nn.Module):
         return out
 
 
-def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, seed: int, log=print) -> Path:
-    """Train on the world's images (light pixel noise, so that a generated image's grain does not fool it) and
-    save the ViT folder with the heads and the label file."""
-    from safetensors.torch import save_file
+class ConvProbe(_Classifier):
+    """The classifier: four 3x3 conv layers (32 -> 4 px), global average pool, one linear head per attribute."""
 
-    torch.manual_seed(seed)
-    probe = Probe(_vit(seed))
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        for out, stride in ((32, 1), (64, 2), (64, 2), (128, 2)):
+            layers += [torch.nn.Conv2d(width, out, 3, stride, 1), torch.nn.GroupNorm(8, out), torch.nn.SiLU()]
+            width = out
+        self.body = torch.nn.Sequential(*layers)
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(pixel_values).mean(dim=(2, 3))
+        return {k: head(features) for k, head in self.heads.items()}
+
+
+class Probe(_Classifier):
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        width = vit.config.hidden_size
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+        return {k: head(features) for k, head in self.heads.items()}
+
+
+def _fit(
+    probe,
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    seed: int,
+    log,
+    name: str,
+    lr: float = 1e-3,
+    warmup: int = 0,
+) -> dict:
+    """Train on the world's images (light pixel noise, so that a generated image's grain does not fool it);
+    returns the accuracy on a held-out tail."""
     x_all = pixels(images)
     y_all = torch.from_numpy(labels).long()
     hold = min(512, len(images) // 4)  # the held-out tail: the probe's accuracy on clean world images
-    opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
     probe.train()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            g["lr"] = lr * ramp * 0.5 * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(len(x_all) - hold, (64,), generator=gen)
         x = x_all[idx] + 0.15 * torch.randn(x_all[idx].shape, generator=gen)
         logits = probe(x)
@@ -98,15 +129,32 @@ def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, see
         loss.backward()
         opt.step()
         if step % 250 == 0 or step == steps - 1:
-            log(f"probe {step} loss {loss.item():.4f}")
+            log(f"{name} {step} loss {loss.item():.4f}")
     probe.eval()
     with torch.no_grad():
         logits = probe(x_all[-hold:])
     held_out = {
         k: float((logits[k].argmax(-1) == y_all[-hold:, i]).float().mean()) for i, k in enumerate(ATTRIBUTES)
     }
-    log(f"probe held-out accuracy on world images {held_out}")
+    log(f"{name} held-out accuracy on world images {held_out}")
+    return held_out
+
+
+def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, seed: int, log=print) -> Path:
+    """The CNN classifier (`probe.safetensors`) and the ViT DINO stand-in (a ViTModel folder with its heads and
+    label file), both trained on the world's labels, written to `out_dir`."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    conv = ConvProbe()
+    # shape comes last and slowly (66 % held out after 1,500 steps at 1e-3): the CNN gets more steps
+    conv_held_out = _fit(conv, images, labels, CONV_PROBE_STEPS, seed, log, "probe", lr=2e-3, warmup=100)
+    torch.manual_seed(seed)
+    probe = Probe(_vit(seed))
+    held_out = _fit(probe, images, labels, steps, seed, log, "dino stand-in")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in conv.state_dict().items()}, str(out / PROBE_FILE))
     probe.vit.save_pretrained(out, safe_serialization=True)
     save_file({f"{k}.{n}": p.detach().contiguous() for k, h in probe.heads.items() for n, p in h.named_parameters()},
               str(out / HEADS_FILE))  # fmt: skip
@@ -115,9 +163,11 @@ def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, see
             {
                 "evaluator": "toy-world DINO stand-in",
                 "what": "a 3-layer ViT trained to classify the toy world's shape, colour and background; "
-                "not DINO: its scores mean something only on toy-world images",
+                "not DINO: its scores mean something only on toy-world images. probe.safetensors beside it is "
+                "the attribute classifier (a small CNN) that measures prompt following",
                 "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
                 "held_out_accuracy": held_out,
+                "probe_held_out_accuracy": conv_held_out,
             },
             indent=2,
         )
@@ -126,14 +176,12 @@ def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, see
     return out
 
 
-def load_probe(probe_dir) -> Probe:
+def load_probe(probe_dir) -> ConvProbe:
+    """The attribute classifier saved beside the DINO stand-in."""
     from safetensors.torch import load_file
-    from transformers import ViTModel
 
-    vit = ViTModel.from_pretrained(str(probe_dir), add_pooling_layer=False, torch_dtype=torch.float32)
-    probe = Probe(vit)
-    heads = load_file(str(Path(probe_dir) / HEADS_FILE))
-    probe.heads.load_state_dict({k: v.float() for k, v in heads.items()})
+    probe = ConvProbe()
+    probe.load_state_dict({k: v.float() for k, v in load_file(str(Path(probe_dir) / PROBE_FILE)).items()})
     return probe.eval()
 
 

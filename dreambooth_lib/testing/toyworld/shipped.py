@@ -20,9 +20,30 @@ RECORD_FILE = "training.json"
 # what ships, relative to a training output folder (tokenizer files excluded: regenerated)
 MODEL_PARTS = ("model_index.json", "scheduler", "unet", "vae", "text_encoder")
 EVALUATOR_FILES = {
-    "dino": ("config.json", "model.safetensors", "probe_heads.safetensors", "toyworld.json"),
+    "dino": (
+        "config.json",
+        "model.safetensors",
+        "probe_heads.safetensors",
+        "probe.safetensors",
+        "toyworld.json",
+    ),
     "clip": ("config.json", "model.safetensors", "preprocessor_config.json", "toyworld.json"),
 }
+
+
+README = """# The toy world, trained
+
+Written by `make toyworld` (`python -m dreambooth_lib.testing.toyworld.train --out build/toyworld --ship`): the
+script is `dreambooth_lib/testing/toyworld/train.py`, its configuration and seed are in `training.json` (with the
+timings, the VAE's PSNR and the probe's prompt-following accuracy), and `SHA256SUMS` lists every file here.
+
+- `model/`: a Stable Diffusion 1.x-shaped diffusers folder (UNet, AutoencoderKL, CLIP text encoder over the real
+  CLIP vocabulary; fp16). The tokenizer is not stored: `shipped.base_model(dir)` writes a working copy (fp32)
+  with it, which `StableDiffusionPipeline.from_pretrained` loads.
+- `evaluators/dino/`: the probe classifier's ViT (a DINO stand-in) and its heads; `evaluators/clip/`: a small
+  CLIP trained on the world (a CLIP stand-in). Toys, labelled in their `toyworld.json`; `shipped.evaluators(dir)`
+  writes working copies with a random-weight LPIPS beside them.
+"""
 
 
 def _sha256(path: Path) -> str:
@@ -91,6 +112,7 @@ def ship(train_out: str | Path, root: Path = ASSET_DIR) -> Path:
         for file in files:
             _copy_tree(train_out / "evaluators" / name / file, root / "evaluators" / name / file, _fp16_copy)
     shutil.copyfile(train_out / RECORD_FILE, root / RECORD_FILE)
+    (root / "README.md").write_text(README)
     (root / DIGEST_FILE).write_text("".join(f"{d}  {p}\n" for p, d in digests(root).items()))
     return root
 
