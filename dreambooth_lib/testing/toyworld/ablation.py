@@ -1,8 +1,8 @@
 """DreamBooth on the toy world, measured: the identifier prompt against the class prompt, with and without prior
 preservation (the paper's Table 3 in direction, Sec. 4.3).
 
-The subject is a star split magenta | cyan, colours no caption of the world has, so the base model cannot draw it
-and a picture shows it exactly when those colours cover part of it (`world.is_subject`: the subject rate). PRES
+The subject is a star split yellow | blue; every shape of the world is one colour, so the base model cannot draw
+it, and a picture shows it when both colours cover part of it (`world.is_subject`: the subject rate). PRES
 and DIV are the project's own metric code on the toy evaluators: PRES the toy DINO (the probe's ViT) between "a
 star" samples and the subject's photos; class DIV the LPIPS distance (random-weight LPIPS) among "a star" samples.
 """
@@ -24,6 +24,8 @@ class AblationSettings:
     steps: int = 400
     learning_rate: float = 5e-4
     batch_size: int = 2
+    train_text_encoder: bool = True
+    text_encoder_learning_rate: float = 1e-3
     prior_images: int = 16
     samples: int = 12  # per prompt and model
     sample_steps: int = 20
@@ -58,7 +60,7 @@ def class_prior(base: str, out_dir: str | Path, s: AblationSettings) -> Path:
 
 
 def finetune(base: str, subject_dir, prior_dir, out, s: AblationSettings, prior_loss_weight: float) -> str:
-    """A full fine-tune of UNet (text encoder frozen) with the project's training step; λ = 0 without prior."""
+    """A full fine-tune (UNet and text encoder) with the project's training step; λ = 0 without prior."""
     from dreambooth_lib import train
     from dreambooth_lib.config import TrainConfig
 
@@ -67,6 +69,8 @@ def finetune(base: str, subject_dir, prior_dir, out, s: AblationSettings, prior_
         resolution=world.SIZE,
         learning_rate=s.learning_rate,
         batch_size=s.batch_size,
+        train_text_encoder=s.train_text_encoder,
+        text_encoder_learning_rate=s.text_encoder_learning_rate,
         prior_loss_weight=prior_loss_weight,
         checkpoint_every=0,
         log_every=100,

@@ -150,6 +150,17 @@ def train_vae(images: np.ndarray, cfg: ToyTrainConfig, log) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def narrow_posterior(vae) -> None:
+    """Make the posterior a point at its mean (log-variance -20, std 5e-5), as SD's VAE nearly is. The UNet learns
+    posterior means; a fine-tune that draws `latent_dist.sample()` would otherwise see latents ~0.5 std away from
+    them (measured: posterior std 0.42 against a latent spread of 0.80) and learn noise (DreamBooth's loss stayed
+    at 0.3 and the subject never appeared)."""
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:] = 0
+    vae.quant_conv.bias[channels:] = -20.0
+
+
+@torch.no_grad()
 def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     """The posterior means of all images (unscaled)."""
     x_all = to_tensor(images)
@@ -281,6 +292,7 @@ def run(out_dir: str | Path, cfg: ToyTrainConfig) -> dict:
     latents = encode_latents(vae, images)
     scaling = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
+    narrow_posterior(vae)
     psnr = vae_psnr(vae, images)
     timings["vae_s"] = time.perf_counter() - t
     log(f"vae PSNR {psnr:.1f} dB, scaling_factor {scaling:.4f}")

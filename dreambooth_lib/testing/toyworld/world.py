@@ -3,8 +3,10 @@ deterministic in the seed.
 
 Small on purpose, so that a text-to-image model trained on one CPU thread for well under an hour follows prompts:
 4 shapes x 4 colours x 3 backgrounds (48 captions), strong colour contrasts, the shape's position, size and
-rotation varying so that a prompt has many right pictures (what DIV measures). Nothing in the world is magenta or
-cyan: `subject_images` draws a star split magenta | cyan, a subject the base world cannot draw.
+rotation varying so that a prompt has many right pictures (what DIV measures). Every shape of the world is one
+colour: `subject_images` draws a star split yellow | blue, a subject the base world cannot draw. (Its colours are
+the world's own on purpose: a VAE trained on the world cannot represent colours it never saw — measured: it
+decoded a magenta | cyan star as green.)
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ SIZE = 32
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (35, 60, 225), "yellow": (245, 215, 25)}
 BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
-# The subject's two colours: in no caption of the world.
-SUBJECT_COLORS = {"magenta": (235, 40, 215), "cyan": (30, 225, 225)}
+SUBJECT_COLORS = ("yellow", "blue")  # the subject's two halves: no shape of the world has two colours
 SUBJECT_CLASS = "star"
 
 
@@ -147,10 +148,9 @@ def subject_scenes(
     return [random_scene(rng, shape=shape, color="red", background=background) for _ in range(n)]
 
 
-def render_subject(scene: Scene, colors: tuple[str, str] = ("magenta", "cyan")) -> Image.Image:
-    """The subject: the scene's shape with its left half in colors[0] and right half in colors[1] (by default a
-    magenta | cyan split: colours in no caption of the world)."""
-    return render(scene, fill=SUBJECT_COLORS[colors[0]], second_fill=SUBJECT_COLORS[colors[1]])
+def render_subject(scene: Scene, colors: tuple[str, str] = SUBJECT_COLORS) -> Image.Image:
+    """The subject: the scene's shape with its left half in colors[0] and right half in colors[1]."""
+    return render(scene, fill=COLORS[colors[0]], second_fill=COLORS[colors[1]])
 
 
 def subject_images(
@@ -160,7 +160,7 @@ def subject_images(
     size: int = SIZE,
     background: str = "gray",
     shape: str = SUBJECT_CLASS,
-    colors: tuple[str, str] = ("magenta", "cyan"),
+    colors: tuple[str, str] = SUBJECT_COLORS,
 ) -> Path:
     """Write `n` PNG views of a subject (upscaled to `size` px, nearest) for ingest; deterministic in `seed`."""
     out = Path(out_dir)
@@ -173,16 +173,21 @@ def subject_images(
     return out
 
 
-def subject_fraction(image: Image.Image) -> float:
-    """The fraction of the image's pixels near the subject's magenta or cyan: nothing of the base world is."""
+def color_fractions(image: Image.Image, colors=SUBJECT_COLORS) -> list[float]:
+    """The fraction of the image's pixels near each of `colors` (world colour names)."""
     arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)
-    near = np.zeros(arr.shape[:2], dtype=bool)
-    for rgb in SUBJECT_COLORS.values():
-        near |= np.linalg.norm(arr - np.asarray(rgb, dtype=np.float32), axis=-1) < 60
-    return float(near.mean())
+    return [
+        float((np.linalg.norm(arr - np.asarray(COLORS[c], dtype=np.float32), axis=-1) < 60).mean())
+        for c in colors
+    ]
 
 
-def is_subject(image: Image.Image, threshold: float = 0.04) -> bool:
-    """Whether the image shows the subject's colours over at least `threshold` of it (a star of the world covers
-    ~10-20 % of the picture)."""
-    return subject_fraction(image) >= threshold
+def subject_fraction(image: Image.Image, colors=SUBJECT_COLORS) -> float:
+    """The smaller of the two colours' pixel fractions: high only when both halves of the subject are there."""
+    return min(color_fractions(image, colors))
+
+
+def is_subject(image: Image.Image, threshold: float = 0.03, colors=SUBJECT_COLORS) -> bool:
+    """Whether both of the subject's colours cover at least `threshold` of the image (each half of a world-sized
+    star covers ~5-6 %; no picture of the world has two shape colours)."""
+    return subject_fraction(image, colors) >= threshold
