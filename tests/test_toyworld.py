@@ -116,7 +116,7 @@ def test_training_script_writes_a_loadable_diffusers_folder_and_ships_it(tmp_pat
     from dreambooth_lib.testing.toyworld import train
 
     cfg = train.ToyTrainConfig(num_images=64, vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1,
-                               probe_steps=2, clip_steps=2, eval_samples_per_caption=0)  # fmt: skip
+                               probe_steps=2, conv_probe_steps=2, clip_steps=2, eval_samples_per_caption=0)  # fmt: skip
     record = train.run(tmp_path / "out", cfg)
     assert record["config"]["unet_steps"] == 2 and record["prompt_following"] is None
     root = shipped.ship(tmp_path / "out", root=tmp_path / "assets")

@@ -140,7 +140,15 @@ def _fit(
     return held_out
 
 
-def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, seed: int, log=print) -> Path:
+def train_probe(
+    out_dir,
+    images: np.ndarray,
+    labels: np.ndarray,
+    steps: int,
+    seed: int,
+    log=print,
+    conv_steps: int = CONV_PROBE_STEPS,
+) -> Path:
     """The CNN classifier (`probe.safetensors`) and the ViT DINO stand-in (a ViTModel folder with its heads and
     label file), both trained on the world's labels, written to `out_dir`."""
     from safetensors.torch import save_file
@@ -148,7 +156,7 @@ def train_probe(out_dir, images: np.ndarray, labels: np.ndarray, steps: int, see
     torch.manual_seed(seed)
     conv = ConvProbe()
     # shape comes last and slowly (66 % held out after 1,500 steps at 1e-3): the CNN gets more steps
-    conv_held_out = _fit(conv, images, labels, CONV_PROBE_STEPS, seed, log, "probe", lr=2e-3, warmup=100)
+    conv_held_out = _fit(conv, images, labels, conv_steps, seed, log, "probe", lr=2e-3, warmup=100)
     torch.manual_seed(seed)
     probe = Probe(_vit(seed))
     held_out = _fit(probe, images, labels, steps, seed, log, "dino stand-in")

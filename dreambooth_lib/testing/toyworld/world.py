@@ -141,6 +141,23 @@ def images_array(scenes: list[Scene]) -> np.ndarray:
     return np.stack([np.asarray(render(s)) for s in scenes])
 
 
+def any_color_images(n: int, seed: int) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 of the world's shapes in random RGB colours, half of them split in two, on random RGB
+    backgrounds: pictures for the VAE only, so that it can represent a subject's colours and patterns that the
+    world's captions never show (a VAE trained on the world alone decoded a two-colour star as a blur)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        fill, second, background = (tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(3))
+        img = render(scene, fill=fill, second_fill=second if rng.random() < 0.5 else None)
+        flat = Image.new("RGB", img.size, background)
+        mask = Image.fromarray((np.abs(np.asarray(img, dtype=np.int16) - BACKGROUNDS[scene.background]).sum(-1) > 0)
+                               .astype(np.uint8) * 255)  # fmt: skip
+        out.append(np.asarray(Image.composite(img, flat, mask)))
+    return np.stack(out)
+
+
 def subject_scenes(
     n: int = 4, seed: int = 0, background: str = "gray", shape: str = SUBJECT_CLASS
 ) -> list[Scene]:
