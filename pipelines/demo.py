@@ -1,20 +1,15 @@
 """`make demo`: the embedded default, end to end through kfp.local — no cluster, no Docker, no downloads.
 
-Runs on the toy world (`dreambooth_lib.testing.toyworld`): a text-to-image model trained from scratch on 32x32
-pictures of 4 shapes x 4 colours on 3 backgrounds, shipped with the package, which follows prompts such as "a red
-circle on a black background". The subject is one the base world cannot draw: a star split yellow | blue (every
-shape of the world is one colour), in 4 views. The demo runs the `personalize` pipeline on it (prior
-preservation on, λ = 1) and a 2-subject `batch_personalize` (packed LoRA) with kfp.local's SubprocessRunner (the
-same component code a cluster runs, each task a subprocess of this venv), and prints where the registered model,
-the metrics and report.html are, and how often the subject appears for the identifier prompt and for "a star".
+Builds a tiny random-weight model (real CLIP vocabulary) with tiny DINO/CLIP/LPIPS evaluators and small
+synthetic subjects (a coloured square on a noisy grey background), then runs the `personalize` pipeline and a
+2-subject `batch_personalize` with kfp.local's SubprocessRunner (the same component code a cluster runs, each
+task a subprocess of this venv), and prints where the registered model, the metrics and report.html are.
 
     python -m pipelines.demo                       # everything, into demo-out/
     python -m pipelines.demo --skip-batch          # personalize only
-    python -m pipelines.demo --subject-only demo-out/subject   # just write the subject's 4 views
+    python -m pipelines.demo --subject-only demo-out/subject   # just write a synthetic subject folder
 
-The evaluators are the toy world's, labelled as such in their folders: the probe classifier's ViT stands in for
-DINO, a small CLIP trained on the world for CLIP, a random-weight LPIPS for DIV. The numbers mean something on
-the toy world only; they are not comparable with the paper's.
+The numbers are meaningless (random weights); the run exercises every step, artifact and the registry.
 """
 
 from __future__ import annotations
@@ -28,73 +23,57 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESOLUTION = 32  # the toy world's picture size
-LORA_LEARNING_RATE = 5e-3
-# seeds whose 4 views all pass ingest's near-duplicate check (a circle turned is the same circle)
-SUBJECT = {
-    "name": "split-star",
-    "class_noun": "star",
-    "shape": "star",
-    "colors": ("yellow", "blue"),
-    "seed": 0,
-}
-SECOND_SUBJECT = {
-    "name": "split-circle",
-    "class_noun": "circle",
-    "shape": "circle",
-    "colors": ("red", "green"),
-    "seed": 2,
-}
-# "a [V] star on a ... background": the world's own prompt grammar, with the identifier
-EVAL_PROMPTS = [
-    "a {0} {1} on a white background",
-    "a {0} {1} on a black background",
-    "a {0} {1} on a gray background",
-    "a {0} {1}",
-]
+RESOLUTION = 64
 
 
-def make_subject(
-    out_dir: str | Path, subject: dict | None = None, n: int = 4, seed: int | None = None
-) -> Path:
-    """The subject's `n` views (32 px PNGs): by default the yellow | blue star on grey."""
-    from dreambooth_lib.testing.toyworld import world
+def make_subject(out_dir: str | Path, color=(220, 30, 30), n: int = 4, size: int = 96, seed: int = 0) -> Path:
+    """A synthetic subject: a coloured square at shifting positions on a lightly noisy grey background."""
+    from dreambooth_lib.testing.synthetic import make_subject_images
 
-    subject = subject or SUBJECT
-    seed = subject["seed"] if seed is None else seed
-    return world.subject_images(out_dir, n=n, seed=seed, shape=subject["shape"], colors=subject["colors"])
+    return make_subject_images(out_dir, n=n, size=size, color=color, seed=seed)
 
 
 def build_models(out: Path) -> dict[str, str]:
-    """Working copies of the shipped toy-world model and its toy evaluators (reused when already there)."""
-    from dreambooth_lib.testing.toyworld import shipped
+    """The tiny model and evaluators (reused when already built: they are deterministic in the seed)."""
+    from dreambooth_lib.testing import evaluators
+    from dreambooth_lib.testing.tiny_models import build_tiny_model
 
-    model = shipped.base_model(out / "toyworld-model")
-    return {"model": str(model), **shipped.evaluators(out / "toyworld-evaluators")}
+    model = out / "tiny-model"
+    ev = model / "evaluators"
+    if not (model / "model_index.json").exists():
+        build_tiny_model(model, seed=0)
+    if not (ev / "lpips.safetensors").exists():
+        evaluators.build_tiny_dino(ev / "dino", seed=0)
+        evaluators.build_tiny_clip(ev / "clip", seed=0)
+        evaluators.build_tiny_lpips(ev / "lpips.safetensors", seed=0)
+    return {
+        "model": str(model),
+        "dino": str(ev / "dino"),
+        "clip": str(ev / "clip"),
+        "lpips": str(ev / "lpips.safetensors"),
+    }
 
 
 def tiny_settings(paths: dict[str, str]) -> dict[str, Any]:
-    """Pipeline arguments shared by both pipelines: the world's 32 px, a short fine-tune, 8 prior images (λ and
-    the mode are each pipeline's defaults: a full fine-tune for one subject, packed LoRA for a batch)."""
+    """Pipeline arguments shared by both pipelines: 64 px, few steps, 4 prior images (the rest, λ and the mode
+    included, are each pipeline's defaults: a full fine-tune for one subject, packed LoRA for a batch)."""
     return {
         "resolution": RESOLUTION,
-        "steps": 300,
-        "prior_size": 8,
-        "prior_options": {"steps": 20, "batch_size": 8},
-        "eval_prompts": EVAL_PROMPTS,
+        "steps": 8,
+        "prior_size": 4,
+        "prior_options": {"steps": 4, "batch_size": 4},
     }
 
 
 def tiny_step_options(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
     return {
-        "ingest": {"min_side": RESOLUTION},
-        # measured on the toy world (dreambooth_lib.testing.toyworld.ablation): the base was trained at 1.5e-3
-        "train": {"learning_rate": 5e-4, "batch_size": 2, "checkpoint_every": 0, "log_every": 50},
+        "ingest": {"min_side": 64},
+        "train": {"learning_rate": 1e-4, "checkpoint_every": 0, "log_every": 4},
         "eval": {
-            "images_per_prompt": 4,
-            "pres_images": 8,
-            "steps": 20,
-            "batch_size": 8,
+            "max_prompts": 2,
+            "images_per_prompt": 2,
+            "pres_images": 2,
+            "steps": 4,
             "dino_model": paths["dino"],
             "clip_model": paths["clip"],
             "lpips_weights": paths["lpips"],
@@ -124,8 +103,8 @@ def run_personalize(
     task = personalize(
         base_model=paths["model"],
         images_uri=str(subject_dir),
-        subject_name=SUBJECT["name"],
-        class_noun=SUBJECT["class_noun"],
+        subject_name="red-square",
+        class_noun="square",
         registry_uri=str(registry) if registry else "",
         checkpoint_root=str(out / "checkpoints"),
         ingest_options=steps["ingest"],
@@ -138,34 +117,14 @@ def run_personalize(
     evaluation = (
         Path(report.path).parent / "evaluation"
     )  # the evaluate task's folder: metrics.json, report.html
-    metrics_json = evaluation / "metrics.json"
     return {
         "model": task.outputs["model"].path,
         "metrics": dict(metrics.metadata),
-        "metrics_json": str(metrics_json),
+        "metrics_json": str(evaluation / "metrics.json"),
         "report_html": str(evaluation / "report.html")
         if (evaluation / "report.html").exists()
         else report.path,
-        "subject_rates": subject_rates(metrics_json) if metrics_json.exists() else None,
     }
-
-
-def subject_rates(metrics_json: Path) -> dict[str, float]:
-    """How often the evaluation's samples show the subject (both its colours, which no picture of the base world has):
-    per identifier prompt, and for the class prompt "a star" (the PRES images)."""
-    from PIL import Image
-
-    from dreambooth_lib.testing.toyworld import world
-
-    record = json.loads(metrics_json.read_text())
-    root = metrics_json.parent
-
-    def rate(paths: list[str]) -> float:
-        return round(sum(world.is_subject(Image.open(root / p)) for p in paths) / max(len(paths), 1), 3)
-
-    rates = {row["prompt"]: rate(row["images"]) for row in record["per_prompt"]}
-    rates[f"a {record['class_noun']}"] = rate(record["pres_images"])
-    return rates
 
 
 def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: Path) -> dict[str, Any]:
@@ -182,12 +141,7 @@ def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: P
         base_model=paths["model"],
         batch_root=str(batch_root),
         registry_uri=str(registry),
-        # LoRA's few, zero-initialised parameters need a higher rate than the full fine-tune
-        run_options={
-            **steps,
-            "train": {**steps["train"], "learning_rate": LORA_LEARNING_RATE},
-            "samples_per_prompt": 0,
-        },
+        run_options={**steps, "samples_per_prompt": 0},
         # the batch's default: LoRA adapters, packed (here two subjects per training task; the single-subject
         # demo is a full fine-tune), so both training paths run end to end
         **tiny_settings(paths),
@@ -217,32 +171,25 @@ def run_demo(out: str | Path = "demo-out", batch: bool = True) -> dict[str, Any]
         shutil.rmtree(out / stale, ignore_errors=True)
     paths = build_models(out)
     subjects = {
-        s["name"]: (s["class_noun"], make_subject(out / "subjects" / s["name"], s))
-        for s in (SUBJECT, SECOND_SUBJECT)
+        "red-square": make_subject(out / "subjects" / "red-square", color=(220, 30, 30), seed=0),
+        "blue-square": make_subject(out / "subjects" / "blue-square", color=(30, 60, 220), seed=1),
     }
     registry = out / "registry"
     init_local(out / "kfp-root")
     result: dict[str, Any] = {"registry": str(registry)}
     t1 = time.perf_counter()
-    result["personalize"] = run_personalize(out, paths, subjects[SUBJECT["name"]][1], registry)
+    result["personalize"] = run_personalize(out, paths, subjects["red-square"], registry)
     result["personalize_s"] = round(time.perf_counter() - t1, 1)
     if batch:
         t2 = time.perf_counter()
-        entries = [{"name": n, "class_noun": c, "images": str(p)} for n, (c, p) in subjects.items()]
+        entries = [{"name": n, "class_noun": "square", "images": str(p)} for n, p in subjects.items()]
         result["batch"] = run_batch(out, paths, entries, registry)
         result["batch_s"] = round(time.perf_counter() - t2, 1)
     from dreambooth_lib.registry import open_registry
 
     result["registered"] = [m.model_dump(mode="json") for m in open_registry(str(registry)).list_models()]
-    result["evaluators"] = evaluator_labels(paths)
     result["wall_time_s"] = round(time.perf_counter() - t0, 1)
     return result
-
-
-def evaluator_labels(paths: dict[str, str]) -> dict[str, str | None]:
-    from dreambooth_lib.testing.toyworld.evaluators import evaluator_label
-
-    return {name: evaluator_label(paths[name]) for name in ("dino", "clip", "lpips")}
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -253,9 +200,6 @@ def _print(result: dict[str, Any]) -> None:
     print(f"  metrics         {shown}")
     print(f"  metrics.json    {p['metrics_json']}")
     print(f"  report.html     {p['report_html']}")
-    if p.get("subject_rates"):
-        print("  subject shown   " + "  ".join(f"{k!r}: {v:.0%}" for k, v in p["subject_rates"].items()))
-    print("  evaluators      " + ", ".join(f"{k}: {v}" for k, v in result.get("evaluators", {}).items()))
     print(f"  ({result['personalize_s']} s)")
     if "batch" in result:
         b = result["batch"]
@@ -272,10 +216,10 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run both pipelines on the toy world through kfp.local.")
+    parser = argparse.ArgumentParser(description="Run both pipelines on the tiny model through kfp.local.")
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--skip-batch", action="store_true")
-    parser.add_argument("--subject-only", metavar="DIR", help="only write the subject's 4 views to DIR")
+    parser.add_argument("--subject-only", metavar="DIR", help="only write a synthetic subject folder to DIR")
     args = parser.parse_args(argv)
     if args.subject_only:
         print(make_subject(args.subject_only))

@@ -1,4 +1,4 @@
-"""The demo's pipelines through kfp.local end to end on the toy world: what a user gets from `make demo`."""
+"""The demo's pipelines through kfp.local end to end on the tiny model: what a user gets from `make demo`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_personalize_end_to_end(demo_env):
     from dreambooth_lib.registry import open_registry
 
     demo, out, paths = demo_env
-    subject = demo.make_subject(out / "subjects" / "split-star")
+    subject = demo.make_subject(out / "subjects" / "red-square")
     result = demo.run_personalize(out, paths, subject, out / "registry")
     model = Path(result["model"])
     assert (model / "model" / "model_index.json").exists() and (model / "train_summary.json").exists()
@@ -41,14 +41,11 @@ def test_personalize_end_to_end(demo_env):
         json.loads(Path(result["metrics_json"]).read_text())["metrics"]["dino"] == result["metrics"]["dino"]
     )
     (entry,) = open_registry(str(out / "registry")).list_models()
-    assert entry.subject == "split-star" and entry.version == 1 and entry.identifier == identifier
+    assert entry.subject == "red-square" and entry.version == 1 and entry.identifier == identifier
     assert Path(entry.model_uri, "model_index.json").exists()
     # the prior set was generated once into the task's artifact, with the tiny settings
     priors = list((out / "kfp-root").rglob("prior_set.json"))
-    assert priors and len(list(priors[0].parent.glob("*.png"))) == 8
-    # the report's samples: one subject rate per evaluated prompt and one for the class prompt
-    rates = result["subject_rates"]
-    assert len(rates) == len(demo.EVAL_PROMPTS) + 1 and "a star" in rates
+    assert priors and len(list(priors[0].parent.glob("*.png"))) == 4
 
 
 def test_personalize_without_a_prior_trains_with_no_prior_loss(demo_env):
@@ -64,23 +61,23 @@ def test_personalize_without_a_prior_trains_with_no_prior_loss(demo_env):
 
 def test_batch_isolates_failures_and_summarizes(demo_env):
     demo, out, paths = demo_env
-    good = demo.make_subject(out / "subjects" / "split-circle", demo.SECOND_SUBJECT)
+    good = demo.make_subject(out / "subjects" / "blue-square", color=(30, 60, 220), seed=1)
     entries = [
-        {"name": "split-circle", "class_noun": "circle", "images": str(good)},
-        {"name": "missing-photos", "class_noun": "circle", "images": str(out / "nowhere")},
-        {"name": "Bad Name", "class_noun": "circle", "images": str(good)},
+        {"name": "blue-square", "class_noun": "square", "images": str(good)},
+        {"name": "missing-photos", "class_noun": "square", "images": str(out / "nowhere")},
+        {"name": "Bad Name", "class_noun": "square", "images": str(good)},
     ]
     summary = demo.run_batch(out, paths, entries, out / "batch-registry")
     subjects = summary["subjects"]
-    assert set(subjects) == {"split-circle", "missing-photos", "Bad Name"}
-    assert subjects["split-circle"]["status"] == "registered", subjects["split-circle"].get("error")
+    assert set(subjects) == {"blue-square", "missing-photos", "Bad Name"}
+    assert subjects["blue-square"]["status"] == "registered", subjects["blue-square"].get("error")
     assert (
         subjects["missing-photos"]["status"] == "failed" and "nowhere" in subjects["missing-photos"]["error"]
     )
     assert subjects["Bad Name"]["status"] == "failed" and subjects["Bad Name"]["step"] == "plan"
     assert summary["title"].endswith("1 of 3 subjects succeeded")
     table = Path(summary["summary_md"]).read_text()
-    assert "| split-circle | circle |" in table and "missing-photos" in table
+    assert "| blue-square | square |" in table and "missing-photos" in table
     # one prior set for the class, reused by the subject (made by the class loop, found by the subject)
     prior_sets = list((out / "batches" / "priors").glob("*/prior_set.json"))
     assert len(prior_sets) == 1

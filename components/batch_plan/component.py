@@ -50,4 +50,5 @@ def plan_batch(
     plan.metadata.update(
         {"num_subjects": len(result.subjects), "num_failed": len(result.failed), "classes": result.classes}
     )
-    return [s.model_dump(mode="json") for s in result.subjects]
+    # a KFP parameter holds no null: a subject without a consent record leaves the key out
+    return [s.model_dump(mode="json", exclude_none=True) for s in result.subjects]
