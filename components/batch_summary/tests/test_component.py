@@ -33,7 +33,9 @@ def test_summary_table(tmp_path):
     )  # fmt: skip
     table = Path(md.path).read_text()
     assert "1 of 3 subjects succeeded" in table
-    assert "| ok-one | dog | zwx | registered | 0.610 | 0.700 | 0.300 |  | passed | gs://r/ok-one/1 |" in table
+    assert (
+        "| ok-one | dog | zwx | registered | 0.610 | 0.700 | 0.300 |  | passed | gs://r/ok-one/1 |" in table
+    )
     assert "gate failed (DINO 0.1 < 0.5)" in table and "failed: DINO 0.1 < 0.5" in table
     assert "| crashed |" in table and "did not finish: pod evicted" in table
     assert "<td>ok-one</td>" in Path(page.path).read_text()
