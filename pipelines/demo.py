@@ -81,6 +81,10 @@ def tiny_step_options(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
     }
 
 
+# a small probe for train.select: 1 prompt x 2 seeds + 2 class images, 4 sampler steps, every 4 training steps
+DEMO_PROBE = {"every": 4, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "steps": 4}
+
+
 def init_local(pipeline_root: Path) -> None:
     """kfp.local with the venv's own interpreter: use_venv=True would reinstall kfp per task (~15x slower)."""
     import warnings
@@ -141,7 +145,8 @@ def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: P
         base_model=paths["model"],
         batch_root=str(batch_root),
         registry_uri=str(registry),
-        run_options={**steps, "samples_per_prompt": 0},
+        # train.select on: each subject's probes every 4 steps, its chosen step exported and listed in the summary
+        run_options={**steps, "train": {**steps["train"], "select": DEMO_PROBE}, "samples_per_prompt": 0},
         # the batch's default: LoRA adapters, packed (here two subjects per training task; the single-subject
         # demo is a full fine-tune), so both training paths run end to end
         **tiny_settings(paths),

@@ -78,6 +78,8 @@ def test_batch_isolates_failures_and_summarizes(demo_env):
     assert summary["title"].endswith("1 of 3 subjects succeeded")
     table = Path(summary["summary_md"]).read_text()
     assert "| blue-square | square |" in table and "missing-photos" in table
+    chosen = subjects["blue-square"]["chosen_step"]  # the batch trains with train.select on
+    assert chosen in (4, 8) and f"| {chosen} | passed |" in table
     # one prior set for the class, reused by the subject (made by the class loop, found by the subject)
     prior_sets = list((out / "batches" / "priors").glob("*/prior_set.json"))
     assert len(prior_sets) == 1
