@@ -438,19 +438,9 @@ def generate(
     from dreambooth_lib import generate as step
 
     result = step.run(
-        model,
-        prompt,
-        out,
-        n=n,
-        seed=seed,
-        steps=steps,
-        sampler=sampler,
-        guidance_scale=guidance_scale,
-        resolution=resolution,
-        device=device,
-        allow_pickle=allow_pickle,
-        base_model=base_model,
-    )
+        model, prompt, out, n=n, seed=seed, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+        resolution=resolution, device=device, allow_pickle=allow_pickle, base_model=base_model,
+    )  # fmt: skip
     _emit(result, as_json, f"wrote {len(result.images)} images to {out}")
 
 

@@ -14,7 +14,7 @@ from dreambooth_lib.runs.batch.manifest import load_manifest
 from dreambooth_lib.runs.batch.pack import train_pack
 from dreambooth_lib.runs.batch.plan import PlannedSubject, distinct_classes, plan_batch
 from dreambooth_lib.runs.batch.status import SubjectStatus, read_statuses, with_unfinished, write_status
-from dreambooth_lib.runs.batch.subject import run_subject, subject_run_dir, subject_run_values
+from dreambooth_lib.runs.batch.subject import BatchSettings, run_subject, subject_run_dir, subject_run_values
 from dreambooth_lib.runs.batch.summary import render_status, render_summary, summary_record
 
 # A narrow id range keeps each search fast while leaving enough candidates for several subjects.
@@ -171,7 +171,9 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
         "identifier": {"seed": 4},
     }
     statuses = {
-        name: run_subject(_planned(name), "base", str(tmp_path / name), options, registry_uri="reg")
+        name: run_subject(
+            _planned(name), str(tmp_path / name), BatchSettings("base", options, registry_uri="reg")
+        )
         for name in ("good", "broken", "gated", "buggy")
     }
     good = statuses["good"]
@@ -198,9 +200,9 @@ def test_a_failing_subject_is_a_status_and_the_others_succeed(tmp_path, monkeypa
 
 def test_a_bad_run_option_fails_only_that_subject(tmp_path, monkeypatch):
     monkeypatch.setattr(personalize, "run", _result)
-    status = run_subject(_planned("x"), "base", str(tmp_path / "x"), {"train": {"stepz": 3}})
+    status = run_subject(_planned("x"), str(tmp_path / "x"), BatchSettings("base", {"train": {"stepz": 3}}))
     assert status.status == "failed" and "train.stepz" in status.error and "unknown field" in status.error
-    ok = run_subject(_planned("y"), "base", str(tmp_path / "y"), {})
+    ok = run_subject(_planned("y"), str(tmp_path / "y"), BatchSettings("base", {}))
     assert ok.status == "trained" and ok.registered is None
 
 
@@ -298,7 +300,7 @@ def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
 
     monkeypatch.setattr(train, "run", no_training)
     run_dir = subject_run_dir(root, "j1", "red")
-    status = run_subject(subjects[0], tiny_model, run_dir, options)
+    status = run_subject(subjects[0], run_dir, BatchSettings(tiny_model, options))
     assert status.status == "trained" and status.packed is True, status.error
     assert status.model_uri == by_name["red"].model_uri
     result = json.loads((tmp_path / "b" / "j1" / "subjects" / "red" / "run_result.json").read_text())
@@ -307,7 +309,7 @@ def test_train_pack_trains_lora_subjects_together_and_run_subject_reuses_them(
 
     # other train settings than the pack's: the packed model is not this run's, so the subject trains alone
     other = {**options, "train": {**options["train"], "steps": 3}}
-    status = run_subject(subjects[1], tiny_model, subject_run_dir(root, "j1", "green"), other)
+    status = run_subject(subjects[1], subject_run_dir(root, "j1", "green"), BatchSettings(tiny_model, other))
     assert status.status == "failed" and "train.run called" in status.error
 
 
@@ -333,7 +335,7 @@ def test_a_packed_batch_with_train_select_exports_and_lists_each_chosen_step(
         )
         chosen = summary["selection"]["chosen_step"]
         assert packed[s.name].packed and [p["step"] for p in summary["selection"]["probes"]] == [0, 2, 4]
-        status = run_subject(s, tiny_model, subject_run_dir(root, "j1", s.name), options)
+        status = run_subject(s, subject_run_dir(root, "j1", s.name), BatchSettings(tiny_model, options))
         assert status.status == "trained" and status.packed and status.chosen_step == chosen in (2, 4)
         statuses.append(status)
     markdown, _ = render_summary(statuses)
@@ -383,7 +385,7 @@ def test_train_pack_without_a_prior_trains_and_run_subject_reuses_the_model(
     assert summary["num_prior_images"] == 0 and summary["config"]["prior_loss_weight"] == 0.0
 
     monkeypatch.setattr(train, "run", never)
-    status = run_subject(red, tiny_model, subject_run_dir(root, "j1", "red"), options)
+    status = run_subject(red, subject_run_dir(root, "j1", "red"), BatchSettings(tiny_model, options))
     assert status.status == "trained" and status.packed is True, status.error
 
 
@@ -395,12 +397,14 @@ def test_gate_thresholds_without_evaluation_fail_each_subject_before_any_work(tm
         {"evaluate": False}, prior_root="/p", resolution=64, steps=3, prior_loss_weight=1.0, prior_size=2,
         mode="lora", gate_thresholds={"min_clip_t": 0.2},
     )  # fmt: skip
-    status = run_subject(_planned("rex"), "base", str(tmp_path / "rex"), options, registry_uri="reg")
+    status = run_subject(
+        _planned("rex"), str(tmp_path / "rex"), BatchSettings("base", options, registry_uri="reg")
+    )
     assert status.status == "failed" and "evaluate is false but eval.gate.min_clip_t" in status.error
     packs = train_pack([_planned("rex"), _planned("cup")], "base", str(tmp_path / "b"), "j1", options,
                        pack_size=2, registry_uri="reg")  # fmt: skip
     assert packs == [] and not (tmp_path / "b").exists()
-    without_registry = run_subject(_planned("cup"), "base", str(tmp_path / "cup"), options)
+    without_registry = run_subject(_planned("cup"), str(tmp_path / "cup"), BatchSettings("base", options))
     assert without_registry.status == "trained"  # the thresholds guard no registration: the subject runs
 
 

@@ -10,15 +10,8 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from dreambooth_lib import config as configs
 from dreambooth_lib.cli import app
-from dreambooth_lib.config import (
-    EvalConfig,
-    IdentifierConfig,
-    IngestConfig,
-    PriorConfig,
-    TrainConfig,
-    load_run_config,
-)
 from dreambooth_lib.testing.synthetic import make_subject_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +102,7 @@ def test_bad_config_names_the_field(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(preset):
-    cfg = load_run_config(preset)
+    cfg = configs.load_run_config(preset)
     assert cfg.train.resolution == cfg.ingest.resolution
     text = preset.read_text()
     assert text.startswith("#") and "dreambooth run --config" in text  # opens with the command that runs it
@@ -149,11 +142,11 @@ REQUIRED_ARGS = {
                  "--out", "O"],
 }  # fmt: skip
 CONFIG_OF = {
-    "ingest": IngestConfig,
-    "identifier": IdentifierConfig,
-    "prior": PriorConfig,
-    "train": TrainConfig,
-    "evaluate": EvalConfig,
+    "ingest": configs.IngestConfig,
+    "identifier": configs.IdentifierConfig,
+    "prior": configs.PriorConfig,
+    "train": configs.TrainConfig,
+    "evaluate": configs.EvalConfig,
 }
 # the module whose `run` each command calls, and where its config arrives (a keyword, else a position)
 STEP_OF = {
@@ -212,7 +205,7 @@ def test_an_option_given_sets_only_its_field(step_calls):
     result = runner.invoke(app, ["train", *REQUIRED_ARGS["train"], "--steps", "7", "--no-compile", "--json"])
     assert result.exit_code == 0, result.output
     config = _config_passed(step_calls, "train")
-    assert config.model_fields_set == {"steps", "compile"} | TrainConfig().model_fields_set
+    assert config.model_fields_set == {"steps", "compile"} | configs.TrainConfig().model_fields_set
     assert config.steps == 7 and config.compile is False
 
 
@@ -222,8 +215,8 @@ def test_lora_without_a_learning_rate_gets_the_config_default_for_lora(step_call
     config = _config_passed(step_calls, "train")
     assert (
         config.learning_rate
-        == TrainConfig(mode="lora").learning_rate
-        != TrainConfig(mode="full").learning_rate
+        == configs.TrainConfig(mode="lora").learning_rate
+        != configs.TrainConfig(mode="full").learning_rate
     )
 
 

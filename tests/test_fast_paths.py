@@ -19,6 +19,7 @@ from dreambooth_lib.config import PriorConfig, TrainConfig, parse_config
 from dreambooth_lib.errors import ConfigError
 from dreambooth_lib.models import sampling
 from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.testing.tiny_models import tiny_train_config
 from dreambooth_lib.train import TrainSubject, cuda_graph, step, trainer
 from dreambooth_lib.train.data import list_png
 from dreambooth_lib.train.speed import speed_options
@@ -44,8 +45,7 @@ def data(tmp_path_factory) -> tuple[list[str], list[str]]:
 
 
 def _config(**overrides) -> TrainConfig:
-    base = dict(steps=3, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=1, device="cpu")
-    return TrainConfig(**{**base, **overrides})
+    return tiny_train_config(**{"steps": 3, "log_every": 1, **overrides})
 
 
 def _setup(tiny_model, data, config: TrainConfig) -> trainer.Trainer:

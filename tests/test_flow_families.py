@@ -22,6 +22,7 @@ from dreambooth_lib.models.families import Flux
 from dreambooth_lib.models.families.flow_matching import FlowMatchingSchedule, loss_weights, timestep_density
 from dreambooth_lib.models.families.flux import latent_image_ids, pack_latents, unpack_latents
 from dreambooth_lib.testing import tiny_models
+from dreambooth_lib.testing.tiny_models import tiny_train_config
 from dreambooth_lib.train.subjects import subject_images
 from dreambooth_lib.train.trainer import setup_trainer
 
@@ -41,11 +42,6 @@ def sd3_model(tmp_path_factory) -> str:
 @pytest.fixture(params=["flux", "sd3"])
 def flow_model(request) -> str:
     return request.getfixturevalue(f"{request.param}_model")
-
-
-def _config(**overrides) -> TrainConfig:
-    base = dict(steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu")
-    return TrainConfig(**{**base, **overrides})
 
 
 def _sample(pipe, prompt: str) -> torch.Tensor:
@@ -72,7 +68,7 @@ def test_tiny_models_load_as_their_pipelines(flux_model, sd3_model, tmp_path):
 def test_schnell_trains_without_a_guidance_input(two_subjects, tmp_path, train_subject_a):
     """FLUX.1-schnell has no guidance embedding: training passes none (the transformer refuses one)."""
     schnell = str(tiny_models.build_tiny_flux_model(tmp_path / "schnell", guidance_embeds=False))
-    result = train_subject_a(schnell, two_subjects, _config(mode="lora", steps=2), tmp_path / "o")
+    result = train_subject_a(schnell, two_subjects, tiny_train_config(mode="lora", steps=2), tmp_path / "o")
     assert result.family == "flux" and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
 
 
@@ -174,7 +170,7 @@ def test_flux_packing_is_the_pipelines_and_round_trips():
 def test_a_ddpm_family_refuses_a_flow_weighting(tiny_model, two_subjects, tmp_path):
     with pytest.raises(ConfigError, match="weighting_scheme 'logit_normal' weights the timesteps of flow"):
         train.run(tiny_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square",
-                  _config(weighting_scheme="logit_normal"), str(tmp_path / "out"))  # fmt: skip
+                  tiny_train_config(weighting_scheme="logit_normal"), str(tmp_path / "out"))  # fmt: skip
 
 
 # --- training and what it exports ---------------------------------------------------------------------------------
@@ -184,7 +180,7 @@ def test_a_ddpm_family_refuses_a_flow_weighting(tiny_model, two_subjects, tmp_pa
 def test_the_exported_lora_loads_in_the_familys_pipeline_and_changes_it(
     flow_model, two_subjects, tmp_path, train_text_encoder, train_subject_a
 ):
-    config = _config(mode="lora", learning_rate=1e-2, train_text_encoder=train_text_encoder)
+    config = tiny_train_config(mode="lora", learning_rate=1e-2, train_text_encoder=train_text_encoder)
     result = train_subject_a(flow_model, two_subjects, config, tmp_path / "o")
     family = models.family_of(models.load_pipeline(flow_model))
     assert result.family == family.name and all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
@@ -200,7 +196,7 @@ def test_the_exported_lora_loads_in_the_familys_pipeline_and_changes_it(
 
 def test_a_full_fine_tune_writes_a_pipeline_that_loads(flux_model, two_subjects, tmp_path):
     result = train.run(flux_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square",
-                       _config(mode="full"), str(tmp_path / "o"))  # fmt: skip
+                       tiny_train_config(mode="full"), str(tmp_path / "o"))  # fmt: skip
     tuned = models.load_pipeline(result.model_uri)
     assert type(tuned).__name__ == "FluxPipeline"
     base = load_file(Path(flux_model) / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -209,7 +205,7 @@ def test_a_full_fine_tune_writes_a_pipeline_that_loads(flux_model, two_subjects,
 
 
 def test_a_preempted_flux_run_resumes_bit_identically(flux_model, two_subjects, tmp_path, preempted_at):
-    config = _config(mode="lora", steps=6, checkpoint_every=2, log_every=1, learning_rate=1e-2)
+    config = tiny_train_config(mode="lora", steps=6, checkpoint_every=2, log_every=1, learning_rate=1e-2)
     args = (flux_model, str(two_subjects / "a"), str(two_subjects / "prior"), "sks", "square", config)
     reference = train.run(*args, str(tmp_path / "ref"))
     preempted_at(5, train.run, *args, str(tmp_path / "run"))
@@ -223,7 +219,7 @@ def test_a_preempted_flux_run_resumes_bit_identically(flux_model, two_subjects, 
 def test_packed_flux_subjects_equal_their_single_runs(
     flux_model, two_subjects, tmp_path, packed_equals_single
 ):
-    config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
+    config = tiny_train_config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
     packed_equals_single(flux_model, config, two_subjects, tmp_path)
 
 
@@ -253,7 +249,7 @@ def test_the_prior_set_is_sampled_with_the_flow_and_keyed_by_family(flux_model, 
 
 
 def test_a_bf16_frozen_base_trains_fp32_adapters(flux_model, two_subjects, tmp_path, train_subject_a):
-    config = _config(mode="lora", learning_rate=1e-2, base_precision="bf16", mixed_precision="bf16")
+    config = tiny_train_config(mode="lora", learning_rate=1e-2, base_precision="bf16", mixed_precision="bf16")
     subject = train.TrainSubject(instance_dir=str(two_subjects / "a"), prior_dir=str(two_subjects / "prior"), identifier="sks",
                                  class_noun="square", out="unused")  # fmt: skip
     images = [subject_images(subject, config)]

@@ -18,7 +18,7 @@ import dreambooth_lib
 from dreambooth_lib import registry, storage
 from dreambooth_lib.errors import ConfigError, DreamboothError, GateFailed, PreconditionFailed, StorageError
 from dreambooth_lib.registry import RegistryBackend, open_registry, register_backend, register_from_dirs
-from dreambooth_lib.testing.synthetic import fake_model_folder
+from dreambooth_lib.testing.synthetic import fake_model_folder, register_fake
 
 WRITERS = 16
 METRICS = {"dino": 0.7123, "clip_i": 0.81, "clip_t": 0.29, "pres": 0.5, "div": None}
@@ -33,19 +33,9 @@ def _png(path: Path, color) -> str:
 
 
 def _register(root: str, model_dir: str, subject: str = "dog", identifier: str = "zwx", **overrides):
-    kwargs = dict(
-        subject=subject,
-        model_dir=model_dir,
-        identifier=identifier,
-        class_noun="dog",
-        base_model="org/tiny-sd",
-        base_model_digest="digest-a",
-        metrics=METRICS,
-        gate=PASSED,
-        lineage={"instance_images": {"uri": "ingest/", "digest": "d1"}},
-    )
-    kwargs.update(overrides)
-    return open_registry(root).register(**kwargs)
+    lineage = {"instance_images": {"uri": "ingest/", "digest": "d1"}}
+    fields = dict(subject=subject, identifier=identifier, metrics=METRICS, gate=PASSED, lineage=lineage)
+    return register_fake(open_registry(root), model_dir, **{**fields, **overrides})
 
 
 def _index(root: str) -> list[dict]:
@@ -663,17 +653,7 @@ def test_a_backend_plugs_in(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.backends._BACKENDS, "memory", MemoryBackend)  # undone after the test
     register_backend("memory", MemoryBackend)
     reg = open_registry(str(tmp_path / "mem"), backend="memory")
-    m = reg.register(
-        subject="dog",
-        model_dir=fake_model_folder(tmp_path / "m"),
-        identifier="zwx",
-        class_noun="dog",
-        base_model="b",
-        base_model_digest="d",
-        metrics=None,
-        gate=None,
-        lineage={},
-    )
+    m = register_fake(reg, fake_model_folder(tmp_path / "m"))
     assert m.version == 1 and reg.show("dog").model_uri == m.model_uri
     assert Path(m.card_uri).is_file() and not (tmp_path / "mem" / "index.json").exists()
 

@@ -23,12 +23,12 @@ from dreambooth_lib.config import (
     PriorConfig,
     RunConfig,
     Subject,
-    TrainConfig,
 )
 from dreambooth_lib.models.families import StableDiffusionXL
 from dreambooth_lib.runs import personalize
 from dreambooth_lib.testing import evaluators, tiny_models
 from dreambooth_lib.testing.synthetic import make_subject_images
+from dreambooth_lib.testing.tiny_models import tiny_train_config
 from dreambooth_lib.train import multi_subject as packed
 
 SDXL = StableDiffusionXL()
@@ -48,11 +48,6 @@ RES = 32
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory) -> str:
     return str(tiny_models.build_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model"))
-
-
-def _config(**overrides) -> TrainConfig:
-    base = dict(steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu")
-    return TrainConfig(**{**base, **overrides})
 
 
 def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
@@ -80,7 +75,7 @@ def test_training_conditions_the_unet_as_the_pipeline_does(sdxl_model):
 def test_sdxl_fine_tune_writes_a_loadable_model_that_moved(
     sdxl_model, two_subjects, tmp_path, mode, train_subject_a
 ):
-    config = _config(mode=mode, learning_rate=1e-2 if mode == "lora" else 1e-3)
+    config = tiny_train_config(mode=mode, learning_rate=1e-2 if mode == "lora" else 1e-3)
     result = train_subject_a(sdxl_model, two_subjects, config, tmp_path / "out")
     assert result.mode == mode and [s for s, _ in result.losses] == [2, 4]
     assert all(np.isfinite(v) for _, v in result.losses)
@@ -115,7 +110,9 @@ def test_trainable_text_path_equals_the_pipelines_encoding(sdxl_model):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, two_subjects, tmp_path, mode, train_subject_a):
-    config = _config(mode=mode, train_text_encoder=True, learning_rate=1e-2 if mode == "lora" else 1e-3)
+    config = tiny_train_config(
+        mode=mode, train_text_encoder=True, learning_rate=1e-2 if mode == "lora" else 1e-3
+    )
     result = train_subject_a(sdxl_model, two_subjects, config, tmp_path / "out")
     assert all(np.isfinite(v) for _, v in result.losses)
     base, tuned = models.load_pipeline(sdxl_model), models.load_pipeline(result.model_uri)
@@ -133,7 +130,7 @@ def test_sdxl_text_encoders_train_and_are_exported(sdxl_model, two_subjects, tmp
 def test_packed_sdxl_subjects_equal_their_single_runs(
     sdxl_model, two_subjects, tmp_path, packed_equals_single
 ):
-    config = _config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
+    config = tiny_train_config(mode="lora", steps=4, learning_rate=1e-2, lora_rank=2, max_grad_norm=0.05)
     packed_equals_single(sdxl_model, config, two_subjects, tmp_path)
 
 
@@ -147,14 +144,9 @@ def test_sdxl_runs_end_to_end(sdxl_model, tmp_path):
         ingest=IngestConfig(resolution=RES, min_side=32),
         identifier=IdentifierConfig(),
         prior=PriorConfig(num_images=2, steps=2, batch_size=2, device="cpu"),
-        train=_config(mode="lora", steps=2, learning_rate=1e-2),
+        train=tiny_train_config(mode="lora", steps=2, learning_rate=1e-2),
         eval=EvalConfig(
-            max_prompts=1,
-            images_per_prompt=2,
-            pres_images=2,
-            steps=2,
-            batch_size=2,
-            device="cpu",
+            **dict(max_prompts=1, images_per_prompt=2, pres_images=2, steps=2, batch_size=2, device="cpu"),
             dino_model=str(evaluators.build_tiny_dino(tmp_path / "dino")),
             clip_model=str(evaluators.build_tiny_clip(tmp_path / "clip")),
         ),  # fmt: skip

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from dreambooth_lib import prior, storage, train
-from dreambooth_lib.config import PriorConfig, TrainConfig
+from dreambooth_lib.config import PriorConfig
 from dreambooth_lib.errors import PreconditionFailed, StorageError
 from dreambooth_lib.registry import open_registry
 from dreambooth_lib.testing.fault_proxy import FAULT_KINDS, FaultProxy, FaultRule, FaultSchedule
-from dreambooth_lib.testing.synthetic import fake_model_folder
+from dreambooth_lib.testing.synthetic import fake_model_folder, register_fake
+from dreambooth_lib.testing.tiny_models import tiny_train_config
 from dreambooth_lib.train import checkpoint
 
 KiB = 1024
@@ -301,16 +302,9 @@ def _publish_16(root: str, models: list[str]) -> list[tuple[str, int, str]]:
     """16 writers at once (12 versions of one subject, 4 of another); (subject, version, tag) of each."""
 
     def register(i: int):
-        m = open_registry(root).register(
-            subject="dog" if i % 4 else "cat",
-            model_dir=models[i],
-            identifier="zwx" if i % 4 else "qxv",
-            class_noun="dog",
-            base_model="org/tiny-sd",
-            base_model_digest="digest-a",
-            metrics=None,
-            gate=None,
-            lineage={"writer": i},
+        subject, identifier = ("dog", "zwx") if i % 4 else ("cat", "qxv")
+        m = register_fake(
+            open_registry(root), models[i], subject=subject, identifier=identifier, lineage={"writer": i}
         )
         return m.subject, m.version, str(i)
 
@@ -388,17 +382,7 @@ def test_a_registry_change_committed_under_a_lost_answer_is_applied_once(gcs_buc
             raise PreconditionFailed(f"{index}: changed by another writer (generation precondition failed)")
 
     monkeypatch.setattr(storage, "write_bytes", committed_then_overwritten)
-    m = open_registry(root).register(
-        subject="dog",
-        model_dir=fake_model_folder(tmp_path / "m", "0"),
-        identifier="zwx",
-        class_noun="dog",
-        base_model="org/tiny-sd",
-        base_model_digest="digest-a",
-        metrics=None,
-        gate=None,
-        lineage={},
-    )
+    m = register_fake(open_registry(root), fake_model_folder(tmp_path / "m", "0"))
     assert superseded == ["claim", "publication"]
     entries = storage.read_json(index)
     assert [(e["subject"], e["version"], e["status"]) for e in entries] == [
@@ -411,17 +395,8 @@ def test_a_registry_change_committed_under_a_lost_answer_is_applied_once(gcs_buc
 
 # --- training with checkpoints on gs://, and a resume -----------------------------------------------------------
 
-TRAIN = TrainConfig(
-    mode="lora",
-    steps=8,
-    checkpoint_every=2,
-    keep_checkpoints=2,
-    keep_checkpoints_on_success=True,
-    log_every=1,
-    resolution=32,
-    learning_rate=1e-3,
-    device="cpu",
-)
+TRAIN = tiny_train_config(mode="lora", steps=8, log_every=1, checkpoint_every=2, keep_checkpoints=2)
+TRAIN = TRAIN.model_copy(update={"keep_checkpoints_on_success": True})
 PREEMPT_AT = 5  # the 5th step is preempted: checkpoints 2 and 4 were written
 
 

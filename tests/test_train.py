@@ -9,22 +9,15 @@ import pytest
 import torch
 
 from dreambooth_lib import models, train
-from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.errors import ConfigError, TrainingError
 from dreambooth_lib.models.families.sd import diffusion_target
+from dreambooth_lib.testing.tiny_models import tiny_train_config
 from dreambooth_lib.train import step, trainer
 from dreambooth_lib.train.data import encode_images, list_png, load_image
 from dreambooth_lib.train.loss import dreambooth_loss
 from dreambooth_lib.train.speed import make_optimizer, speed_options
 
 RES = 32  # 16x16 latents: a tiny-model step in ~0.05 s
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    defaults = dict(
-        steps=4, resolution=RES, learning_rate=1e-3, checkpoint_every=0, log_every=2, device="cpu"
-    )
-    return TrainConfig(**{**defaults, **overrides})
 
 
 # --- the loss ----------------------------------------------------------------------------------------------------
@@ -99,7 +92,10 @@ def test_lambda_zero_never_computes_the_prior_batch(tiny_model, train_data_dirs)
         out="unused",
     )
     batch_sizes = []
-    for config, rows in ((tiny_config(prior_loss_weight=0, batch_size=2), 2), (tiny_config(batch_size=2), 4)):
+    for config, rows in (
+        (tiny_train_config(prior_loss_weight=0, batch_size=2), 2),
+        (tiny_train_config(batch_size=2), 4),
+    ):
         pipe = models.load_pipeline(tiny_model)
         t = trainer.setup_trainer(pipe, [subject], images, config, "cpu")
         # λ = 0: the prior images are not even encoded; else 2 subject + 2 prior rows in one forward
@@ -111,24 +107,24 @@ def test_lambda_zero_never_computes_the_prior_batch(tiny_model, train_data_dirs)
 
 
 def test_speed_options_are_resolved_in_one_place():
-    cpu = speed_options(tiny_config(), "cpu")
+    cpu = speed_options(tiny_train_config(), "cpu")
     assert (cpu.autocast_dtype, cpu.fused_adam, cpu.grad_scaler, cpu.precision) == (
         None,
         False,
         False,
         "fp32",
     )
-    assert speed_options(tiny_config(mixed_precision="bf16"), "cpu").precision == "bf16"
-    assert speed_options(tiny_config(mixed_precision="fp16"), "cpu").grad_scaler
+    assert speed_options(tiny_train_config(mixed_precision="bf16"), "cpu").precision == "bf16"
+    assert speed_options(tiny_train_config(mixed_precision="fp16"), "cpu").grad_scaler
 
 
 def test_8bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    speed = speed_options(tiny_config(use_8bit_adam=True), "cpu")
+    speed = speed_options(tiny_train_config(use_8bit_adam=True), "cpu")
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
-        make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], tiny_config(), speed)
+        make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], tiny_train_config(), speed)
 
 
 # --- run(): outputs -----------------------------------------------------------------------------------------------
@@ -139,7 +135,7 @@ def test_full_finetune_writes_a_loadable_diffusers_model(tiny_model, train_data_
     from safetensors.torch import load_file
 
     out = tmp_path / "train"
-    config = tiny_config(steps=5, train_text_encoder=True, text_encoder_learning_rate=1e-4)
+    config = tiny_train_config(steps=5, train_text_encoder=True, text_encoder_learning_rate=1e-4)
     result = train.run(tiny_model, train_data_dirs[0], train_data_dirs[1], "sks", "square", config, str(out))
 
     assert [s for s, _ in result.losses] == [2, 4, 5] and result.final_loss == result.losses[-1][1]
@@ -171,7 +167,7 @@ def test_lora_to_gcs_loads_through_models(tiny_model, train_data_dirs, gcs_bucke
     from dreambooth_lib import storage
 
     out = f"{gcs_bucket}/runs/a/train"
-    config = tiny_config(
+    config = tiny_train_config(
         mode="lora",
         lora_rank=2,
         lora_alpha=4,
@@ -237,7 +233,7 @@ def test_non_finite_loss_stops_and_saves_no_model(tiny_model, train_data_dirs, t
             train_data_dirs[1],
             "sks",
             "square",
-            tiny_config(steps=6, log_every=5, checkpoint_every=4),
+            tiny_train_config(steps=6, log_every=5, checkpoint_every=4),
             str(out),
         )
     assert calls["n"] == 4  # stopped at the first read-back (checkpoint at step 4), not at the end
@@ -247,9 +243,11 @@ def test_non_finite_loss_stops_and_saves_no_model(tiny_model, train_data_dirs, t
 
 def test_missing_inputs_are_user_errors(tiny_model, train_data_dirs, tmp_path):
     with pytest.raises(ConfigError, match="no .png subject images"):
-        train.run(tiny_model, str(tmp_path), None, "sks", "square", tiny_config(), str(tmp_path / "o"))
+        train.run(tiny_model, str(tmp_path), None, "sks", "square", tiny_train_config(), str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="prior_loss_weight: 0"):
-        train.run(tiny_model, train_data_dirs[0], None, "sks", "square", tiny_config(), str(tmp_path / "o"))
+        train.run(
+            tiny_model, train_data_dirs[0], None, "sks", "square", tiny_train_config(), str(tmp_path / "o")
+        )
 
 
 # --- the model-output prior ----------------------------------------------------------------------------------------
@@ -261,16 +259,16 @@ def test_the_model_output_prior_needs_no_images_and_starts_at_the_base(tiny_mode
     the λ = 0 run's on the same draws (both draw only the subject rows)."""
     lora = dict(mode="lora", log_every=1, learning_rate=1e-2)
     with_base = train.run(tiny_model, train_data_dirs[0], None, "sks", "square",
-                          tiny_config(**lora, prior_mode="model_output"), str(tmp_path / "mo"))  # fmt: skip
+                          tiny_train_config(**lora, prior_mode="model_output"), str(tmp_path / "mo"))  # fmt: skip
     without = train.run(tiny_model, train_data_dirs[0], None, "sks", "square",
-                        tiny_config(**lora, prior_loss_weight=0), str(tmp_path / "off"))  # fmt: skip
+                        tiny_train_config(**lora, prior_loss_weight=0), str(tmp_path / "off"))  # fmt: skip
     assert with_base.num_prior_images == 0 and with_base.config.prior_mode == "model_output"
     assert with_base.losses[0] == without.losses[0]
     assert with_base.losses[-1] != without.losses[-1]  # later the prior term pulls the class prompt back
 
 
 def test_a_full_fine_tunes_model_output_targets_come_from_an_untouched_copy(tiny_model, train_data_dirs):
-    config = tiny_config(mode="full", prior_mode="model_output", learning_rate=1e-2)
+    config = tiny_train_config(mode="full", prior_mode="model_output", learning_rate=1e-2)
     subject = train.TrainSubject(instance_dir=train_data_dirs[0], prior_dir=None, identifier="sks", class_noun="square",
                                  out="unused")  # fmt: skip
     t = trainer.setup_trainer(

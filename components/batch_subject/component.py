@@ -43,7 +43,12 @@ def personalize_subject(
     from dreambooth_lib import storage
     from dreambooth_lib.runs.batch.plan import PlannedSubject
     from dreambooth_lib.runs.batch.status import status_dir, write_status
-    from dreambooth_lib.runs.batch.subject import run_subject, subject_run_dir, subject_run_values
+    from dreambooth_lib.runs.batch.subject import (
+        BatchSettings,
+        run_subject,
+        subject_run_dir,
+        subject_run_values,
+    )
     from dreambooth_lib.runs.batch.summary import render_status
 
     planned = PlannedSubject.model_validate(
@@ -57,7 +62,7 @@ def personalize_subject(
 
     run_dir = subject_run_dir(batch_root, job_id, planned.name)
     result = run_subject(
-        planned, base_model, run_dir, values, registry_uri=registry_uri or None, allow_pickle=allow_pickle
+        planned, run_dir, BatchSettings(base_model, values, registry_uri or None, allow_pickle)
     )
     write_status(status_dir(batch_root, job_id), result)
     storage.write_text(status.path, render_status(result))

@@ -43,3 +43,20 @@ def fake_model_folder(folder: str | Path, tag: str = "0", lora: bool = False) ->
         (Path(folder) / rel).parent.mkdir(parents=True, exist_ok=True)
         (Path(folder) / rel).write_text(text)
     return str(folder)
+
+
+def register_fake(registry, model_dir: str, **overrides):
+    """`registry.register` of `model_dir` with stand-in metadata (subject "dog", identifier "zwx", base model
+    "org/tiny-sd", no metrics, no gate, empty lineage); `overrides` replace any of it."""
+    fields = dict(
+        subject="dog",
+        model_dir=model_dir,
+        identifier="zwx",
+        class_noun="dog",
+        base_model="org/tiny-sd",
+        base_model_digest="digest-a",
+        metrics=None,
+        gate=None,
+        lineage={},
+    )
+    return registry.register(**{**fields, **overrides})

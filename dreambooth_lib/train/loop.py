@@ -222,16 +222,9 @@ def run(
     out/checkpoints), so a retried task on an empty disk resumes from a durable root. `prior_key`, the prior set's
     content key, spares hashing its images for that key. A non-finite loss raises TrainingError."""
     subject = TrainSubject(
-        instance_dir=instance_dir,
-        prior_dir=prior_dir,
-        identifier=identifier,
-        class_noun=class_noun,
-        out=str(out),
-        instance_images=instance_images,
-        prior_images=prior_images,
-        prior_key=prior_key,
-        live=live,
-    )
+        instance_dir=instance_dir, prior_dir=prior_dir, identifier=identifier, class_noun=class_noun, out=str(out),
+        instance_images=instance_images, prior_images=prior_images, prior_key=prior_key, live=live,
+    )  # fmt: skip
     root = checkpoint_root or storage.join(str(out), "checkpoints")
     (outcome,) = train_subjects(
         base_model, [subject], config, checkpoint_root=root, resume=resume, allow_pickle=allow_pickle

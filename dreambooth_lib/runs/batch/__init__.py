@@ -6,7 +6,8 @@ The library side of `batch_personalize` (the components are adapters over these 
 - `plan`: `plan_batch(...)` (distinct identifiers across the batch and the registry), `distinct_classes(...)`
   (one prior set per (base model, class)).
 - `pack`: `train_pack(...)`: the LoRA subjects trained K per UNet batch, each into its own `<run_dir>/train`.
-- `subject`: `run_subject(...)`: one subject end to end via `personalize.run`, its failure a status.
+- `subject`: `run_subject(subject, run_dir, BatchSettings(...))`: one subject end to end via `personalize.run`,
+  its failure a status.
 - `status`: `SubjectStatus` records under `<batch>/status/`, written by the subjects, read by the summary.
 - `summary`: `render_summary(statuses)`, the batch table as Markdown and HTML.
 - `verdict`: `check_batch(...)`, which fails the run when no subject succeeded.
@@ -26,7 +27,13 @@ from dreambooth_lib.runs.batch.status import (
     with_unfinished,
     write_status,
 )
-from dreambooth_lib.runs.batch.subject import run_subject, subject_config, subject_run_dir, subject_run_values
+from dreambooth_lib.runs.batch.subject import (
+    BatchSettings,
+    run_subject,
+    subject_config,
+    subject_run_dir,
+    subject_run_values,
+)
 from dreambooth_lib.runs.batch.summary import (
     SUMMARY_COLUMNS,
     packing_note,

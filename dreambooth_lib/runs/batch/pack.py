@@ -18,7 +18,7 @@ from dreambooth_lib import artifacts, storage
 from dreambooth_lib.config import RunConfig, TrainConfig
 from dreambooth_lib.errors import DreamboothError
 from dreambooth_lib.runs.batch.plan import PlannedSubject
-from dreambooth_lib.runs.batch.subject import subject_config, subject_run_dir
+from dreambooth_lib.runs.batch.subject import BatchSettings, subject_config, subject_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,11 @@ def train_pack(
     planned = [PlannedSubject.of(s) for s in subjects]
     configs: dict[str, RunConfig] = {}
     statuses: dict[str, PackStatus] = {}
+    settings = BatchSettings(base_model, run_options, registry_uri, allow_pickle)
     for s in planned:
         run_dir = subject_run_dir(batch_root, job_id, s.name)
         try:
-            configs[s.name] = subject_config(s, base_model, run_dir, run_options, registry_uri, allow_pickle)
+            configs[s.name] = subject_config(s, run_dir, settings)
         except Exception as err:  # its run_subject reports the same error
             statuses[s.name] = PackStatus(subject=s.name, packed=False, reason=_reason(err))
     if not configs:

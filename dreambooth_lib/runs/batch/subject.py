@@ -11,6 +11,7 @@ import json
 import logging
 import traceback
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dreambooth_lib import artifacts, storage
@@ -60,25 +61,29 @@ def subject_run_values(
     return values
 
 
-def subject_config(
-    subject: PlannedSubject,
-    base_model: str,
-    run_dir: str,
-    run_options: Mapping[str, Any] | None = None,
-    registry_uri: str | None = None,
-    allow_pickle: bool = False,
-) -> RunConfig:
-    """The RunConfig of one subject: `run_options` plus its subject, identifier, base model, run dir, registry.
-    A configuration no run of it would accept (`personalize.check_config`) is refused here, before any work."""
+@dataclass(frozen=True)
+class BatchSettings:
+    """What every subject of a batch runs with: the base model, the other RunConfig sections (`run_options`: ingest,
+    prior, train, eval, sample_prompts, ...), the registry, and whether pickled weights may be loaded."""
+
+    base_model: str
+    run_options: Mapping[str, Any] | None = None
+    registry_uri: str | None = None
+    allow_pickle: bool = False
+
+
+def subject_config(subject: PlannedSubject, run_dir: str, settings: BatchSettings) -> RunConfig:
+    """The RunConfig of one subject: the batch's settings plus its subject, identifier and run dir. A configuration
+    no run of it would accept (`personalize.check_config`) is refused here, before any work."""
     from dreambooth_lib.runs import personalize
 
-    values = dict(run_options or {})
+    values = dict(settings.run_options or {})
     values.update(
-        base_model=base_model,
+        base_model=settings.base_model,
         run_dir=run_dir,
-        allow_pickle=allow_pickle,
+        allow_pickle=settings.allow_pickle,
         subject=subject.subject().model_dump(),
-        registry={"uri": registry_uri} if registry_uri else None,
+        registry={"uri": settings.registry_uri} if settings.registry_uri else None,
         identifier={**values.get("identifier", {}), "identifier": subject.identifier},
     )
     config = parse_config(RunConfig, values, f"subject {subject.name}: run_options")
@@ -86,19 +91,10 @@ def subject_config(
     return config
 
 
-def run_subject(
-    subject: PlannedSubject,
-    base_model: str,
-    run_dir: str,
-    run_options: Mapping[str, Any] | None = None,
-    registry_uri: str | None = None,
-    allow_pickle: bool = False,
-) -> SubjectStatus:
+def run_subject(subject: PlannedSubject, run_dir: str, settings: BatchSettings) -> SubjectStatus:
     """Train, evaluate and register one subject; any failure of its own is returned as its status, not raised.
-
-    `run_options` holds the other RunConfig sections (ingest, prior, train, eval, sample_prompts, ...); the
-    subject, its identifier, the base model, the run directory and the registry are set here. A model that
-    `train_pack` already trained into `<run_dir>/train` for this configuration is used, not trained again.
+    A model that `train_pack` already trained into `<run_dir>/train` for this configuration is used, not trained
+    again.
     """
     from dreambooth_lib.runs import personalize
 
@@ -111,7 +107,7 @@ def run_subject(
         base_model_digest=subject.base_model_digest,
     )
     try:
-        config = subject_config(subject, base_model, run_dir, run_options, registry_uri, allow_pickle)
+        config = subject_config(subject, run_dir, settings)
         # resume: a rerun of this task (a preempted pod) continues from the run's checkpoints in the durable run dir
         result = personalize.run(config, resume=True, reuse_training=True)
         status.fill_from_result(result.model_dump(mode="json"))
