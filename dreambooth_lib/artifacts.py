@@ -25,6 +25,8 @@ GENERATE_RECORD_NAME = "generate.json"
 
 # evaluate
 METRICS_NAME = "metrics.json"
+# what an evaluator is, for the report: {"evaluator": ...} inside its folder, or <stem>.evaluator.json beside a file
+EVALUATOR_LABEL_NAME = "evaluator.json"
 REPORT_NAME = "report.html"
 
 # a run directory (dreambooth run)

@@ -13,6 +13,7 @@ from dreambooth_lib import evaluate, generate, storage
 from dreambooth_lib.config import EvalConfig, GateConfig
 from dreambooth_lib.errors import ConfigError, IngestError, ModelLoadError, StorageError
 from dreambooth_lib.evaluate import embedders, scores
+from dreambooth_lib.evaluate.evaluation import evaluator_label
 from dreambooth_lib.testing.synthetic import make_subject_images
 
 
@@ -69,6 +70,13 @@ def test_writes_images_metrics_and_report(evaluated):
         'id="metric-dino"' in page and "a sks dog in the snow" in page and 'id="gate" class="passed"' in page
     )
     assert "a dog (PRES: the class prompt)" in page
+    # what scored is named: the stand-ins by their labels
+    assert result.evaluators == {
+        "dino": "tiny random-weight ViT (DINO layout)",
+        "clip": "tiny random-weight CLIP",
+        "lpips": "random-weight LPIPS",
+    }
+    assert 'id="evaluators"' in page and "tiny random-weight CLIP" in page
     assert result.counts == {
         "real_images": 3,
         "prompts": 2,
@@ -203,6 +211,10 @@ def test_gcs_input_and_output(setup, tiny_model, gcs_bucket):
     assert f"{gcs_bucket}/eval/images/_pres/00.png" in files
     assert f"{gcs_bucket}/eval/report.html" in files
     assert evaluate.load_metrics(f"{gcs_bucket}/eval") == result
+    # a label is read from gs:// too; a hub id has none and is named as it is
+    storage.upload_file(Path(setup["clip"]) / "evaluator.json", f"{gcs_bucket}/clip/evaluator.json")
+    assert evaluator_label(f"{gcs_bucket}/clip") == "tiny random-weight CLIP"
+    assert evaluator_label("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
 
 
 def test_user_errors(setup, tiny_model, tmp_path):

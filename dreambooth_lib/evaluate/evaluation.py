@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from dreambooth_lib import storage
-from dreambooth_lib.artifacts import METRICS_NAME, REPORT_NAME
+from dreambooth_lib.artifacts import EVALUATOR_LABEL_NAME, METRICS_NAME, REPORT_NAME
 from dreambooth_lib.config import EvalConfig
 from dreambooth_lib.errors import ConfigError, IngestError, StorageError
 from dreambooth_lib.evaluate.gate import GateVerdict, evaluate_gate
@@ -69,6 +69,9 @@ class EvalResult(BaseModel):
     base: dict[str, Any] | None = Field(None, description="the base model's metrics (gate.compare_to_base)")
     gate: GateVerdict
     notes: list[str] = Field(default_factory=list)
+    evaluators: dict[str, str] = Field(
+        default_factory=dict, description="what scored: each evaluator's label, else its model id or path"
+    )
     config: dict[str, Any]
     resolution: int
     digests: dict[str, str | None]
@@ -161,6 +164,18 @@ def _notes(config: EvalConfig, templates: list[str], n_real_images: int) -> list
     return notes
 
 
+def evaluator_label(uri: str) -> str:
+    """What an evaluator is: the "evaluator" of its label (inside its folder, or `<stem>.evaluator.json` beside a
+    weights file), so that stand-ins (the toy world's, the tests') say so in the report; else its model id or path."""
+    if uri.endswith(".safetensors"):
+        label = f"{uri.rsplit('.', 1)[0]}.{EVALUATOR_LABEL_NAME}"
+    else:
+        label = storage.join(uri, EVALUATOR_LABEL_NAME)  # a hub id's is a relative path that is not there
+    if storage.exists(label):
+        return str(storage.read_json(label).get("evaluator") or uri)
+    return uri
+
+
 @dataclass
 class Evaluators:
     """The loaded evaluator models: DINO, CLIP and (when weights are given) LPIPS, with the LPIPS digest."""
@@ -170,6 +185,7 @@ class Evaluators:
     lpips: Any | None
     lpips_digest: str | None
     device: str
+    labels: dict[str, str]  # what each one is, for the report: its label, else its model id or path
 
     @classmethod
     def load(
@@ -185,7 +201,9 @@ class Evaluators:
 
             lpips_model, lpips_digest = load_lpips(lpips_weights)
             lpips_model.to(device)
-        return cls(dino, clip, lpips_model, lpips_digest, device)
+        named = {"dino": dino_model, "clip": clip_model, "lpips": lpips_weights}
+        labels = {k: evaluator_label(v) for k, v in named.items() if v is not None}
+        return cls(dino, clip, lpips_model, lpips_digest, device, labels)
 
     def scorer(self, real_uris: list[str]) -> Scorer:
         """A scorer against these real images (their embeddings made once)."""
@@ -309,6 +327,7 @@ def run(
         base=base_section,
         gate=evaluate_gate(metrics, config.gate, base_section["metrics"] if base_section else None),
         notes=_notes(config, prompts.templates, len(real_uris)),
+        evaluators=evaluators.labels,
         config=config.model_dump(mode="json"),
         resolution=images.resolution,
         digests=_digests(model, hashed_base, config, lpips_digest, allow_pickle),
@@ -390,6 +409,7 @@ def _render_report(
         reference=result.reference,
         gate=result.gate.model_dump(mode="json"),
         training=training,
+        evaluators=result.evaluators,
         extra={
             "per_prompt": [p.model_dump(mode="json") for p in result.per_prompt],
             "base": result.base,

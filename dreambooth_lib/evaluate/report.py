@@ -262,6 +262,12 @@ def _metrics_table(metrics: dict, reference: dict) -> str:
     return '<table id="metrics" class="metrics">' + "".join(rows) + "</table>"
 
 
+def _evaluators_note(evaluators: dict[str, str]) -> str:
+    names = {"dino": "DINO", "clip": "CLIP", "lpips": "LPIPS"}
+    used = "; ".join(f"{names.get(k, k)}: <code>{_esc(v)}</code>" for k, v in evaluators.items())
+    return f'<p class="note" id="evaluators">Scored with {used}.</p>'
+
+
 def _gate_section(gate: dict) -> str:
     passed = bool(gate.get("passed"))
     verdict = "passed" if passed else "failed"
@@ -314,12 +320,14 @@ def render_report(
     gate: dict,
     extra: dict | None = None,
     training: dict | None = None,
+    evaluators: dict[str, str] | None = None,
 ) -> str:
     """Write report.html for one model to `out_html` (local or gs://) and return that URI.
 
     `grid` rows are (prompt, sample image URIs); `metrics` keys dino/clip_i/clip_t/pres/div (None: not
     computed); `reference` keys dino/clip_i (real images against each other); `gate` is
-    {"passed": bool, "reasons": [...]}; `training`: the model's train_summary.json (loss curve and facts), if known.
+    {"passed": bool, "reasons": [...]}; `training`: the model's train_summary.json (loss curve and facts), if known;
+    `evaluators`: what scored ({"dino": label or model id, ...}).
     Image URIs may be local paths or gs:// objects.
     """
     prompt = f"a {identifier} {class_noun}"
@@ -342,6 +350,7 @@ def render_report(
         "CLIP-T: prompt fidelity; PRES: subject leaking into plain class prompts; DIV: diversity (LPIPS). "
         "Real images (ceiling): the real photos scored against each other. Paper values: Ruiz et al. 2023, "
         "Table 1.</p>",
+        _evaluators_note(evaluators) if evaluators else "",
         _training_section(training) if training else "",
         f'<h2>Input images ({len(input_images)})</h2><div id="inputs" class="strip">',
         *(_img(uri, f"input {i}") for i, uri in enumerate(input_images)),

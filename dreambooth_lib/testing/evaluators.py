@@ -8,12 +8,25 @@ exactly the loading and preprocessing code it uses on the published weights. All
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from dreambooth_lib.artifacts import EVALUATOR_LABEL_NAME
+
 # The size of every tiny evaluator's transformer: DINO's ViT and CLIP's text and vision towers alike.
 TINY_TRANSFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def label_evaluator(path: str | Path, evaluator: str, what: str) -> None:
+    """Write the label the report shows for a stand-in evaluator: inside its folder, or beside its file."""
+    p = Path(path)
+    label = p / EVALUATOR_LABEL_NAME if p.is_dir() else p.with_name(f"{p.stem}.{EVALUATOR_LABEL_NAME}")
+    label.write_text(json.dumps({"evaluator": evaluator, "what": what}, indent=2) + "\n")
+
+
+RANDOM = "random weights: a test stand-in whose scores mean nothing"
 
 
 def build_tiny_dino(out_dir: str | Path, seed: int = 0) -> Path:
@@ -26,6 +39,7 @@ def build_tiny_dino(out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = ViTModel(config, add_pooling_layer=False)
     model.save_pretrained(out, safe_serialization=True)
+    label_evaluator(out, "tiny random-weight ViT (DINO layout)", RANDOM)
     return out
 
 
@@ -59,6 +73,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     CLIPImageProcessor(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3
     ).save_pretrained(out)
+    label_evaluator(out, "tiny random-weight CLIP", RANDOM)
     return out
 
 
@@ -69,6 +84,7 @@ def build_tiny_lpips(out_path: str | Path, seed: int = 0, net: str = "alex") -> 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_lpips_weights(random_lpips_state(net, seed), net, str(out))
+    label_evaluator(out, "random-weight LPIPS", RANDOM)
     return out
 
 
