@@ -57,8 +57,9 @@ def test_shipped_files_match_their_digests():
 
 def test_shipped_model_loads_in_diffusers_and_follows_prompts(toy):
     """The working copy is an ordinary fp32 diffusers folder whose samples of 24 random captions the probe reads
-    back above chance on every attribute. (The full measurement, 4 samples of each of the 48 captions, is in
-    training.json: shape 0.54, colour 0.85, background 0.88; chance 0.25 / 0.25 / 0.33.)"""
+    back as prompted: shape and colour nearly always, the background less often. (The full measurement, 4 samples
+    of each of the 48 captions, is in training.json: shape 0.98, colour 1.00, background 0.65; chance 0.25 / 0.25 /
+    0.33.)"""
     from diffusers import StableDiffusionPipeline
 
     from dreambooth_lib.models.sampling import sample_images
@@ -72,9 +73,10 @@ def test_shipped_model_loads_in_diffusers_and_follows_prompts(toy):
         pipe, [s.caption for s in wanted], list(range(24)), steps=20, resolution=32, batch_size=24
     )
     read = load_probe(toy["dino"]).classify(images)
+    least = {"shape": 0.8, "color": 0.8, "background": 0.45}
     for i, (attribute, names) in enumerate(ATTRIBUTES.items()):
         hits = np.mean([r == names[s.labels[i]] for r, s in zip(read[attribute], wanted, strict=True)])
-        assert hits >= 1 / len(names) + 0.15, f"{attribute}: {hits:.2f} of 24 samples as prompted"
+        assert hits >= least[attribute], f"{attribute}: {hits:.2f} of 24 samples as prompted"
 
 
 def test_probe_reads_world_images_it_never_saw(toy):
@@ -93,7 +95,7 @@ def test_toy_evaluators_load_through_the_evaluation_code_and_are_labelled(toy):
     from PIL import Image
 
     from dreambooth_lib.evaluate.embedders import ClipEmbedder, DinoEmbedder
-    from dreambooth_lib.testing.toyworld.evaluators import evaluator_label
+    from dreambooth_lib.evaluate.evaluation import evaluator_label
 
     assert "toy" in evaluator_label(toy["dino"]) and "toy" in evaluator_label(toy["clip"])
     assert "toy" in evaluator_label(toy["lpips"])
@@ -129,11 +131,6 @@ def test_training_script_writes_a_loadable_diffusers_folder_and_ships_it(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="the shipped VAE cannot represent the subject (measured: it decodes a yellow | blue star as a blur of "
-    "blue and green, subject rate 0 after any fine-tune); needs `make toyworld` with a VAE trained on a broader "
-    "palette before this can pass"
-)
 def test_dreambooth_binds_the_subject_and_prior_preservation_keeps_the_class(toy, tmp_path):
     """The paper's Table 3 in direction on the toy world. Without prior preservation "a star" collapses to the
     subject (PRES up, class-prompt diversity down); with λ = 1 it stays varied; the identifier prompt renders the

@@ -21,6 +21,8 @@ IDENTIFIER = "sks"
 
 @dataclass
 class AblationSettings:
+    mode: str = "full"  # or "lora" (rank `lora_rank`)
+    lora_rank: int = 8
     steps: int = 400
     learning_rate: float = 5e-4
     batch_size: int = 2
@@ -60,11 +62,14 @@ def class_prior(base: str, out_dir: str | Path, s: AblationSettings) -> Path:
 
 
 def finetune(base: str, subject_dir, prior_dir, out, s: AblationSettings, prior_loss_weight: float) -> str:
-    """A full fine-tune (UNet and text encoder) with the project's training step; λ = 0 without prior."""
+    """A fine-tune (by default full: UNet and text encoder) with the project's training step; λ = 0 without
+    prior."""
     from dreambooth_lib import train
     from dreambooth_lib.config import TrainConfig
 
     config = TrainConfig(
+        mode=s.mode,
+        lora_rank=s.lora_rank,
         steps=s.steps,
         resolution=world.SIZE,
         learning_rate=s.learning_rate,

@@ -6,13 +6,12 @@
 - `lpips.safetensors`: the LPIPS layout with random weights (as `dreambooth_lib.testing.evaluators` builds):
   DIV on the toy world compares random-conv features, a pixel-structure distance, not a learnt perceptual one.
 
-Each folder carries a `toyworld.json` saying what it is, so a report can name the evaluators it used. Their
+Each carries an `evaluator.json` label saying what it is, which the report shows beside the metrics. Their
 scores mean something only on toy-world images; they are not DINO, CLIP or LPIPS.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambooth_lib.testing.evaluators import build_tiny_lpips, label_evaluator
 from dreambooth_lib.testing.toyworld import world
-
-LABEL_FILE = "toyworld.json"
 
 
 def _clip_model(seed: int):
@@ -112,40 +110,20 @@ def train_clip(out_dir, images: np.ndarray, captions: list[str], steps: int, see
             log(f"clip {step} loss {loss.item():.4f} image->caption acc {acc:.2f}")
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
-    (out / LABEL_FILE).write_text(
-        json.dumps(
-            {
-                "evaluator": "toy-world CLIP stand-in",
-                "what": "a small CLIPModel (real CLIP tokenizer) trained contrastively on toy-world images and "
-                "captions; not CLIP: its scores mean something only on toy-world images and prompts",
-            },
-            indent=2,
-        )
-        + "\n"
+    label_evaluator(
+        out,
+        "toy-world CLIP stand-in",
+        "a small CLIPModel (real CLIP tokenizer) trained contrastively on toy-world images and captions; not "
+        "CLIP: its scores mean something only on toy-world images and prompts",
     )
     return out
 
 
 def write_lpips(out_path, seed: int = 0) -> Path:
-    from dreambooth_lib.testing.evaluators import build_tiny_lpips
-
     path = build_tiny_lpips(out_path, seed=seed)
-    label = Path(out_path).with_name("lpips.toyworld.json")
-    label.write_text(
-        json.dumps(
-            {
-                "evaluator": "random-weight LPIPS (toy world)",
-                "what": "the LPIPS layout with random weights: DIV compares random-conv features",
-            },
-            indent=2,
-        )
-        + "\n"
+    label_evaluator(
+        path,
+        "random-weight LPIPS (toy world)",
+        "the LPIPS layout with random weights: DIV compares random-conv features",
     )
     return path
-
-
-def evaluator_label(path) -> str | None:
-    """The toy-world label of an evaluator folder or file (None for real evaluators)."""
-    p = Path(path)
-    label = p / LABEL_FILE if p.is_dir() else p.with_name(p.stem + "." + LABEL_FILE)
-    return json.loads(label.read_text())["evaluator"] if label.exists() else None

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambooth_lib.artifacts import EVALUATOR_LABEL_NAME
 from dreambooth_lib.testing.toyworld import world
 
 HEADS_FILE = "probe_heads.safetensors"  # the ViT's heads (kept for inspection; the CNN is the classifier)
 PROBE_FILE = "probe.safetensors"
 CONV_PROBE_STEPS = 4000
-LABEL_FILE = "toyworld.json"
 ATTRIBUTES = {"shape": world.SHAPES, "color": tuple(world.COLORS), "background": tuple(world.BACKGROUNDS)}
 
 
@@ -166,7 +166,7 @@ def train_probe(
     probe.vit.save_pretrained(out, safe_serialization=True)
     save_file({f"{k}.{n}": p.detach().contiguous() for k, h in probe.heads.items() for n, p in h.named_parameters()},
               str(out / HEADS_FILE))  # fmt: skip
-    (out / LABEL_FILE).write_text(
+    (out / EVALUATOR_LABEL_NAME).write_text(
         json.dumps(
             {
                 "evaluator": "toy-world DINO stand-in",

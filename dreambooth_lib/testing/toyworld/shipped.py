@@ -25,9 +25,9 @@ EVALUATOR_FILES = {
         "model.safetensors",
         "probe_heads.safetensors",
         "probe.safetensors",
-        "toyworld.json",
+        "evaluator.json",
     ),
-    "clip": ("config.json", "model.safetensors", "preprocessor_config.json", "toyworld.json"),
+    "clip": ("config.json", "model.safetensors", "preprocessor_config.json", "evaluator.json"),
 }
 
 
@@ -41,7 +41,7 @@ timings, the VAE's PSNR and the probe's prompt-following accuracy), and `SHA256S
   CLIP vocabulary; fp16). The tokenizer is not stored: `shipped.base_model(dir)` writes a working copy (fp32)
   with it, which `StableDiffusionPipeline.from_pretrained` loads.
 - `evaluators/dino/`: the probe classifier's ViT (a DINO stand-in) and its heads; `evaluators/clip/`: a small
-  CLIP trained on the world (a CLIP stand-in). Toys, labelled in their `toyworld.json`; `shipped.evaluators(dir)`
+  CLIP trained on the world (a CLIP stand-in). Toys, labelled in their `evaluator.json`; `shipped.evaluators(dir)`
   writes working copies with a random-weight LPIPS beside them.
 """
 
@@ -137,13 +137,13 @@ def base_model(out_dir: str | Path, root: Path = ASSET_DIR) -> Path:
 
 def evaluators(out_dir: str | Path, root: Path = ASSET_DIR) -> dict[str, str]:
     """Working copies of the toy evaluators in the formats the evaluation loads: {"dino": ViTModel folder (the
-    probe), "clip": CLIPModel folder, "lpips": random-weight LPIPS file}; each labelled by a toyworld.json."""
+    probe), "clip": CLIPModel folder, "lpips": random-weight LPIPS file}; each labelled by an evaluator.json."""
     from dreambooth_lib.models import write_clip_tokenizer
     from dreambooth_lib.testing.toyworld.evaluators import write_lpips
 
     out = Path(out_dir)
     paths = {"dino": out / "dino", "clip": out / "clip", "lpips": out / "lpips.safetensors"}
-    if not (paths["dino"] / "toyworld.json").exists():
+    if not (paths["dino"] / "evaluator.json").exists():
         _copy_tree(root / "evaluators" / "dino", paths["dino"], _fp32_copy)
     if not (paths["clip"] / "vocab.json").exists():
         _copy_tree(root / "evaluators" / "clip", paths["clip"], _fp32_copy)

@@ -1,13 +1,13 @@
 """The toy world: 32x32 pictures of one coloured shape on a plain coloured background, with a caption and labels,
 deterministic in the seed.
 
-Small on purpose, so that a text-to-image model trained on one CPU thread for well under an hour follows prompts:
-4 shapes x 4 colours x 3 backgrounds (48 captions), strong colour contrasts, the shape's position, size and
-rotation varying so that a prompt has many right pictures (what DIV measures). Every shape of the world is one
-colour: `subject_images` draws a star split yellow | blue, a subject the base world cannot draw. (Its colours are
-the world's own on purpose: a VAE trained on the world cannot represent colours it never saw — measured: it
-decoded a magenta | cyan star as green.)
-"""
+Small on purpose, so that a text-to-image model trained on 2 CPU cores in well under an hour follows prompts:
+4 shapes x 4 colours x 3 backgrounds (48 captions), strong colour contrasts, the shape's position, size (and the
+star's rotation) varying so that a prompt has many right pictures (what DIV measures). The shapes differ in
+silhouette at low resolution (a disc, a ring, an axis-aligned square, a star): a rotated square and a triangle,
+tried first, came out of the model as the same round blob. Every shape of the world is one colour:
+`subject_images` draws a star split yellow | blue, a subject the base world cannot draw (its colours are the
+world's own; the VAE also learns shapes in any colours, `any_color_images`, so that it can decode it)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 32
-SHAPES = ("circle", "square", "triangle", "star")
+SHAPES = ("circle", "ring", "square", "star")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (35, 60, 225), "yellow": (245, 215, 25)}
 BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
 SUBJECT_COLORS = ("yellow", "blue")  # the subject's two halves: no shape of the world has two colours
@@ -83,19 +83,13 @@ def random_scene(rng: np.random.Generator, shape=None, color=None, background=No
 
 
 def _polygon(scene: Scene) -> list[tuple[float, float]] | None:
-    """Outline points of the scene's shape at 4x scale (None for a circle)."""
-    s, cx, cy, r, a = 4, scene.cx * 4, scene.cy * 4, scene.radius * 4, scene.angle
+    """Outline points of the scene's shape at 4x scale (None for the round shapes)."""
+    cx, cy, r, a = scene.cx * 4, scene.cy * 4, scene.radius * 4, scene.angle
     if scene.shape == "square":
-        pts = [
-            (r * 0.8 * math.cos(a + k * math.pi / 2), r * 0.8 * math.sin(a + k * math.pi / 2))
-            for k in range(4)
-        ]
-        pts = [(x * math.sqrt(2), y * math.sqrt(2)) for x, y in pts]
-        pts = [(x * 0.75, y * 0.75) for x, y in pts]
-    elif scene.shape == "triangle":
-        pts = [
-            (r * math.cos(a + k * 2 * math.pi / 3), r * math.sin(a + k * 2 * math.pi / 3)) for k in range(3)
-        ]
+        # axis-aligned: a rotated square drawn by a model this small came out as a round blob (read as a circle 20
+        # times in 24, measured), while position and size still make "a square" many pictures
+        half = r * 0.7
+        pts = [(-half, -half), (half, -half), (half, half), (-half, half)]
     elif scene.shape == "star":
         pts = [
             ((r if k % 2 == 0 else r * 0.45) * math.cos(a + k * math.pi / 5),
@@ -104,7 +98,6 @@ def _polygon(scene: Scene) -> list[tuple[float, float]] | None:
         ]  # fmt: skip
     else:
         return None
-    del s
     return [(cx + x, cy + y) for x, y in pts]
 
 
@@ -117,8 +110,11 @@ def render(scene: Scene, fill=None, second_fill=None) -> Image.Image:
     draw = ImageDraw.Draw(mask)
     poly = _polygon(scene)
     if poly is None:
-        r = scene.radius * 4 * 0.85
-        draw.ellipse((scene.cx * 4 - r, scene.cy * 4 - r, scene.cx * 4 + r, scene.cy * 4 + r), fill=255)
+        cx, cy, r = scene.cx * 4, scene.cy * 4, scene.radius * 4 * 0.85
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        if scene.shape == "ring":
+            hole = r * 0.5
+            draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=0)
     else:
         draw.polygon(poly, fill=255)
     img.paste(fill or COLORS[scene.color], (0, 0), mask)
@@ -190,13 +186,23 @@ def subject_images(
     return out
 
 
+def _hue_degrees(rgb) -> float:
+    import colorsys
+
+    return colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] * 360
+
+
 def color_fractions(image: Image.Image, colors=SUBJECT_COLORS) -> list[float]:
-    """The fraction of the image's pixels near each of `colors` (world colour names)."""
-    arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32)
-    return [
-        float((np.linalg.norm(arr - np.asarray(COLORS[c], dtype=np.float32), axis=-1) < 60).mean())
-        for c in colors
-    ]
+    """The fraction of the image's pixels of each of `colors` (world colour names), by hue: saturated pixels
+    within 20 degrees of the colour's hue. By hue, not by distance to the exact colour, because a model's
+    pixels are paler or darker than the world's (the subject's yellow comes back pale, measured)."""
+    hsv = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).convert("HSV"), dtype=np.float32)
+    hue, saturated = hsv[..., 0] * 360 / 255, (hsv[..., 1] >= 0.35 * 255) & (hsv[..., 2] >= 0.25 * 255)
+    fractions = []
+    for c in colors:
+        distance = np.abs((hue - _hue_degrees(COLORS[c]) + 180) % 360 - 180)
+        fractions.append(float((saturated & (distance <= 20)).mean()))
+    return fractions
 
 
 def subject_fraction(image: Image.Image, colors=SUBJECT_COLORS) -> float:
