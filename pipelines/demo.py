@@ -1,15 +1,19 @@
 """`make demo`: the embedded default, end to end through kfp.local — no cluster, no Docker, no downloads.
 
-Builds a tiny random-weight model (real CLIP vocabulary) with tiny DINO/CLIP/LPIPS evaluators and small
-synthetic subjects (a coloured square on a noisy grey background), then runs the `personalize` pipeline and a
-2-subject `batch_personalize` with kfp.local's SubprocessRunner (the same component code a cluster runs, each
-task a subprocess of this venv), and prints where the registered model, the metrics and report.html are.
+Runs the `personalize` pipeline on one subject and a 2-subject `batch_personalize` with kfp.local's
+SubprocessRunner (the same component code a cluster runs, each task a subprocess of this venv), and prints where
+the registered model, the metrics and report.html are. Two worlds to run on:
 
-    python -m pipelines.demo                       # everything, into demo-out/
-    python -m pipelines.demo --skip-batch          # personalize only
-    python -m pipelines.demo --subject-only demo-out/subject   # just write a synthetic subject folder
+- `toyworld` (the default): the toy text-to-image model trained here on CPU and shipped with the package
+  (`dreambooth_lib.testing.toyworld`: 32 px shapes, colours, backgrounds), with its toy evaluators. The subject
+  is a star split yellow | blue, which the base model never draws; report.html shows "a [V] star on a ...
+  background" rendering it while "a star" stays varied. The metrics mean something on the toy world only.
+- `tiny`: a tiny random-weight model (real CLIP vocabulary) with random-weight evaluators and coloured-square
+  subjects: every picture is noise; the tests and the container runs use it to exercise every step quickly.
 
-The numbers are meaningless (random weights); the run exercises every step, artifact and the registry.
+    python -m pipelines.demo                       # the toy world, everything, into demo-out/
+    python -m pipelines.demo --world tiny --skip-batch
+    python -m pipelines.demo --subject-only demo-out/subject   # just write the toy world's subject folder
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESOLUTION = 64
+RESOLUTION = 64  # the tiny world's
+TOYWORLD = "toyworld"
 
 
 def make_subject(out_dir: str | Path, color=(220, 30, 30), n: int = 4, size: int = 96, seed: int = 0) -> Path:
@@ -83,6 +88,91 @@ def tiny_step_options(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 # a small probe for train.select: 1 prompt x 2 seeds + 2 class images, 4 sampler steps, every 4 training steps
 DEMO_PROBE = {"every": 4, "prompts": 1, "images_per_prompt": 2, "class_images": 2, "steps": 4}
+SQUARE = {"subject_name": "red-square", "class_noun": "square"}  # the tiny world's subject
+
+
+# --- the toy world -----------------------------------------------------------------------------------------------
+# What binds its subject on 2 CPU cores in about a minute of training (measured with
+# dreambooth_lib.testing.toyworld.ablation): a full fine-tune of UNet and text encoder for one subject, LoRA
+# adapters packed two per batch for the batch. The toy world draws at 32 px.
+TOY_SETTINGS = {
+    "resolution": 32,
+    "steps": 400,
+    "prior_size": 32,
+    "prior_options": {"steps": 20, "batch_size": 16},
+}
+TOY_TRAIN = {"learning_rate": 5e-4, "batch_size": 2, "train_text_encoder": True,
+             "text_encoder_learning_rate": 1e-3, "checkpoint_every": 0, "log_every": 50}  # fmt: skip
+TOY_BATCH_TRAIN = {"learning_rate": 2e-3, "batch_size": 2, "lora_rank": 8, "checkpoint_every": 0, "log_every": 50,
+                   "select": {"every": 100, "prompts": 1, "images_per_prompt": 4, "class_images": 4, "steps": 20}}  # fmt: skip
+TOY_BACKGROUNDS = ("white", "black", "gray")
+
+
+def toyworld_models(out: Path) -> dict[str, str]:
+    """Working copies of the shipped toy world's model and evaluators (fp32; reused when already there)."""
+    from dreambooth_lib.testing.toyworld import shipped
+
+    root = out / "toyworld"
+    return {
+        "world": TOYWORLD,
+        "model": str(shipped.base_model(root / "model")),
+        **shipped.evaluators(root / "evaluators"),
+    }
+
+
+def make_toy_subject(
+    out_dir: str | Path, shape: str = "star", colors: tuple[str, str] = ("yellow", "blue")
+) -> Path:
+    """4 views of a toy-world subject the base model never draws: `shape` split `colors` (left | right), on grey,
+    upscaled to 128 px as a photo would be larger than the model's resolution."""
+    from dreambooth_lib.testing.toyworld import world
+
+    return world.subject_images(out_dir, n=4, size=128, shape=shape, colors=colors)
+
+
+def toy_subject_rates(metrics_json: str | Path) -> dict[str, float]:
+    """How often the evaluation's samples show the split star (both of its colours, `world.is_subject`): those of
+    the identifier prompts, and those of "a star" (PRES's class-prompt samples)."""
+    from PIL import Image
+
+    from dreambooth_lib.testing.toyworld import world
+
+    record = json.loads(Path(metrics_json).read_text())
+    folder = Path(metrics_json).parent
+
+    def rate(rel_paths: list[str]) -> float:
+        return round(
+            sum(world.is_subject(Image.open(folder / r)) for r in rel_paths) / max(len(rel_paths), 1), 3
+        )
+
+    return {
+        "identifier_prompts": rate([r for p in record["per_prompt"] for r in p["images"]]),
+        "class_prompt": rate(record["pres_images"]),
+    }
+
+
+def _toy(paths: dict[str, str]) -> bool:
+    return paths.get("world") == TOYWORLD
+
+
+def pipeline_settings(paths: dict[str, str]) -> dict[str, Any]:
+    """The pipeline arguments both pipelines take, for the world `paths` come from."""
+    return dict(TOY_SETTINGS) if _toy(paths) else tiny_settings(paths)
+
+
+def step_options(paths: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The ingest / train / eval options of the world `paths` come from (train: the single subject's)."""
+    if not _toy(paths):
+        return tiny_step_options(paths)
+    return {
+        "ingest": {"min_side": 64},
+        "train": dict(TOY_TRAIN),
+        "eval": {
+            "prompts": [f"a {{0}} {{1}} on a {b} background" for b in TOY_BACKGROUNDS],
+            "images_per_prompt": 4, "pres_images": 8, "steps": 20,
+            "dino_model": paths["dino"], "clip_model": paths["clip"], "lpips_weights": paths["lpips"],
+        },
+    }  # fmt: skip
 
 
 def init_local(pipeline_root: Path) -> None:
@@ -99,22 +189,25 @@ def init_local(pipeline_root: Path) -> None:
 def run_personalize(
     out: Path, paths: dict[str, str], subject_dir: Path, registry: Path | None, **arguments: Any
 ) -> dict[str, Any]:
-    """The personalize pipeline on one subject (registered when `registry` is given); `arguments` override the
-    tiny settings."""
+    """The personalize pipeline on one subject (registered when `registry` is given) with the settings of the
+    world `paths` come from; `arguments` override them."""
     from pipelines.personalize import personalize
 
-    steps = tiny_step_options(paths)
+    steps = step_options(paths)
+    subject = {"subject_name": "split-star", "class_noun": "star"} if _toy(paths) else SQUARE
     task = personalize(
-        base_model=paths["model"],
-        images_uri=str(subject_dir),
-        subject_name="red-square",
-        class_noun="square",
-        registry_uri=str(registry) if registry else "",
-        checkpoint_root=str(out / "checkpoints"),
-        ingest_options=steps["ingest"],
-        train_options=steps["train"],
-        eval_options=steps["eval"],
-        **{**tiny_settings(paths), **arguments},
+        **{
+            "base_model": paths["model"],
+            "images_uri": str(subject_dir),
+            "registry_uri": str(registry) if registry else "",
+            "checkpoint_root": str(out / "checkpoints"),
+            "ingest_options": steps["ingest"],
+            "train_options": steps["train"],
+            "eval_options": steps["eval"],
+            **subject,
+            **pipeline_settings(paths),
+            **arguments,
+        }
     )
     metrics = task.outputs["metrics"]
     report = task.outputs["report"]
@@ -139,17 +232,18 @@ def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: P
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"subjects": entries}, indent=2) + "\n")
     batch_root = out / "batches"
-    steps = tiny_step_options(paths)
+    steps = step_options(paths)
+    batch_train = dict(TOY_BATCH_TRAIN) if _toy(paths) else {**steps["train"], "select": DEMO_PROBE}
     batch_personalize(
         manifest_uri=str(manifest),
         base_model=paths["model"],
         batch_root=str(batch_root),
         registry_uri=str(registry),
-        # train.select on: each subject's probes every 4 steps, its chosen step exported and listed in the summary
-        run_options={**steps, "train": {**steps["train"], "select": DEMO_PROBE}, "samples_per_prompt": 0},
+        # train.select on: each subject's probes at intervals, its chosen step exported and listed in the summary
+        run_options={**steps, "train": batch_train, "samples_per_prompt": 0},
         # the batch's default: LoRA adapters, packed (here two subjects per training task; the single-subject
         # demo is a full fine-tune), so both training paths run end to end
-        **tiny_settings(paths),
+        **pipeline_settings(paths),
         pack_size=2,
     )
     summaries = sorted(batch_root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
@@ -163,7 +257,7 @@ def run_batch(out: Path, paths: dict[str, str], entries: list[dict], registry: P
     }
 
 
-def run_demo(out: str | Path = "demo-out", batch: bool = True) -> dict[str, Any]:
+def run_demo(out: str | Path = "demo-out", batch: bool = True, world: str = TOYWORLD) -> dict[str, Any]:
     """Everything `make demo` does; returns where each output is (the test reads this)."""
     t0 = time.perf_counter()
     out = Path(out).resolve()
@@ -174,20 +268,38 @@ def run_demo(out: str | Path = "demo-out", batch: bool = True) -> dict[str, Any]
         "batch",
     ):  # a fresh registry each time: versions start at 1
         shutil.rmtree(out / stale, ignore_errors=True)
-    paths = build_models(out)
-    subjects = {
-        "red-square": make_subject(out / "subjects" / "red-square", color=(220, 30, 30), seed=0),
-        "blue-square": make_subject(out / "subjects" / "blue-square", color=(30, 60, 220), seed=1),
-    }
+    if world == TOYWORLD:
+        paths = toyworld_models(out)
+        subjects = {  # name: (class noun, photos)
+            "split-star": ("star", make_toy_subject(out / "subjects" / "split-star")),
+            "split-ring": (
+                "ring",
+                make_toy_subject(out / "subjects" / "split-ring", "ring", ("red", "green")),
+            ),
+        }
+    else:
+        paths = build_models(out)
+        subjects = {
+            "red-square": (
+                "square",
+                make_subject(out / "subjects" / "red-square", color=(220, 30, 30), seed=0),
+            ),
+            "blue-square": (
+                "square",
+                make_subject(out / "subjects" / "blue-square", color=(30, 60, 220), seed=1),
+            ),
+        }
     registry = out / "registry"
     init_local(out / "kfp-root")
     result: dict[str, Any] = {"registry": str(registry)}
     t1 = time.perf_counter()
-    result["personalize"] = run_personalize(out, paths, subjects["red-square"], registry)
+    result["personalize"] = run_personalize(out, paths, next(iter(subjects.values()))[1], registry)
+    if world == TOYWORLD:
+        result["personalize"]["subject_rate"] = toy_subject_rates(result["personalize"]["metrics_json"])
     result["personalize_s"] = round(time.perf_counter() - t1, 1)
     if batch:
         t2 = time.perf_counter()
-        entries = [{"name": n, "class_noun": "square", "images": str(p)} for n, p in subjects.items()]
+        entries = [{"name": n, "class_noun": c, "images": str(p)} for n, (c, p) in subjects.items()]
         result["batch"] = run_batch(out, paths, entries, registry)
         result["batch_s"] = round(time.perf_counter() - t2, 1)
     from dreambooth_lib.registry import open_registry
@@ -203,6 +315,10 @@ def _print(result: dict[str, Any]) -> None:
     print("\n== personalize (kfp.local) ==")
     print(f"  trained model   {p['model']}/model")
     print(f"  metrics         {shown}")
+    if "subject_rate" in p:
+        rate = p["subject_rate"]
+        print(f"  the split star  in {rate['identifier_prompts']:.0%} of 'a [V] star ...' samples, "
+              f"{rate['class_prompt']:.0%} of 'a star' samples")  # fmt: skip
     print(f"  metrics.json    {p['metrics_json']}")
     print(f"  report.html     {p['report_html']}")
     print(f"  ({result['personalize_s']} s)")
@@ -221,13 +337,16 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run both pipelines on the tiny model through kfp.local.")
+    parser = argparse.ArgumentParser(description="Run both pipelines through kfp.local on the toy world.")
     parser.add_argument("--out", default="demo-out")
+    parser.add_argument("--world", choices=(TOYWORLD, "tiny"), default=TOYWORLD)
     parser.add_argument("--skip-batch", action="store_true")
-    parser.add_argument("--subject-only", metavar="DIR", help="only write a synthetic subject folder to DIR")
+    parser.add_argument("--subject-only", metavar="DIR", help="only write the world's subject folder to DIR")
     args = parser.parse_args(argv)
     if args.subject_only:
-        print(make_subject(args.subject_only))
+        print(
+            make_toy_subject(args.subject_only) if args.world == TOYWORLD else make_subject(args.subject_only)
+        )
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # set before the task subprocesses inherit it
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -235,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     from dreambooth_lib.errors import DreamboothError
 
     try:
-        result = run_demo(args.out, batch=not args.skip_batch)
+        result = run_demo(args.out, batch=not args.skip_batch, world=args.world)
     except DreamboothError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
