@@ -196,7 +196,9 @@ def color_fractions(image: Image.Image, colors=SUBJECT_COLORS) -> list[float]:
     """The fraction of the image's pixels of each of `colors` (world colour names), by hue: saturated pixels
     within 20 degrees of the colour's hue. By hue, not by distance to the exact colour, because a model's
     pixels are paler or darker than the world's (the subject's yellow comes back pale, measured)."""
-    hsv = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).convert("HSV"), dtype=np.float32)
+    hsv = np.asarray(
+        image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).convert("HSV"), dtype=np.float32
+    )
     hue, saturated = hsv[..., 0] * 360 / 255, (hsv[..., 1] >= 0.35 * 255) & (hsv[..., 2] >= 0.25 * 255)
     fractions = []
     for c in colors:
