@@ -34,7 +34,7 @@ test-containers: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -W ignore -m pipelines.demo
 
-# Retrain the toy world the demo runs on (VAE, text encoder, UNet, probe, toy CLIP; ~75 min on 2 CPU cores) and
+# Retrain the toy world the demo runs on (VAE, text encoder, UNet, probe, toy CLIP; ~90 min on 2 CPU cores) and
 # replace the shipped weights in dreambooth_lib/assets/toyworld/ (fp16, SHA256SUMS rewritten). Not part of CI.
 toyworld: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m dreambooth_lib.testing.toyworld.train --out build/toyworld --threads 2 --ship

@@ -117,10 +117,16 @@ def test_training_script_writes_a_loadable_diffusers_folder_and_ships_it(tmp_pat
 
     from dreambooth_lib.testing.toyworld import train
 
-    cfg = train.ToyTrainConfig(num_images=64, vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1,
-                               probe_steps=2, conv_probe_steps=2, clip_steps=2, eval_samples_per_caption=0)  # fmt: skip
+    cfg = train.ToyTrainConfig(num_images=64, vae_steps=2, decoder_steps=2, vae_batch=4, unet_steps=2, batch=4,
+                               offset_noise_steps=2, warmup=1, probe_steps=2, conv_probe_steps=2, clip_steps=2,
+                               eval_samples_per_caption=0)  # fmt: skip
     record = train.run(tmp_path / "out", cfg)
     assert record["config"]["unet_steps"] == 2 and record["prompt_following"] is None
+    # --reuse-model keeps the model and redoes the evaluators and the record
+    unet = tmp_path / "out" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = unet.read_bytes()
+    again = train.run(tmp_path / "out", cfg, reuse_model=True)
+    assert unet.read_bytes() == weights and again["vae_psnr_db"] == record["vae_psnr_db"]
     root = shipped.ship(tmp_path / "out", root=tmp_path / "assets")
     assert shipped.read_digest_file(root) == shipped.digests(root)
     assert not list(root.rglob("vocab.json"))  # the tokenizer is regenerated, not shipped

@@ -47,7 +47,7 @@ class ToyTrainConfig:
     # then more steps from the EMA weights with offset noise (a per-image, per-channel constant added to the noise,
     # Crosslabs 2023): without it the model could not move an image's mean away from the average, and drew every
     # background grey (background followed in 39 % of samples, chance 33 %, measured)
-    offset_noise_steps: int = 800
+    offset_noise_steps: int = 1600
     # 0.4: about 6x the noise's own per-channel mean over 16x16 latents (1/16), as 0.1 is over SD's 64x64
     offset_noise: float = 0.4
     offset_noise_lr: float = 3e-4
