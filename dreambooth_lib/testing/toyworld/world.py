@@ -1,7 +1,7 @@
 """The toy world: 32x32 pictures of one coloured shape on a plain coloured background, with a caption and labels,
 deterministic in the seed.
 
-Small on purpose, so that a text-to-image model trained on 2 CPU cores in well under an hour follows prompts:
+Small on purpose, so that a text-to-image model trained on 2 CPU cores in about 90 minutes follows prompts:
 4 shapes x 4 colours x 3 backgrounds (48 captions), strong colour contrasts, the shape's position, size (and the
 star's rotation) varying so that a prompt has many right pictures (what DIV measures). The shapes differ in
 silhouette at low resolution (a disc, a ring, an axis-aligned square, a star): a rotated square and a triangle,
