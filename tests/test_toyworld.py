@@ -48,6 +48,8 @@ def test_shipped_files_match_their_digests():
     assert record["config"]["seed"] == 0 and record["prompt_following"]["samples"] > 0
     total = sum(p.stat().st_size for p in shipped.shipped_files())
     assert total < 16 * 2**20, f"the shipped toy world grew to {total / 2**20:.1f} MB"
+    configs = [json.loads(p.read_text()) for p in shipped.ASSET_DIR.rglob("config.json")]
+    assert configs and not any("_name_or_path" in c for c in configs)  # no path of the machine that trained it
     unet = shipped.ASSET_DIR / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     from safetensors import safe_open
 

@@ -84,16 +84,18 @@ def _fp32_copy(src: Path, dst: Path) -> None:
 
 def _copy_tree(src: Path, dst: Path, convert) -> None:
     """Copy files from src to dst, safetensors through `convert` (fp16 for shipping, fp32 for working copies).
-    A working copy's transformers configs say float32: transformers 5 loads a model in its config's dtype."""
+    Configs lose the path they were loaded from; a working copy's say float32: transformers 5 loads a model in its
+    config's dtype."""
     for path in [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()):
         target = dst / path.relative_to(src) if src.is_dir() else dst
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
             convert(path, target)
-        elif path.name == "config.json" and convert is _fp32_copy:
+        elif path.name == "config.json":
             config = json.loads(path.read_text())
+            config.pop("_name_or_path", None)  # where a training process loaded it from: not ours to ship
             for key in ("dtype", "torch_dtype"):
-                if key in config:
+                if key in config and convert is _fp32_copy:
                     config[key] = "float32"
             target.write_text(json.dumps(config, indent=2) + "\n")
         else:
