@@ -164,13 +164,17 @@ def _notes(config: EvalConfig, templates: list[str], n_real_images: int) -> list
     return notes
 
 
+def evaluator_label_uri(uri: str) -> str:
+    """Where an evaluator's label is: `<stem>.evaluator.json` beside a weights file, else inside its folder."""
+    if uri.endswith(".safetensors"):
+        return f"{uri.rsplit('.', 1)[0]}.{EVALUATOR_LABEL_NAME}"
+    return storage.join(uri, EVALUATOR_LABEL_NAME)
+
+
 def evaluator_label(uri: str) -> str:
     """What an evaluator is: the "evaluator" of its label (inside its folder, or `<stem>.evaluator.json` beside a
     weights file), so that stand-ins (the toy world's, the tests') say so in the report; else its model id or path."""
-    if uri.endswith(".safetensors"):
-        label = f"{uri.rsplit('.', 1)[0]}.{EVALUATOR_LABEL_NAME}"
-    else:
-        label = storage.join(uri, EVALUATOR_LABEL_NAME)  # a hub id's is a relative path that is not there
+    label = evaluator_label_uri(uri)  # a hub id's is a relative path that is not there
     if storage.exists(label):
         return str(storage.read_json(label).get("evaluator") or uri)
     return uri

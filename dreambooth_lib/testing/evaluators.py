@@ -13,16 +13,15 @@ from pathlib import Path
 
 import torch
 
-from dreambooth_lib.artifacts import EVALUATOR_LABEL_NAME
-
 # The size of every tiny evaluator's transformer: DINO's ViT and CLIP's text and vision towers alike.
 TINY_TRANSFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def label_evaluator(path: str | Path, evaluator: str, what: str) -> None:
     """Write the label the report shows for a stand-in evaluator: inside its folder, or beside its file."""
-    p = Path(path)
-    label = p / EVALUATOR_LABEL_NAME if p.is_dir() else p.with_name(f"{p.stem}.{EVALUATOR_LABEL_NAME}")
+    from dreambooth_lib.evaluate.evaluation import evaluator_label_uri
+
+    label = Path(evaluator_label_uri(str(path)))
     label.write_text(json.dumps({"evaluator": evaluator, "what": what}, indent=2) + "\n")
 
 
